@@ -1,0 +1,104 @@
+"""The chunk wire format, ``ossensor-chunk`` version 1 (documented in docs/architecture.md).
+
+A chunk carries whole batches in their TPACKET_V3 record layout, so encoding costs one copy and
+one compression per chunk, never work per packet. Layout (little-endian)::
+
+    magic "OSCK" | u8 version (1) | u8 codec (0 none, 1 zstd) | u16 reserved | u32 body length
+    body (compressed with the codec):
+      u64 sequence | u64 created_ns | u16 len + sensor name (UTF-8) | u32 batch count
+      per batch: u16 len + interface name | u32 ifindex | u16 link type | u32 packets
+                 | u32 data length | data (records, each starting with struct tpacket3_hdr)
+"""
+
+from __future__ import annotations
+
+import struct
+
+import zstandard
+
+from .batch import PacketBatch
+from .protocols import Chunk
+
+MAGIC = b"OSCK"
+VERSION = 1
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+MEDIA_TYPE = "application/vnd.ossensor.chunk.v1"
+
+_OUTER = struct.Struct("<4sBBHI")
+_HEAD = struct.Struct("<QQ")
+_BATCH = struct.Struct("<IHII")
+
+
+def _name(value: str) -> bytes:
+    encoded = value.encode()
+    return struct.pack("<H", len(encoded)) + encoded
+
+
+class ChunkCodec:
+    """Encodes chunks with zstd (level 1 by default: about 0.07 us per 64-byte packet here)."""
+
+    media_type = MEDIA_TYPE
+
+    def __init__(self, level: int = 1, compress: bool = True) -> None:
+        self.level = level
+        self.compress = compress
+
+    def encode(self, chunk: Chunk) -> bytes:
+        parts = [_HEAD.pack(chunk.sequence, chunk.created_ns), _name(chunk.sensor),
+                 struct.pack("<I", len(chunk.batches))]
+        for batch in chunk.batches:
+            data = batch.compact()
+            parts += [_name(batch.interface),
+                      _BATCH.pack(batch.ifindex, batch.linktype, batch.count, len(data)), data]
+        body = b"".join(parts)
+        codec = CODEC_NONE
+        if self.compress:
+            body = zstandard.ZstdCompressor(level=self.level).compress(body)
+            codec = CODEC_ZSTD
+        return _OUTER.pack(MAGIC, VERSION, codec, 0, len(body)) + body
+
+    def decode(self, payload: bytes) -> Chunk:
+        try:
+            return self._decode(payload)
+        except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
+            raise ValueError(f"malformed chunk: {exc}") from exc
+
+    def _decode(self, payload: bytes) -> Chunk:
+        magic, version, codec, _, length = _OUTER.unpack_from(payload, 0)
+        if magic != MAGIC:
+            raise ValueError("malformed chunk: bad magic")
+        if version != VERSION:
+            raise ValueError(f"unsupported chunk version {version}")
+        body = payload[_OUTER.size:]
+        if len(body) != length:
+            raise ValueError(f"malformed chunk: body is {len(body)} bytes, header says {length}")
+        if codec == CODEC_ZSTD:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
+        elif codec != CODEC_NONE:
+            raise ValueError(f"unknown chunk codec {codec}")
+        view = memoryview(body)
+        sequence, created_ns = _HEAD.unpack_from(view, 0)
+        position = _HEAD.size
+
+        def read_name() -> str:
+            nonlocal position
+            (size,) = struct.unpack_from("<H", view, position)
+            text = bytes(view[position + 2:position + 2 + size]).decode()
+            position += 2 + size
+            return text
+
+        sensor = read_name()
+        (count,) = struct.unpack_from("<I", view, position)
+        position += 4
+        batches = []
+        for _ in range(count):
+            interface = read_name()
+            ifindex, linktype, packets, size = _BATCH.unpack_from(view, position)
+            position += _BATCH.size
+            data = bytes(view[position:position + size])
+            if len(data) != size:
+                raise ValueError("malformed chunk: truncated batch")
+            position += size
+            batches.append(PacketBatch(interface, ifindex, linktype, data, packets))
+        return Chunk(sensor, sequence, tuple(batches), created_ns)

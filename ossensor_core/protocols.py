@@ -1,0 +1,133 @@
+"""The small typed interfaces behind which per-batch work happens.
+
+Hooks (``hookspecs.py``) are called at start-up and on events; they return objects that satisfy
+these protocols, and the pipeline calls their methods directly, once per batch or per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from .batch import PacketBatch
+from .bpf import BpfProgram
+from .interfaces import Interface
+
+
+@dataclass(frozen=True)
+class CaptureStats:
+    """Cumulative counters of one capture since it opened.
+
+    ``packets`` and ``drops`` come from the kernel (``PACKET_STATISTICS``): packets that passed
+    the kernel filter, and those among them the kernel dropped because user space was too slow.
+    """
+
+    packets: int = 0
+    drops: int = 0
+
+
+@runtime_checkable
+class CaptureSource(Protocol):
+    """One open capture on one interface (Zeek's PktSrc: open, filter, read, statistics, close)."""
+
+    interface: Interface
+    linktype: int
+
+    def fileno(self) -> int:
+        """A descriptor that polls readable when :meth:`read` has something to return."""
+
+    def read(self) -> list[PacketBatch]:
+        """Return the batches ready now, without blocking (possibly none)."""
+
+    def set_filter(self, program: BpfProgram) -> None:
+        """Replace the kernel filter atomically, without reopening the capture."""
+
+    def stats(self) -> CaptureStats:
+        """Cumulative kernel counters."""
+
+    def close(self) -> None:
+        """Release the socket and any ring; idempotent."""
+
+
+@runtime_checkable
+class CaptureBackend(Protocol):
+    """Opens captures; one backend is chosen with ``OSSENSOR_CAPTURE_BACKEND``."""
+
+    name: str
+
+    def open(self, interface: Interface, program: BpfProgram) -> CaptureSource:
+        """Open a capture on ``interface`` with ``program`` attached before the first packet.
+
+        Raises CaptureError (with the interface name and the cause) when it cannot.
+        """
+
+
+@runtime_checkable
+class PacketFilter(Protocol):
+    """A user-space filter: takes a batch, returns it or a sub-batch (``batch.select(...)``)."""
+
+    name: str
+
+    def filter(self, batch: PacketBatch) -> PacketBatch:
+        """Return the packets to keep. Must not block or do I/O."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Batches cut together by size or time, the unit that a transport stores or sends."""
+
+    sensor: str
+    sequence: int
+    batches: tuple[PacketBatch, ...]
+    created_ns: int
+    packets: int = field(init=False)
+    record_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "packets", sum(b.count for b in self.batches))
+        object.__setattr__(self, "record_bytes", sum(len(b.data) for b in self.batches))
+
+
+@runtime_checkable
+class ChunkEncoder(Protocol):
+    """Turns a chunk into bytes for the wire (and back, for the receiving side)."""
+
+    media_type: str
+
+    def encode(self, chunk: Chunk) -> bytes:
+        """Serialise and compress a chunk. Pure: no I/O."""
+
+    def decode(self, payload: bytes) -> Chunk:
+        """The inverse of :meth:`encode`; raises ValueError on a malformed payload."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Stores or ships chunks; one transport is chosen with ``OSSENSOR_TRANSPORT``.
+
+    ``send`` must not lose an accepted chunk: it retries or spools, and raises TransportError only
+    when it cannot keep the chunk at all. ``aclose`` flushes what is pending.
+    """
+
+    name: str
+
+    async def start(self) -> None:
+        """Open files or connections; called once before the first chunk."""
+
+    async def send(self, chunk: Chunk) -> None:
+        """Accept one chunk."""
+
+    async def aclose(self) -> None:
+        """Flush and close; called once at shutdown."""
+
+
+@runtime_checkable
+class ResponseEnforcer(Protocol):
+    """Enforces Antigena response actions on the traffic the sensor sees (the antigena plugin
+    calls these, once per batch, for the actions in force)."""
+
+    name: str
+
+    def enforce(self, batch: PacketBatch, actions: Sequence[object]) -> int:
+        """Act on the packets of ``batch`` that match ``actions``; return how many acted on."""

@@ -1,0 +1,198 @@
+"""Typed settings: how the core and each plugin declare the environment variables they read.
+
+A plugin returns a :class:`SettingsGroup` from its ``ossensor_settings`` hook. Each setting is read
+from ``OSSENSOR_<PLUGIN>_<SETTING>`` (upper case, ``-`` as ``_``) unless it names its variable
+explicitly with ``env`` (for names that the guide fixes). The parsed values reach the plugin as a
+frozen :class:`PluginSettings`, ``config.plugin("afpacket").block_size``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+Source = Literal["default", "variable", "legacy"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    """true/false/1/0/yes/no/on/off in any case; anything else is an error."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true/false, 1/0 or yes/no)")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def split_words(text: str) -> tuple[str, ...]:
+    """Split a list given as words separated by white space or commas."""
+    return tuple(word for word in re.split(r"[\s,]+", text.strip()) if word)
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {
+    bool: parse_bool,
+    int: _parse_int,
+    float: _parse_float,
+    str: lambda text: text,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name, type, default and a one-line description.
+
+    ``minimum``/``maximum`` bound numbers (inclusive), ``choices`` restricts strings, ``secret``
+    hides the value everywhere it is shown, ``required`` makes a missing or empty value an error.
+    ``legacy`` lists older variable names that are honoured when the main one is unset.
+    """
+
+    name: str
+    type: type = str
+    default: Any = None
+    description: str = ""
+    env: str | None = None
+    legacy: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    positive: bool = False
+    choices: tuple[str, ...] | None = None
+    required: bool = False
+    secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in _PARSERS:
+            raise TypeError(f"setting {self.name}: unsupported type {self.type!r}")
+
+    def variable(self, plugin: str | None) -> str:
+        """The environment variable that carries this setting."""
+        if self.env:
+            return self.env
+        if plugin is None:
+            return self.name.upper()
+        return f"OSSENSOR_{plugin}_{self.name}".upper().replace("-", "_")
+
+    def parse(self, text: str) -> Any:
+        """Parse and check one value; raises ValueError with a message that omits secrets."""
+        value = _PARSERS[self.type](text)
+        if self.type in (int, float):
+            if self.positive and value <= 0:
+                raise ValueError(f"{text!r} must be greater than 0")
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"{text!r} is below the minimum {self.minimum:g}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"{text!r} is above the maximum {self.maximum:g}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(self.choices)}")
+        return value
+
+
+@dataclass(frozen=True)
+class SettingsGroup:
+    """What a plugin's ``ossensor_settings`` hook returns: its name and its settings."""
+
+    plugin: str
+    settings: Sequence[Setting] = ()
+
+
+@dataclass(frozen=True)
+class ResolvedSetting:
+    """A setting's value and where it came from, for ``ossensor check`` and ``diagnose``."""
+
+    setting: Setting
+    variable: str
+    value: Any
+    source: Source
+    from_variable: str | None = None
+
+    def shown(self) -> Any:
+        """The value as it may be displayed: secrets become ``***``."""
+        if self.setting.secret and self.value not in (None, ""):
+            return "***"
+        return self.value
+
+
+@dataclass(frozen=True)
+class PluginSettings(Mapping[str, Any]):
+    """A plugin's parsed settings, frozen; read as attributes or as a mapping."""
+
+    plugin: str
+    resolved: Mapping[str, ResolvedSetting] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resolved", MappingProxyType(dict(self.resolved)))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.resolved[name].value
+        except KeyError:
+            raise AttributeError(f"plugin {self.plugin!r} has no setting {name!r}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.resolved[name].value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.resolved)
+
+    def __len__(self) -> int:
+        return len(self.resolved)
+
+
+def resolve_settings(
+    settings: Sequence[Setting],
+    environ: Mapping[str, str],
+    plugin: str | None,
+    problems: list[str],
+) -> dict[str, ResolvedSetting]:
+    """Read each setting from ``environ``; append one message per invalid value to ``problems``.
+
+    An empty variable counts as unset, as in the original's start-up script.
+    """
+    resolved: dict[str, ResolvedSetting] = {}
+    for setting in settings:
+        variable = setting.variable(plugin)
+        text = environ.get(variable, "")
+        source: Source = "variable"
+        from_variable: str | None = variable
+        if text == "":
+            for old in setting.legacy:
+                if environ.get(old, "") != "":
+                    text, source, from_variable = environ[old], "legacy", old
+                    break
+        if text == "":
+            if setting.required:
+                problems.append(f"{variable} is required but not set")
+            resolved[setting.name] = ResolvedSetting(setting, variable, setting.default, "default")
+            continue
+        try:
+            value = setting.parse(text)
+        except ValueError as exc:
+            reason = "invalid value (not shown: the setting is secret)" if setting.secret else exc
+            problems.append(f"{from_variable}: {reason}")
+            resolved[setting.name] = ResolvedSetting(setting, variable, setting.default, "default")
+            continue
+        resolved[setting.name] = ResolvedSetting(setting, variable, value, source, from_variable)
+    return resolved
