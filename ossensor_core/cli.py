@@ -90,7 +90,7 @@ def cmd_interfaces(environ: Mapping[str, str], watch: float | None) -> int:
         return 0
 
     async def follow() -> None:
-        watcher = InterfaceWatch(selector, config.device_any, interfaces)
+        watcher = InterfaceWatch(selector.decide, config.device_any, interfaces)
         start = time.monotonic()
         async for event in watcher.events():
             print(json.dumps({"event": event.kind, "interface": event.interface.name,

@@ -57,6 +57,13 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("OSSENSOR_PLUGINS", str, "",
             "Extra plugins to load, in order, separated by spaces or commas."),
     Setting("OSSENSOR_DISABLE_PLUGINS", str, "", "Plugins not to load, separated by spaces or commas."),
+    Setting("OSSENSOR_CHUNK_BYTES", int, 1 << 20,
+            "A chunk is cut when its packet records reach this many bytes.", minimum=4096),
+    Setting("OSSENSOR_CHUNK_SECONDS", float, 1.0,
+            "A chunk is cut at the latest this many seconds after its first batch.",
+            positive=True, maximum=60),
+    Setting("OSSENSOR_STATS_SECONDS", float, 10.0,
+            "Seconds between capture counter reports (debug level 1).", positive=True),
     Setting("OSSENSOR_TRACE_HOOKS", bool, False, "Log every plugin hook call (for plugin authors)."),
 )
 
@@ -84,6 +91,9 @@ class SensorConfig:
     plugins: tuple[str, ...]
     disabled_plugins: tuple[str, ...]
     trace_hooks: bool
+    chunk_bytes: int
+    chunk_seconds: float
+    stats_seconds: float
     settings: Mapping[str, ResolvedSetting] = field(repr=False, default_factory=dict)
     plugin_settings: Mapping[str, PluginSettings] = field(repr=False, default_factory=dict)
 
@@ -183,6 +193,9 @@ def read_core_config(environ: Mapping[str, str]) -> tuple[SensorConfig, list[str
         plugins=split_words(values["OSSENSOR_PLUGINS"]),
         disabled_plugins=split_words(values["OSSENSOR_DISABLE_PLUGINS"]),
         trace_hooks=values["OSSENSOR_TRACE_HOOKS"],
+        chunk_bytes=values["OSSENSOR_CHUNK_BYTES"],
+        chunk_seconds=values["OSSENSOR_CHUNK_SECONDS"],
+        stats_seconds=values["OSSENSOR_STATS_SECONDS"],
         settings=resolved,
     )
     return config, problems

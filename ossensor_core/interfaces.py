@@ -9,8 +9,9 @@ then, when an include list is given, it is kept only when some include pattern m
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +44,12 @@ class Interface:
     @property
     def loopback(self) -> bool:
         return bool(self.flags & IFF_LOOPBACK) or self.arphrd == ARPHRD_LOOPBACK
+
+    @property
+    def routable_addresses(self) -> tuple[str, ...]:
+        """Addresses that can identify the sensor: link-local ones (fe80::/10) cannot."""
+        return tuple(a for a in self.addresses
+                     if not ipaddress.ip_address(a.split("%")[0]).is_link_local)
 
     @property
     def linktype(self) -> int | None:
@@ -172,7 +179,7 @@ def primary_interface(interfaces: Sequence[Interface], selected: Sequence[Interf
         if index in by_index:
             return Primary(by_index[index].name, "default route")
     for interface in selected:
-        if interface.addresses:
+        if interface.routable_addresses:
             return Primary(interface.name, "first selected interface with an address "
                                            "(no default route)")
     return Primary(None, "no default route and no selected interface has an address")
@@ -198,19 +205,19 @@ class InterfaceWatch:
     so one that is deleted and re-created, or goes down and comes up, is picked up again.
     """
 
-    def __init__(self, selector: InterfaceSelector, device_any: bool,
+    def __init__(self, decide: Callable[[Interface], Decision], device_any: bool,
                  initial: Iterable[Interface]) -> None:
-        self.selector = selector
+        self.decide = decide
         self.device_any = device_any
         self.tracked: dict[int, Interface] = {}
         self.allowed_names: set[str] = set()
         for interface in initial:
-            if selector.decide(interface).selected:
+            if decide(interface).selected:
                 self.tracked[interface.index] = interface
                 self.allowed_names.add(interface.name)
 
     def _allowed(self, interface: Interface) -> bool:
-        if not self.selector.decide(interface).selected:
+        if not self.decide(interface).selected:
             return False
         return self.device_any or interface.name in self.allowed_names
 

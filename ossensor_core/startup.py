@@ -33,6 +33,10 @@ class Prepared:
     primary: Primary
     kernel_filter: str
 
+    def decide(self, interface: Interface) -> Decision:
+        """The decision for an interface that appears later: same rules, same plugins."""
+        return decide(self.plugins, self.config, self.selector, interface)
+
     @property
     def selected(self) -> list[Interface]:
         return [d.interface for d in self.decisions if d.selected]

@@ -1,0 +1,269 @@
+"""Running the sensor: captures feed filters, batches are cut into chunks, chunks go out.
+
+One asyncio loop drives everything. Each capture source has a task that waits until its
+descriptor is readable, takes the ready batches, runs the user-space filters on each batch and
+adds it to the pending chunk. A chunk is cut when it reaches ``OSSENSOR_CHUNK_BYTES`` or
+``OSSENSOR_CHUNK_SECONDS`` after its first batch, and a single sender task hands chunks to the
+transport in order. Work is per batch or per chunk; nothing here runs per packet unless
+``OSSENSOR_DEBUG=5`` asks for every packet as hex.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from .batch import PacketBatch
+from .errors import CaptureError, InterfaceError, OssensorError, PluginError, TransportError
+from .interfaces import Interface, InterfaceEvent, InterfaceWatch
+from .logsetup import level
+from .protocols import CaptureBackend, CaptureSource, CaptureStats, Chunk, PacketFilter, Transport
+from .startup import Prepared
+
+log = logging.getLogger("ossensor.sensor")
+
+SHUTDOWN_GRACE_SECONDS = 4.0
+_QUEUE_CHUNKS = 64
+
+
+@dataclass
+class _Capture:
+    source: CaptureSource
+    task: asyncio.Task[None]
+
+
+class Sensor:
+    """The assembled pipeline of one sensor process."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
+        hook = prepared.plugins.hook
+        backend = hook.ossensor_capture_backend(config=self.config)
+        if backend is None:
+            raise PluginError(f"capture plugin {self.config.capture_backend!r} returned no backend")
+        self.backend: CaptureBackend = backend
+        self.filters: list[PacketFilter] = [
+            f for f in hook.ossensor_packet_filter(config=self.config) if f is not None]
+        encoder = hook.ossensor_chunk_encoder(config=self.config)
+        transport = hook.ossensor_transport(config=self.config, encoder=encoder)
+        if transport is None:
+            raise PluginError(f"transport plugin {self.config.transport!r} returned no transport")
+        self.transport: Transport = transport
+        self.captures: dict[int, _Capture] = {}
+        self.closed_stats: dict[str, CaptureStats] = {}
+        self.pending: list[PacketBatch] = []
+        self.pending_bytes = 0
+        self.pending_since = 0.0
+        self.sequence = 0
+        self.queue: asyncio.Queue[Chunk | None] = asyncio.Queue(_QUEUE_CHUNKS)
+        self.chunks_sent = 0
+        self.packets_sent = 0
+
+    # -- captures ---------------------------------------------------------------------------
+
+    def open_capture(self, interface: Interface) -> None:
+        if interface.index in self.captures or interface.linktype is None:
+            return
+        try:
+            source = self.backend.open(interface, self.prepared.program(interface.linktype))
+        except (CaptureError, OssensorError) as exc:
+            log.error("cannot capture on %s: %s", interface.name, exc)
+            return
+        task = asyncio.get_running_loop().create_task(self._capture_loop(source),
+                                                     name=f"capture-{interface.name}")
+        self.captures[interface.index] = _Capture(source, task)
+        log.info("capturing on %s (index %d, link type %d, %s)", interface.name, interface.index,
+                 source.linktype, "up" if interface.up else "down: captured once up")
+
+    async def close_capture(self, index: int, drain: bool) -> None:
+        capture = self.captures.pop(index, None)
+        if capture is None:
+            return
+        capture.task.cancel()
+        await asyncio.gather(capture.task, return_exceptions=True)
+        if drain:
+            try:
+                for batch in capture.source.read():
+                    await self._accept(batch)
+            except CaptureError as exc:
+                log.warning("final read on %s failed: %s", capture.source.interface.name, exc)
+        try:
+            self.closed_stats[capture.source.interface.name] = capture.source.stats()
+        except CaptureError:
+            pass
+        capture.source.close()
+
+    async def _readable(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+
+    async def _capture_loop(self, source: CaptureSource) -> None:
+        name = source.interface.name
+        try:
+            while True:
+                batches = source.read()
+                if not batches:
+                    await self._readable(source.fileno())
+                    continue
+                for batch in batches:
+                    await self._accept(batch)
+        except CaptureError as exc:
+            log.error("capture on %s stopped: %s", name, exc)
+
+    # -- batches and chunks -----------------------------------------------------------------
+
+    async def _accept(self, batch: PacketBatch) -> None:
+        for packet_filter in self.filters:
+            batch = packet_filter.filter(batch)
+            if not batch.count:
+                return
+        if log.isEnabledFor(level(5)):
+            for packet in batch.packets():
+                log.log(level(5), "%s %d.%09d len %d %s", batch.interface,
+                        packet.timestamp_ns // 10**9, packet.timestamp_ns % 10**9,
+                        packet.wire_length, packet.data.hex())
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append(batch)
+        self.pending_bytes += len(batch.data)
+        if self.pending_bytes >= self.config.chunk_bytes:
+            await self._cut()
+
+    async def _cut(self) -> None:
+        if not self.pending:
+            return
+        self.sequence += 1
+        chunk = Chunk(self.config.name, self.sequence, tuple(self.pending), time.time_ns())
+        self.pending, self.pending_bytes = [], 0
+        log.log(level(4), "chunk %d: %d packets, %d record bytes, %d batches from %s",
+                chunk.sequence, chunk.packets, chunk.record_bytes, len(chunk.batches),
+                ",".join(sorted({b.interface for b in chunk.batches})))
+        await self.queue.put(chunk)
+
+    async def _flush_timer(self) -> None:
+        period = min(self.config.chunk_seconds / 4, 0.25)
+        while True:
+            await asyncio.sleep(period)
+            if self.pending and time.monotonic() - self.pending_since >= self.config.chunk_seconds:
+                await self._cut()
+
+    async def _send_loop(self) -> None:
+        while (chunk := await self.queue.get()) is not None:
+            delay = 0.5
+            while True:
+                try:
+                    await self.transport.send(chunk)
+                    break
+                except TransportError as exc:
+                    log.error("transport %s did not take chunk %d (%d packets), retrying in "
+                              "%.1f s: %s", self.transport.name, chunk.sequence, chunk.packets,
+                              delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self.chunks_sent += 1
+            self.packets_sent += chunk.packets
+            self.prepared.plugins.hook.ossensor_chunk_sent(config=self.config, chunk=chunk)
+
+    # -- periodic work and interface events -------------------------------------------------
+
+    def all_stats(self) -> dict[str, CaptureStats]:
+        stats = dict(self.closed_stats)
+        for capture in self.captures.values():
+            try:
+                stats[capture.source.interface.name] = capture.source.stats()
+            except CaptureError as exc:
+                log.warning("no counters for %s: %s", capture.source.interface.name, exc)
+        return stats
+
+    def report_stats(self) -> None:
+        for name, stats in sorted(self.all_stats().items()):
+            log.log(level(1), "capture %s: %d packets, %d kernel drops", name, stats.packets,
+                    stats.drops)
+            self.prepared.plugins.hook.ossensor_capture_stats(config=self.config, interface=name,
+                                                              stats=stats)
+
+    async def _stats_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_seconds)
+            self.report_stats()
+
+    async def _watch(self) -> None:
+        watch = InterfaceWatch(self.prepared.decide, self.config.device_any,
+                               self.prepared.interfaces)
+        try:
+            async for event in watch.events():
+                await self._on_event(event)
+        except InterfaceError as exc:
+            log.error("%s; interfaces that appear or return are not picked up", exc)
+
+    async def _on_event(self, event: InterfaceEvent) -> None:
+        interface = event.interface
+        if event.kind == "added":
+            self.open_capture(interface)
+        elif event.kind == "removed":
+            log.info("interface %s (index %d) went away", interface.name, interface.index)
+            await self.close_capture(interface.index, drain=True)
+        else:
+            log.info("interface %s is %s", interface.name, event.kind)
+        self.prepared.plugins.hook.ossensor_interface_event(config=self.config, event=event)
+
+    # -- the whole run ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        hook = self.prepared.plugins.hook
+        hook.ossensor_startup(config=self.config)
+        await self.transport.start()
+        sender = asyncio.create_task(self._send_loop(), name="sender")
+        for interface in self.prepared.selected:
+            self.open_capture(interface)
+        if not self.prepared.selected:
+            log.warning("no interface matches yet; waiting for matching interfaces to appear "
+                        "(NETWORK_DEVICE_ANY=1)")
+        background = [asyncio.create_task(coro, name=name) for coro, name in
+                      ((self._watch(), "watch"), (self._flush_timer(), "flush"),
+                       (self._stats_timer(), "stats"))]
+        log.info("sensor %s running: backend %s, transport %s, filter %r", self.config.name,
+                 self.backend.name, self.transport.name, self.prepared.kernel_filter)
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: flushing captures")
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for index in list(self.captures):
+                await self.close_capture(index, drain=True)
+            await self._cut()
+            await self.queue.put(None)
+            try:
+                await asyncio.wait_for(sender, SHUTDOWN_GRACE_SECONDS)
+            except TimeoutError:
+                log.error("transport did not finish within %.0f s; %d chunks not delivered",
+                          SHUTDOWN_GRACE_SECONDS, self.queue.qsize())
+            await self.transport.aclose()
+            self.report_stats()
+            log.info("stopped: %d chunks, %d packets handed to transport %s", self.chunks_sent,
+                     self.packets_sent, self.transport.name)
+            hook.ossensor_shutdown(config=self.config)
+
+
+async def run_sensor(prepared: Prepared, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT (or ``stop`` is set), then flush and return."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await Sensor(prepared).run(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
