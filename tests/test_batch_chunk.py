@@ -1,0 +1,103 @@
+"""The batch record layout, slicing, the chunk wire format and pcapng writing."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from ossensor_core.batch import (TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID, TPACKET3_HDR,
+                                 PacketBatch)
+from ossensor_core.chunk import ChunkCodec
+from ossensor_core.pcapng import PcapngWriter
+from ossensor_core.protocols import Chunk
+
+FRAMES = [(1_700_000_000_123_456_789 + i, 60 + i, bytes([i % 256]) * (60 + i)) for i in range(50)]
+
+
+def batch() -> PacketBatch:
+    return PacketBatch.from_frames("eth0", 2, 1, FRAMES)
+
+
+def test_from_frames_round_trip():
+    packets = list(batch().packets())
+    assert [(p.timestamp_ns, p.wire_length, p.data) for p in packets] == FRAMES
+    assert batch().byte_count() == sum(f[1] for f in FRAMES)
+
+
+def test_slicing_shares_data_and_compacts():
+    whole = batch()
+    part = whole[10:20]
+    assert part.data is whole.data and len(part) == 10
+    assert [p.data for p in part.packets()] == [f[2] for f in FRAMES[10:20]]
+    picked = whole.select([3, 1, 49])
+    assert [p.timestamp_ns for p in picked.packets()] == [FRAMES[i][0] for i in (3, 1, 49)]
+    rebuilt = PacketBatch("eth0", 2, 1, picked.compact(), 3)
+    assert [p.data for p in rebuilt.packets()] == [FRAMES[i][2] for i in (3, 1, 49)]
+
+
+def kernel_like_batch_with_vlan() -> PacketBatch:
+    """Two records as the kernel writes them: VLAN stripped into the header, last offset 0."""
+    frame = bytes(range(12)) + b"\x08\x00" + b"payload!"
+    records = b""
+    for index, (status, tpid) in enumerate(((TP_STATUS_VLAN_VALID, 0),
+                                            (TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID,
+                                             0x88A8))):
+        size = 0 if index == 1 else 96
+        header = TPACKET3_HDR.pack(size, 10, 5, len(frame), len(frame), status, 66, 80, 0, 100,
+                                   tpid, 0)
+        record = header + b"\0" * (66 - len(header)) + frame
+        records += record + b"\0" * ((96 - len(record)) if size else 0)
+    return PacketBatch("eth0", 2, 1, records, 2)
+
+
+def test_vlan_tag_put_back_like_libpcap():
+    first, second = list(kernel_like_batch_with_vlan().packets())
+    assert first.data[12:16] == struct.pack("!HH", 0x8100, 100)
+    assert second.data[12:16] == struct.pack("!HH", 0x88A8, 100)
+    assert first.data[16:18] == b"\x08\x00" and first.wire_length == len(first.data)
+
+
+def test_compact_handles_the_last_kernel_record():
+    whole = kernel_like_batch_with_vlan()
+    only_last = whole.select([1])
+    rebuilt = PacketBatch("eth0", 2, 1, only_last.compact(), 1)
+    assert list(rebuilt.packets()) == list(only_last.packets())
+
+
+def test_chunk_round_trip_compressed_and_plain():
+    chunk = Chunk("node-1", 7, (batch(), kernel_like_batch_with_vlan()[1:]), 123)
+    for codec in (ChunkCodec(), ChunkCodec(compress=False)):
+        decoded = codec.decode(codec.encode(chunk))
+        assert (decoded.sensor, decoded.sequence, decoded.created_ns) == ("node-1", 7, 123)
+        assert [list(b.packets()) for b in decoded.batches] == \
+            [list(b.packets()) for b in chunk.batches]
+
+
+@pytest.mark.parametrize("damage", [lambda b: b"XXXX" + b[4:], lambda b: b[:-3],
+                                    lambda b: b[:5] + b"\x09" + b[6:]])
+def test_malformed_chunks_are_refused(damage):
+    payload = ChunkCodec().encode(Chunk("n", 1, (batch(),), 1))
+    with pytest.raises(ValueError):
+        ChunkCodec().decode(damage(payload))
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
+def test_pcapng_read_by_tshark(tmp_path):
+    path = tmp_path / "x.pcapng"
+    out = io.BytesIO()
+    writer = PcapngWriter(out, 1)
+    writer.write_batch(batch())
+    writer.write_batch(PacketBatch.from_frames("eth1", 3, 1, FRAMES[:3]))
+    path.write_bytes(out.getvalue())
+    done = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.len",
+                           "-e", "frame.interface_name", "-e", "frame.time_epoch"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert len(rows) == 53
+    assert rows[0][:2] == ["60", "eth0"] and rows[-1][1] == "eth1"
+    assert rows[0][2].startswith("1700000000.123456789")
