@@ -1,0 +1,39 @@
+"""Every module imports cleanly on its own with warnings as errors; every hook is documented."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import ossensor_core
+import ossensor_plugins
+from ossensor_core import hookspecs
+
+
+def modules() -> list[str]:
+    found = []
+    for package in (ossensor_core, ossensor_plugins):
+        found.append(package.__name__)
+        found += [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("module", modules())
+def test_imports_with_warnings_as_errors(module):
+    done = subprocess.run([sys.executable, "-W", "error", "-c", f"import {module}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_hook_is_documented_in_the_architecture_page():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    hooks = [name for name in dir(hookspecs) if name.startswith("ossensor_")]
+    assert len(hooks) >= 13
+    for name in hooks:
+        assert f"`{name}" in page, f"{name} is not in docs/architecture.md"
+        assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
