@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from .errors import FilterError
 
+SO_ATTACH_FILTER = 26  # asm-generic/socket.h; Python's socket module does not export it
 BPF_MAXINSNS = 4096  # the kernel refuses longer classic BPF programs (include/uapi/linux/bpf_common.h)
 SNAPLEN = 262144
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
@@ -160,7 +161,7 @@ def attach_filter(sock_fd: int, program: BpfProgram) -> None:
     fprog = struct.pack("HL", len(program), ctypes.addressof(code))
     sock = socket.socket(fileno=sock_fd)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_ATTACH_FILTER, fprog)
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
     except OSError as exc:
         raise FilterError(f"the kernel refused the filter {_shorten(program.expression)}: "
                           f"{exc.strerror}") from exc

@@ -33,6 +33,9 @@ class CaptureSource(Protocol):
 
     interface: Interface
     linktype: int
+    #: A packet captured now is readable by :meth:`read` within this many seconds (a ring hands
+    #: over a partly filled block on a timeout); the core waits this long before the final read.
+    flush_seconds: float
 
     def fileno(self) -> int:
         """A descriptor that polls readable when :meth:`read` has something to return."""

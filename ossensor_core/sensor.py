@@ -80,11 +80,21 @@ class Sensor:
                  source.linktype, "up" if interface.up else "down: captured once up")
 
     async def close_capture(self, index: int, drain: bool) -> None:
-        capture = self.captures.pop(index, None)
-        if capture is None:
-            return
-        capture.task.cancel()
-        await asyncio.gather(capture.task, return_exceptions=True)
+        await self.close_captures([index], drain)
+
+    async def close_captures(self, indexes: list[int], drain: bool) -> None:
+        """Stop the capture tasks, wait until partly filled ring blocks are handed over, read
+        what is left, then close: what was captured before the stop is kept."""
+        captures = [c for c in (self.captures.pop(i, None) for i in indexes) if c is not None]
+        for capture in captures:
+            capture.task.cancel()
+        await asyncio.gather(*(c.task for c in captures), return_exceptions=True)
+        if drain and captures:
+            await asyncio.sleep(max(c.source.flush_seconds for c in captures))
+        for capture in captures:
+            await self._finish(capture, drain)
+
+    async def _finish(self, capture: _Capture, drain: bool) -> None:
         if drain:
             try:
                 for batch in capture.source.read():
@@ -116,6 +126,8 @@ class Sensor:
                     continue
                 for batch in batches:
                     await self._accept(batch)
+                # Let the sender, the timers and the other captures run between reads.
+                await asyncio.sleep(0)
         except CaptureError as exc:
             log.error("capture on %s stopped: %s", name, exc)
 
@@ -240,8 +252,7 @@ class Sensor:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            for index in list(self.captures):
-                await self.close_capture(index, drain=True)
+            await self.close_captures(list(self.captures), drain=True)
             await self._cut()
             await self.queue.put(None)
             try:
@@ -249,7 +260,10 @@ class Sensor:
             except TimeoutError:
                 log.error("transport did not finish within %.0f s; %d chunks not delivered",
                           SHUTDOWN_GRACE_SECONDS, self.queue.qsize())
-            await self.transport.aclose()
+            try:
+                await self.transport.aclose()
+            except TransportError as exc:
+                log.error("transport %s did not close cleanly: %s", self.transport.name, exc)
             self.report_stats()
             log.info("stopped: %d chunks, %d packets handed to transport %s", self.chunks_sent,
                      self.packets_sent, self.transport.name)
