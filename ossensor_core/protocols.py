@@ -106,6 +106,22 @@ class ChunkEncoder(Protocol):
 
 
 @runtime_checkable
+class SensorControl(Protocol):
+    """What a transport may ask of the running sensor (given to ``Transport.start``)."""
+
+    def set_vsensor_filter(self, expression: str) -> None:
+        """AND ``expression`` (the vSensor's filter) into the kernel filter of every capture,
+        now and for captures opened later; swapped in place, nothing lost. An empty expression
+        removes it. Raises FilterError (and changes nothing) when it does not compile or fit."""
+
+    def capture_stats(self) -> dict[str, CaptureStats]:
+        """Cumulative kernel counters by interface name."""
+
+    def captured_interfaces(self) -> list[Interface]:
+        """The interfaces being captured now."""
+
+
+@runtime_checkable
 class Transport(Protocol):
     """Stores or ships chunks; one transport is chosen with ``OSSENSOR_TRANSPORT``.
 
@@ -115,8 +131,9 @@ class Transport(Protocol):
 
     name: str
 
-    async def start(self) -> None:
-        """Open files or connections; called once before the first chunk."""
+    async def start(self, control: SensorControl) -> None:
+        """Open files or connections; called once before the first chunk. ``control`` lets a
+        transport that talks to a vSensor apply the filter it hands out."""
 
     async def send(self, chunk: Chunk) -> None:
         """Accept one chunk."""

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 
 from .batch import PacketBatch
-from .errors import CaptureError, InterfaceError, OssensorError, PluginError, TransportError
+from .bpf import BpfProgram, combine_filters, compile_filter
+from .errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
 from .interfaces import Interface, InterfaceEvent, InterfaceWatch
 from .logsetup import level
 from .protocols import CaptureBackend, CaptureSource, CaptureStats, Chunk, PacketFilter, Transport
@@ -54,6 +55,7 @@ class Sensor:
             raise PluginError(f"transport plugin {self.config.transport!r} returned no transport")
         self.transport: Transport = transport
         self.captures: dict[int, _Capture] = {}
+        self.vsensor_filter = ""
         self.closed_stats: dict[str, CaptureStats] = {}
         self.pending: list[PacketBatch] = []
         self.pending_bytes = 0
@@ -63,13 +65,43 @@ class Sensor:
         self.chunks_sent = 0
         self.packets_sent = 0
 
+    # -- filters ----------------------------------------------------------------------------
+
+    def kernel_filter(self) -> str:
+        """``(vSensor filter) and (plugin filters and BPF)``."""
+        return combine_filters(self.vsensor_filter, self.prepared.kernel_filter)
+
+    def program(self, linktype: int) -> BpfProgram:
+        program = compile_filter(self.kernel_filter(), linktype)
+        program.check_kernel_limit()
+        return program
+
+    def set_vsensor_filter(self, expression: str) -> None:
+        """Compile for every link type in use first, then swap: all or nothing."""
+        previous, self.vsensor_filter = self.vsensor_filter, expression.strip()
+        try:
+            programs = {c.source.linktype: self.program(c.source.linktype)
+                        for c in self.captures.values()}
+        except FilterError:
+            self.vsensor_filter = previous
+            raise
+        for capture in self.captures.values():
+            capture.source.set_filter(programs[capture.source.linktype])
+        log.info("kernel filter is now %r", self.kernel_filter())
+
+    def capture_stats(self) -> dict[str, CaptureStats]:
+        return self.all_stats()
+
+    def captured_interfaces(self) -> list[Interface]:
+        return [c.source.interface for c in self.captures.values()]
+
     # -- captures ---------------------------------------------------------------------------
 
     def open_capture(self, interface: Interface) -> None:
         if interface.index in self.captures or interface.linktype is None:
             return
         try:
-            source = self.backend.open(interface, self.prepared.program(interface.linktype))
+            source = self.backend.open(interface, self.program(interface.linktype))
         except (CaptureError, OssensorError) as exc:
             log.error("cannot capture on %s: %s", interface.name, exc)
             return
@@ -233,7 +265,7 @@ class Sensor:
     async def run(self, stop: asyncio.Event) -> None:
         hook = self.prepared.plugins.hook
         hook.ossensor_startup(config=self.config)
-        await self.transport.start()
+        await self.transport.start(self)
         sender = asyncio.create_task(self._send_loop(), name="sender")
         for interface in self.prepared.selected:
             self.open_capture(interface)

@@ -34,7 +34,7 @@ from ossensor_core.config import SensorConfig
 from ossensor_core.errors import ConfigError, TransportError
 from ossensor_core.pcapng import PcapngWriter
 from ossensor_core.plugin import hookimpl
-from ossensor_core.protocols import Chunk, ChunkEncoder
+from ossensor_core.protocols import SensorControl, Chunk, ChunkEncoder
 from ossensor_core.settings import Setting, SettingsGroup
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class FileTransport:
         return (f"FileTransport({str(self.directory)!r}, files={self.files_written}, "
                 f"packets={self.packets_written})")
 
-    async def start(self) -> None:
+    async def start(self, control: SensorControl | None = None) -> None:
         await asyncio.to_thread(self._prepare_directory)
         self._timer = asyncio.create_task(self._rotate_by_age(), name="file transport rotation")
 

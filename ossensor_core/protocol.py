@@ -1,0 +1,132 @@
+"""The vSensor protocol, version 1: request signing and the names both sides share.
+
+Every request a sensor makes is signed with HMAC-SHA256 of the shared key over a canonical
+string (see ``docs/protocol.md``). This module is pure: no I/O, no clock reads beyond ``now``
+arguments, so the sensor and the reference vSensor use exactly the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+SCHEME = "OSSENSOR-HMAC-SHA256"
+
+H_SENSOR = "X-Ossensor-Sensor"
+H_TIMESTAMP = "X-Ossensor-Timestamp"
+H_NONCE = "X-Ossensor-Nonce"
+H_CONTENT = "X-Ossensor-Content-SHA256"
+H_VERSION = "X-Ossensor-Protocol"
+AUTHORIZATION = "Authorization"
+
+PATH_REGISTER = "/api/v1/register"
+PATH_CHUNKS = "/api/v1/chunks"
+PATH_HEARTBEAT = "/api/v1/heartbeat"
+PATH_ANTIGENA = "/api/v1/antigena/ws"
+
+DEFAULT_SKEW_SECONDS = 300
+
+
+def canonical(method: str, path: str, timestamp: str, nonce: str, content_sha256: str,
+              sensor: str) -> bytes:
+    """The string that is signed: one field per line, in this order."""
+    return "\n".join([method.upper(), path, timestamp, nonce, content_sha256, sensor]).encode()
+
+
+def sign(key: str, method: str, path: str, body: bytes, sensor: str,
+         now: float | None = None, nonce: str | None = None) -> dict[str, str]:
+    """Headers that authenticate one request (``path`` includes any query string)."""
+    timestamp = str(int(time.time() if now is None else now))
+    nonce = nonce or secrets.token_hex(16)
+    digest = hashlib.sha256(body).hexdigest()
+    mac = hmac.new(key.encode(), canonical(method, path, timestamp, nonce, digest, sensor),
+                   hashlib.sha256).hexdigest()
+    return {H_SENSOR: sensor, H_TIMESTAMP: timestamp, H_NONCE: nonce, H_CONTENT: digest,
+            AUTHORIZATION: f"{SCHEME} {mac}"}
+
+
+class AuthError(Exception):
+    """A request failed verification. The message is safe to log: it never holds a key."""
+
+
+class NonceCache:
+    """Nonces seen within the skew window; a nonce seen twice is a replay."""
+
+    def __init__(self, window_seconds: float, limit: int = 1_000_000) -> None:
+        self.window = window_seconds
+        self.limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check_and_add(self, nonce: str, now: float) -> bool:
+        """True when ``nonce`` is new (and remembers it); False for a replay."""
+        while self._seen:
+            oldest, seen_at = next(iter(self._seen.items()))
+            if now - seen_at <= 2 * self.window and len(self._seen) < self.limit:
+                break
+            del self._seen[oldest]
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = now
+        return True
+
+
+@dataclass(frozen=True)
+class Verified:
+    sensor: str
+    key_index: int
+
+
+def verify(keys: Sequence[str], method: str, path: str, headers: Mapping[str, str],
+           body: bytes, nonces: NonceCache, now: float | None = None,
+           skew_seconds: float = DEFAULT_SKEW_SECONDS) -> Verified:
+    """Check a signed request against every accepted key (several during a key rotation).
+
+    Raises AuthError with the reason. Order matters: the cheap checks and the signature come
+    before the nonce is remembered, so an attacker cannot burn nonces with unsigned requests.
+    """
+    now = time.time() if now is None else now
+    try:
+        sensor = headers[H_SENSOR]
+        timestamp = headers[H_TIMESTAMP]
+        nonce = headers[H_NONCE]
+        digest = headers[H_CONTENT]
+        scheme, _, mac = headers[AUTHORIZATION].partition(" ")
+    except KeyError as exc:
+        raise AuthError(f"missing header {exc.args[0]}") from None
+    if scheme != SCHEME or not mac:
+        raise AuthError("unknown authorization scheme")
+    if not sensor or len(sensor) > 253:
+        raise AuthError("bad sensor name")
+    if len(nonce) < 16 or len(nonce) > 128:
+        raise AuthError("bad nonce")
+    try:
+        stamp = int(timestamp)
+    except ValueError:
+        raise AuthError("bad timestamp") from None
+    if abs(now - stamp) > skew_seconds:
+        raise AuthError(f"timestamp {stamp} is {now - stamp:+.0f} s from the vSensor's clock, "
+                        f"outside the {skew_seconds:g} s window")
+    if not hmac.compare_digest(hashlib.sha256(body).hexdigest(), digest):
+        raise AuthError("body does not match its SHA-256 header")
+    message = canonical(method, path, timestamp, nonce, digest, sensor)
+    for index, key in enumerate(keys):
+        expected = hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+        if hmac.compare_digest(expected, mac):
+            break
+    else:
+        raise AuthError("signature does not match any accepted key")
+    if not nonces.check_and_add(nonce, now):
+        raise AuthError("nonce already used (replay)")
+    return Verified(sensor, index)
+
+
+def negotiate(offered: Sequence[int], supported: Sequence[int] = PROTOCOL_VERSIONS) -> int | None:
+    """The highest version both sides speak, or None."""
+    common = set(offered) & set(supported)
+    return max(common) if common else None
