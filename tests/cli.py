@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests.netns import Namespace
 
 COMMAND = [sys.executable, "-m", "ossensor_core.cli"]
+TEST_KEY = "Kx9secretHMACkey42"
+
+
+def sensor_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """A minimal valid sensor environment, free of the caller's sensor variables; the config
+    file and the output go into ``tmp_path``, never /etc."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OSSENSOR_", "VSENSOR_", "NETWORK_DEVICE_", "ANTIGENA_"))
+           and k != "BPF"}
+    env.update({
+        "VSENSOR_HOSTNAME": "vsensor.test",
+        "VSENSOR_HMAC_KEY": TEST_KEY,
+        "OSSENSOR_CONFIG_PATH": str(tmp_path / "etc" / "ossensor.cfg"),
+        "OSSENSOR_TRANSPORT": "file",
+        "OSSENSOR_OUTPUT_DIR": str(tmp_path / "out"),
+    })
+    env.update(overrides)
+    return env
 
 
 @dataclass

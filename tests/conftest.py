@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
+from tests.cli import sensor_environment
 from tests.netns import Namespace, have_netns, namespaces
 
 
@@ -29,14 +29,4 @@ def netns_pair() -> Iterator[tuple[Namespace, Namespace]]:
 @pytest.fixture
 def base_env(tmp_path) -> dict[str, str]:
     """A minimal valid sensor environment; the config file goes into tmp_path, never /etc."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OSSENSOR_", "VSENSOR_", "NETWORK_DEVICE_", "ANTIGENA_"))
-           and k != "BPF"}
-    env.update({
-        "VSENSOR_HOSTNAME": "vsensor.test",
-        "VSENSOR_HMAC_KEY": "Kx9secretHMACkey42",
-        "OSSENSOR_CONFIG_PATH": str(tmp_path / "etc" / "ossensor.cfg"),
-        "OSSENSOR_TRANSPORT": "file",
-        "OSSENSOR_OUTPUT_DIR": str(tmp_path / "out"),
-    })
-    return env
+    return sensor_environment(tmp_path)

@@ -28,6 +28,11 @@ def make_distribution(site: Path, name: str, entry_points: dict[str, dict[str, s
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
 
+def install_maxlen(site: Path) -> None:
+    make_distribution(site, "ossensor-maxlen", {"ossensor.plugins": {
+        "maxlen": "tests.plugins.maxlen"}})
+
+
 @pytest.fixture(scope="module")
 def ns() -> Iterator[Namespace]:
     if not have_netns():
@@ -47,8 +52,7 @@ def site(tmp_path, base_env) -> tuple[Path, dict[str, str]]:
 
 def test_third_party_plugin_loads_with_its_settings(site, ns):
     folder, env = site
-    make_distribution(folder, "ossensor-maxlen", {"ossensor.plugins": {
-        "maxlen": "tests.plugins.maxlen"}})
+    install_maxlen(folder)
     result = ossensor(["check"], dict(env, OSSENSOR_PLUGINS="maxlen",
                                       OSSENSOR_MAXLEN_LIMIT="9000"), ns)
     assert result.code == 0, result.stderr
@@ -68,8 +72,7 @@ def test_third_party_plugin_loads_with_its_settings(site, ns):
 
 def test_plugin_settings_and_configure_errors_reported_with_core_errors(site, ns):
     folder, env = site
-    make_distribution(folder, "ossensor-maxlen", {"ossensor.plugins": {
-        "maxlen": "tests.plugins.maxlen"}})
+    install_maxlen(folder)
     result = ossensor(["check"], dict(env, OSSENSOR_PLUGINS="maxlen", OSSENSOR_MAXLEN_LIMIT="0",
                                       OSSENSOR_MAXLEN_MODE="keep", OSSENSOR_DEBUG="8"), ns)
     assert result.code == 1
@@ -119,8 +122,7 @@ def test_a_capture_backend_shadowing_a_builtin_is_refused(site, ns):
 
 def test_unknown_names_list_what_is_available(site, ns):
     folder, env = site
-    make_distribution(folder, "ossensor-maxlen", {"ossensor.plugins": {
-        "maxlen": "tests.plugins.maxlen"}})
+    install_maxlen(folder)
     result = ossensor(["check"], dict(env, OSSENSOR_PLUGINS="maxlen,nosuch"), ns)
     assert result.code == 1
     assert "OSSENSOR_PLUGINS: no plugin named 'nosuch' is installed; available: maxlen" in \
@@ -129,8 +131,7 @@ def test_unknown_names_list_what_is_available(site, ns):
 
 def test_disable_plugins(site, ns):
     folder, env = site
-    make_distribution(folder, "ossensor-maxlen", {"ossensor.plugins": {
-        "maxlen": "tests.plugins.maxlen"}})
+    install_maxlen(folder)
     result = ossensor(["check"], dict(env, OSSENSOR_PLUGINS="maxlen",
                                       OSSENSOR_DISABLE_PLUGINS="maxlen"), ns)
     assert result.code == 0, result.stderr

@@ -10,7 +10,6 @@ the same order per direction (see :func:`_compare` for the exceptions the kernel
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
 import signal
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import sensor_environment
 from tests.netns import Namespace, veth_pair
 
 pytestmark = pytest.mark.netns
@@ -245,21 +245,10 @@ def _sensor(ns: Namespace, tmp_path: Path, interface: str,
     """The capture script in ``ns``; the block's traffic goes between ready and stop."""
     script = tmp_path / "sensor.py"
     script.write_text(CAPTURE_SCRIPT)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OSSENSOR_", "VSENSOR_", "NETWORK_DEVICE_", "ANTIGENA_"))
-           and k != "BPF"}
-    env.update({
-        "VSENSOR_HOSTNAME": "vsensor.test",
-        "VSENSOR_HMAC_KEY": "Kx9secretHMACkey42",
-        "OSSENSOR_CONFIG_PATH": str(tmp_path / "etc" / "ossensor.cfg"),
-        "OSSENSOR_NAME": "e2e",
-        "OSSENSOR_NETWORK_DEVICE": interface,
-        "OSSENSOR_CAPTURE_BACKEND": "scapy",
-        "OSSENSOR_TRANSPORT": "file",
-        "OSSENSOR_OUTPUT_DIR": str(tmp_path / "out"),
-        "BPF": bpf,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    })
+    env = sensor_environment(
+        tmp_path, OSSENSOR_NAME="e2e", OSSENSOR_NETWORK_DEVICE=interface,
+        OSSENSOR_CAPTURE_BACKEND="scapy", BPF=bpf,
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = ns.popen(sys.executable, str(script), env=env, stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = Lines(proc.stdout)
