@@ -60,7 +60,9 @@ class Sensor:
         self.pending: list[PacketBatch] = []
         self.pending_bytes = 0
         self.pending_since = 0.0
-        self.sequence = 0
+        # Chunk sequence numbers increase across restarts (they start from the clock), so a
+        # vSensor that remembers stored sequences never mistakes a new run's chunks for retries.
+        self.sequence = time.time_ns()
         self.queue: asyncio.Queue[Chunk | None] = asyncio.Queue(_QUEUE_CHUNKS)
         self.chunks_sent = 0
         self.packets_sent = 0

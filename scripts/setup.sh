@@ -19,5 +19,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]' -e ./vsensor
 echo "setup: done (python $(python3 -c 'import sys; print(sys.version.split()[0])'), $(tcpdump --version 2>&1 | head -1))"
