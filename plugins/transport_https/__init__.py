@@ -1,0 +1,691 @@
+"""The https transport: chunks shipped to a vSensor over HTTPS (``docs/protocol.md``).
+
+``start`` opens a session and returns at once; a background task registers (with back-off until
+the vSensor answers), applies the filter it hands out, sends heartbeats and POSTs the queued
+chunks in order, each attempt signed afresh (new nonce and timestamp). The sensor keeps
+capturing while the vSensor is away:
+
+* ``send`` encodes a chunk once and queues it in memory (``memory_chunks``). When memory is full
+  the oldest chunk moves to the spool folder (``spool_dir``, one file per chunk written under a
+  temporary name and renamed). Without a spool folder ``send`` waits for room (back-pressure):
+  an accepted chunk is never dropped to make room.
+* The spool is bounded by ``spool_bytes``; when full, the OLDEST spooled chunks are deleted,
+  counted in ``chunks_dropped`` and logged as errors: a bounded loss that is reported.
+* ``aclose`` keeps trying for ``grace_seconds`` and then spools what is left; the next run
+  sends spooled chunks first, oldest first.
+
+Answers: 200 (also ``{"duplicate": true}``) drops our copy; 400 is logged, counted and dropped
+(retrying cannot help); 401, 5xx, 507, connection errors and time-outs keep the chunk and back
+off (0.5 s doubling to 30 s, or what ``Retry-After`` says). Failures are logged once per change
+of state, not per attempt. The HMAC key is used for signing only and never logged.
+
+Settings (``OSSENSOR_HTTPS_<NAME>``): ``ca_file``, ``fingerprint``, ``spool_dir``,
+``spool_bytes``, ``memory_chunks``, ``timeout_seconds``, ``grace_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import logging
+import os
+import re
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ossensor_core import __version__
+from ossensor_core.config import SensorConfig
+from ossensor_core.errors import ConfigError, FilterError, TransportError
+from ossensor_core.logsetup import level
+from ossensor_core.plugin import hookimpl
+from ossensor_core.protocol import (H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER,
+                                    PROTOCOL_VERSIONS, sign)
+from ossensor_core.protocols import Chunk, ChunkEncoder, SensorControl
+from ossensor_core.settings import Setting, SettingsGroup
+
+log = logging.getLogger(__name__)
+
+H_SEQUENCE = "X-Ossensor-Chunk-Sequence"
+SPOOL_SUFFIX = ".chunk"
+TEMP_SUFFIX = ".tmp"
+FILE_MODE = 0o600  # captured payloads are sensitive
+_SPOOL_NAME = re.compile(r"^(\d{20})-(\d{12})-(\d+)\.chunk$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+@hookimpl
+def ossensor_settings() -> SettingsGroup:
+    return SettingsGroup("https", [
+        Setting("ca_file", str, "",
+                "CA bundle (PEM) that verifies the vSensor's certificate; empty: the system CAs."),
+        Setting("fingerprint", str, "",
+                "SHA-256 fingerprint of the vSensor's certificate (hex, colons allowed) to pin "
+                "instead of CA verification; a self-signed certificate then works."),
+        Setting("spool_dir", str, "",
+                "Folder that keeps chunks on disk while the vSensor is away; empty: memory only "
+                "(capture slows down when memory is full)."),
+        Setting("spool_bytes", int, 256 << 20,
+                "Largest size of the spool; when full the oldest chunks are dropped (and "
+                "logged).", minimum=1 << 20),
+        Setting("memory_chunks", int, 64,
+                "Chunks kept in memory before they move to the spool (or before back-pressure).",
+                minimum=1),
+        Setting("timeout_seconds", float, 10.0, "Time-out of one HTTP request.", positive=True),
+        Setting("grace_seconds", float, 3.0,
+                "At shutdown, keep trying to deliver this long before spooling the rest.",
+                minimum=0),
+    ])
+
+
+def normalise_fingerprint(text: str) -> str:
+    """Lower-case hex without separators; raises ValueError unless it is a SHA-256."""
+    value = text.strip().lower().replace(":", "").replace(" ", "")
+    if not _FINGERPRINT.match(value):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    return value
+
+
+@hookimpl
+def ossensor_configure(config: SensorConfig) -> None:
+    """Refuse an unusable CA file, fingerprint or spool folder before any capture opens."""
+    if config.transport != "https":
+        return
+    settings = config.plugin("https")
+    problems = []
+    if settings.fingerprint:
+        try:
+            normalise_fingerprint(settings.fingerprint)
+        except ValueError as exc:
+            problems.append(f"OSSENSOR_HTTPS_FINGERPRINT: {exc}")
+    if settings.ca_file and not Path(settings.ca_file).is_file():
+        problems.append(f"OSSENSOR_HTTPS_CA_FILE: {settings.ca_file!r} is not a file")
+    if settings.spool_dir:
+        try:
+            Path(settings.spool_dir).mkdir(parents=True, exist_ok=True)
+            if not os.access(settings.spool_dir, os.W_OK | os.X_OK):
+                problems.append(f"OSSENSOR_HTTPS_SPOOL_DIR: {settings.spool_dir!r} is not "
+                                "writable")
+        except OSError as exc:
+            problems.append(f"OSSENSOR_HTTPS_SPOOL_DIR: cannot create {settings.spool_dir!r} "
+                            f"({exc.strerror or exc})")
+    if problems:
+        raise ConfigError(problems)
+
+
+@hookimpl
+def ossensor_transport(config: SensorConfig, encoder: ChunkEncoder) -> HttpsTransport:
+    settings = config.plugin("https")
+    return HttpsTransport(
+        config.vsensor_hostname, config.vsensor_port, config.hmac_key, config.name, encoder,
+        ca_file=settings.ca_file, fingerprint=settings.fingerprint,
+        spool_dir=settings.spool_dir, spool_bytes=settings.spool_bytes,
+        memory_chunks=settings.memory_chunks, timeout_seconds=settings.timeout_seconds,
+        grace_seconds=settings.grace_seconds)
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One accepted chunk: its bytes in memory, or a file in the spool."""
+
+    order: int  # send order: earlier runs' spool first, then accepted order
+    sequence: int
+    packets: int
+    size: int
+    payload: bytes | None = None
+    path: Path | None = field(default=None)
+
+
+class _Answer(Exception):
+    """A request that did not succeed; ``state`` says which (for once-per-change logging)."""
+
+    def __init__(self, state: str, message: str, retry_after: float | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.state = state
+        self.retry_after = retry_after
+        self.status = status
+
+
+class HttpsTransport:
+    """Ships chunks to one vSensor; see the module docstring for the behaviour."""
+
+    name = "https"
+
+    def __init__(self, host: str, port: int, key: str, sensor: str, encoder: ChunkEncoder, *,
+                 ca_file: str = "", fingerprint: str = "", spool_dir: str = "",
+                 spool_bytes: int = 256 << 20, memory_chunks: int = 64,
+                 timeout_seconds: float = 10.0, grace_seconds: float = 3.0,
+                 backoff_min: float = 0.5, backoff_max: float = 30.0) -> None:
+        shown_host = f"[{host}]" if ":" in host else host
+        self.base_url = f"https://{shown_host}:{port}"
+        self._key = key
+        self.sensor = sensor
+        self.encoder = encoder
+        self.ca_file = ca_file
+        self.fingerprint = normalise_fingerprint(fingerprint) if fingerprint else ""
+        self.spool_dir = Path(spool_dir) if spool_dir else None
+        self.spool_bytes = spool_bytes
+        self.memory_chunks = memory_chunks
+        self.timeout_seconds = timeout_seconds
+        self.grace_seconds = grace_seconds
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.media_type = getattr(encoder, "media_type", "application/vnd.ossensor.chunk.v1")
+
+        self.chunks_sent = 0
+        self.packets_sent = 0
+        self.bytes_sent = 0
+        self.chunks_spooled = 0
+        self.chunks_dropped = 0
+        self.packets_dropped = 0
+        self.chunks_duplicate = 0  # included in chunks_sent: stored by an earlier attempt
+        self.registered = False
+        self.protocol_version: int | None = None
+        self.heartbeat_seconds = 10.0
+        self.vsensor_filter: str | None = None  # the filter applied last
+
+        self._memory: deque[_Entry] = deque()
+        self._spool: list[_Entry] = []  # sorted by order
+        self._spool_size = 0
+        self._order = 0
+        self._run_id = time.time_ns()
+        self._lock = asyncio.Lock()  # moves between memory and spool vs. taking the next chunk
+        self._wakeup = asyncio.Event()  # a chunk was queued, or we are closing
+        self._room = asyncio.Event()  # the sender took a chunk out of memory
+        self._states: dict[str, str] = {}
+        self._failed_filter: str | None = None
+        self._registered_body: dict[str, Any] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._control: SensorControl | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+
+    def __repr__(self) -> str:  # never the key
+        return (f"HttpsTransport({self.base_url!r}, sent={self.chunks_sent}, "
+                f"queued={self.queued_chunks})")
+
+    @property
+    def queued_chunks(self) -> int:
+        """Chunks accepted and not yet delivered (memory and spool)."""
+        return len(self._memory) + len(self._spool)
+
+    # -- the Transport interface ------------------------------------------------------------
+
+    async def start(self, control: SensorControl) -> None:
+        self._control = control
+        if self.spool_dir is not None:
+            await asyncio.to_thread(self._load_spool)
+        if self.fingerprint:
+            tls: ssl.SSLContext | aiohttp.Fingerprint = aiohttp.Fingerprint(
+                bytes.fromhex(self.fingerprint))
+        else:
+            try:
+                tls = ssl.create_default_context(cafile=self.ca_file or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"cannot read the CA file {self.ca_file!r}: {exc}") from exc
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=tls, limit=4),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_seconds))
+        log.info("sending chunks to the vSensor at %s (%s%s)", self.base_url,
+                 f"pinned certificate {self.fingerprint[:16]}..." if self.fingerprint
+                 else f"CA file {self.ca_file}" if self.ca_file else "system CAs",
+                 f", spool {self.spool_dir}" if self.spool_dir else ", no spool folder")
+        self._task = asyncio.create_task(self._run(), name="https transport")
+        self._task.add_done_callback(self._sender_ended)
+
+    async def send(self, chunk: Chunk) -> None:
+        if self._closing:
+            raise TransportError("the https transport is closed")
+        payload = self.encoder.encode(chunk)
+        self._order += 1
+        entry = _Entry(self._order, chunk.sequence, chunk.packets, len(payload), payload)
+        # Accepted from here on: a cancelled wait below leaves it queued, and aclose keeps it.
+        self._memory.append(entry)
+        self._wakeup.set()
+        while len(self._memory) > self.memory_chunks and not self._closing:
+            if self.spool_dir is not None and await self._spill_oldest():
+                continue
+            self._room.clear()
+            await self._room.wait()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        self._wakeup.set()
+        self._room.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        deadline = time.monotonic() + self.grace_seconds
+        while self.queued_chunks and time.monotonic() < deadline and self._task is not None \
+                and not self._task.done():
+            await asyncio.sleep(0.02)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._memory:
+            if self.spool_dir is not None:
+                while self._memory:
+                    if not await self._spill_oldest():
+                        break
+            if self._memory:
+                packets = sum(e.packets for e in self._memory)
+                log.error("%d chunks (%d packets) not delivered to the vSensor at %s are lost "
+                          "at shutdown%s", len(self._memory), packets, self.base_url,
+                          "" if self.spool_dir is None else " (the spool folder failed)")
+                self.chunks_dropped += len(self._memory)
+                self.packets_dropped += packets
+                self._memory.clear()
+        if self._spool:
+            log.warning("%d chunks (%d bytes) stay in the spool %s for the next run",
+                        len(self._spool), self._spool_size, self.spool_dir)
+        if self._session is not None:
+            await self._session.close()
+        log.info("https transport closed: %d chunks, %d packets, %d bytes sent; %d spooled, "
+                 "%d dropped", self.chunks_sent, self.packets_sent, self.bytes_sent,
+                 self.chunks_spooled, self.chunks_dropped)
+
+    # -- the background task ----------------------------------------------------------------
+
+    def _sender_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the https sender stopped: %r; chunks are kept until shutdown",
+                      task.exception(), exc_info=task.exception())
+
+    async def _run(self) -> None:
+        await self._register_until_done()
+        if not self._closing:
+            self._heartbeat = asyncio.create_task(self._heartbeats(), name="https heartbeat")
+        await self._send_forever()
+
+    async def _register_until_done(self) -> None:
+        delay = self.backoff_min
+        while True:
+            try:
+                await self._register()
+                return
+            except _Answer as answer:
+                self._report("register", answer.state, self._failure_message(
+                    answer, "cannot register with", "retrying"))
+                await asyncio.sleep(self._delay(delay, answer.retry_after))
+                delay = min(delay * 2, self.backoff_max)
+
+    def _register_body(self) -> dict[str, Any]:
+        interfaces = self._control.captured_interfaces() if self._control else []
+        addresses: list[str] = []
+        for interface in interfaces:
+            for address in interface.routable_addresses:
+                if address not in addresses:
+                    addresses.append(address)
+        return {"sensor": self.sensor, "versions": list(PROTOCOL_VERSIONS),
+                "software": f"ossensor {__version__}", "addresses": addresses,
+                "interfaces": [i.name for i in interfaces]}
+
+    async def _register(self) -> None:
+        body = self._register_body()
+        answer = await self._post_json(PATH_REGISTER, body)
+        version = answer.get("version")
+        if version not in PROTOCOL_VERSIONS:
+            raise _Answer("version", f"the vSensor picked protocol version {version!r}; this "
+                          f"sensor speaks {list(PROTOCOL_VERSIONS)}")
+        self.protocol_version = version
+        seconds = answer.get("heartbeat_seconds")
+        if isinstance(seconds, (int, float)) and seconds > 0:
+            self.heartbeat_seconds = float(seconds)
+        self._registered_body = body
+        self.registered = True
+        self._report("register", "ok", None)
+        log.info("registered with the vSensor at %s (protocol %d, %d addresses, %d interfaces)",
+                 self.base_url, version, len(body["addresses"]), len(body["interfaces"]))
+        self._apply_filter(answer.get("filter"))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            try:
+                await self._heartbeat_once()
+            except Exception:  # a bug must not end heartbeats (and filter updates) for good
+                log.exception("heartbeat failed")
+
+    async def _heartbeat_once(self) -> None:
+        """One heartbeat (or a new registration when our interfaces changed)."""
+        if self._register_body() != self._registered_body:
+            # Interfaces or addresses changed: the vSensor's filters for the peers need them.
+            with contextlib.suppress(_Answer):
+                await self._register()
+            return
+        stats = self._control.capture_stats() if self._control else {}
+        body = {"interfaces": {name: {"packets": s.packets, "drops": s.drops}
+                               for name, s in stats.items()}}
+        try:
+            answer = await self._post_json(PATH_HEARTBEAT, body)
+        except _Answer as failure:
+            self._report("heartbeat", failure.state, f"heartbeat to the vSensor at "
+                         f"{self.base_url} failed: {failure}")
+            if failure.status in (404, 409):  # the vSensor no longer knows us
+                with contextlib.suppress(_Answer):
+                    await self._register()
+            return
+        self._report("heartbeat", "ok", f"heartbeats to {self.base_url} work again")
+        self._apply_filter(answer.get("filter"))
+
+    def _apply_filter(self, expression: Any) -> None:
+        if not isinstance(expression, str) or self._control is None:
+            return
+        expression = expression.strip()
+        if expression == self.vsensor_filter or expression == self._failed_filter:
+            return
+        try:
+            self._control.set_vsensor_filter(expression)
+        except FilterError as exc:
+            self._failed_filter = expression
+            log.error("cannot apply the vSensor's filter %r (keeping %r): %s", expression,
+                      self.vsensor_filter or "", exc)
+            return
+        self._failed_filter = None
+        self.vsensor_filter = expression
+        log.info("applied the vSensor's filter %r", expression)
+
+    async def _send_forever(self) -> None:
+        delay = self.backoff_min
+        while True:
+            async with self._lock:
+                entry = self._take()
+            if entry is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                delivered = await self._deliver(entry)
+            except _Answer as answer:
+                self._put_back(entry)
+                self._report("chunks", answer.state, self._failure_message(
+                    answer, "cannot deliver chunks to", f"{self.queued_chunks} chunks kept, "
+                    "retrying"))
+                await asyncio.sleep(self._delay(delay, answer.retry_after))
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            except BaseException:
+                self._put_back(entry)
+                raise
+            delay = self.backoff_min
+            self._forget(entry)
+            if not delivered:
+                continue
+            self._report("chunks", "ok", f"the vSensor at {self.base_url} takes chunks again "
+                         f"({self.queued_chunks} queued)")
+
+    def _failure_message(self, answer: _Answer, what: str, then: str) -> str:
+        if answer.status == 401:
+            return (f"vSensor rejected the key or the clock ({what} {self.base_url}): "
+                    f"{answer}; {then}")
+        return f"{what} the vSensor at {self.base_url}: {answer}; {then}"
+
+    def _take(self) -> _Entry | None:
+        """The oldest queued chunk (spool and memory), removed while it is in flight."""
+        if self._spool and (not self._memory or self._spool[0].order < self._memory[0].order):
+            return self._spool.pop(0)
+        if self._memory:
+            entry = self._memory.popleft()
+            self._room.set()
+            return entry
+        return None
+
+    def _put_back(self, entry: _Entry) -> None:
+        if entry.path is not None:
+            bisect.insort(self._spool, entry, key=lambda e: e.order)
+        else:
+            self._memory.appendleft(entry)
+
+    def _forget(self, entry: _Entry) -> None:
+        if entry.path is not None:
+            self._unlink(entry)
+
+    async def _deliver(self, entry: _Entry) -> bool:
+        """POST one chunk; True when stored, False when refused for good (400)."""
+        payload = entry.payload
+        if payload is None:
+            assert entry.path is not None
+            try:
+                payload = await asyncio.to_thread(entry.path.read_bytes)
+            except OSError as exc:
+                log.error("cannot read spooled chunk %s (%s); %d packets lost", entry.path,
+                          exc.strerror or exc, entry.packets)
+                self._count_drop(entry)
+                return False
+        headers = {"Content-Type": self.media_type, H_SEQUENCE: str(entry.sequence)}
+        status, text, retry_after = await self._post(PATH_CHUNKS, payload, headers)
+        log.log(level(2), "chunk %d: %d packets, %d bytes -> %d", entry.sequence, entry.packets,
+                len(payload), status)
+        if status == 200:
+            if '"duplicate"' in text:
+                self.chunks_duplicate += 1
+            self.chunks_sent += 1
+            self.packets_sent += entry.packets
+            self.bytes_sent += len(payload)
+            return True
+        reason = _reason(text)
+        if status == 400:
+            log.error("the vSensor refused chunk %d as malformed (%s); dropped its %d packets",
+                      entry.sequence, reason, entry.packets)
+            self._count_drop(entry)
+            return False
+        raise _Answer(_state(status), f"HTTP {status} ({reason})", retry_after, status)
+
+    def _count_drop(self, entry: _Entry) -> None:
+        self.chunks_dropped += 1
+        self.packets_dropped += entry.packets
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    async def _post(self, path: str, body: bytes,
+                    headers: dict[str, str]) -> tuple[int, str, float | None]:
+        """One signed POST (a new nonce and timestamp every time); connection problems are
+        raised as _Answer."""
+        if self._session is None:
+            raise _Answer("closed", "the transport was not started")
+        headers = {**headers, H_VERSION: str(self.protocol_version or max(PROTOCOL_VERSIONS)),
+                   **sign(self._key, "POST", path, body, self.sensor)}
+        try:
+            async with self._session.post(self.base_url + path, data=body,
+                                          headers=headers) as response:
+                text = await response.text(errors="replace")
+                if self._key and self._key in text:  # we never send it; never log it either
+                    text = text.replace(self._key, "***")
+                return response.status, text, _retry_after(response.headers.get("Retry-After"))
+        except aiohttp.ServerFingerprintMismatch:
+            raise _Answer("tls", "the vSensor's certificate does not match the pinned "
+                          "fingerprint") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise _Answer("tls", f"the vSensor's certificate is not trusted "
+                          f"({exc.certificate_error})") from None
+        except TimeoutError:
+            raise _Answer("timeout", f"no answer within {self.timeout_seconds:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise _Answer("unreachable", f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            raise _Answer("unreachable", f"{exc.strerror or exc}") from None
+
+    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, text, retry_after = await self._post(
+            path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        log.log(level(2), "%s -> %d", path, status)
+        if status != 200:
+            reason = _reason(text)
+            if status == 426:
+                reason = f"no common protocol version: {reason}"
+            raise _Answer(_state(status), f"HTTP {status} ({reason})", retry_after, status)
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            raise _Answer("bad-answer", "the vSensor's answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise _Answer("bad-answer", "the vSensor's answer is not a JSON object")
+        return answer
+
+    def _delay(self, backoff: float, retry_after: float | None) -> float:
+        return min(retry_after, 3600.0) if retry_after is not None else backoff
+
+    def _report(self, topic: str, state: str, message: str | None) -> None:
+        """Log ``message`` only when ``topic`` changes state, not once per attempt; "ok" after a
+        failure is logged as a recovery."""
+        previous = self._states.get(topic)
+        if previous == state:
+            return
+        self._states[topic] = state
+        if message is None:
+            return
+        if state == "ok":
+            if previous is not None:
+                log.info("%s", message)
+        elif topic == "heartbeat":
+            log.warning("%s", message)
+        else:
+            log.error("%s", message)
+
+    # -- the spool --------------------------------------------------------------------------
+
+    async def _spill_oldest(self) -> bool:
+        """Move the oldest chunk in memory to the spool; False when the spool cannot take it."""
+        async with self._lock:
+            if not self._memory:
+                return True
+            entry = self._memory.popleft()
+            try:
+                path = await asyncio.to_thread(self._write_spool, entry)
+            except OSError as exc:
+                self._memory.appendleft(entry)
+                self._report("spool", "failed", f"cannot write to the spool {self.spool_dir} "
+                             f"({exc.strerror or exc}); keeping chunks in memory")
+                return False
+            except BaseException:
+                self._memory.appendleft(entry)
+                raise
+            self._report("spool", "ok", f"the spool {self.spool_dir} works again")
+            entry.path, entry.payload = path, None
+            bisect.insort(self._spool, entry, key=lambda e: e.order)
+            self._spool_size += entry.size
+            self.chunks_spooled += 1
+            self._enforce_spool_limit()
+            return True
+
+    def _write_spool(self, entry: _Entry) -> Path:
+        assert self.spool_dir is not None and entry.payload is not None
+        name = f"{self._run_id:020d}-{entry.sequence:012d}-{entry.packets}{SPOOL_SUFFIX}"
+        final = self.spool_dir / name
+        temporary = self.spool_dir / (name + TEMP_SUFFIX)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            view = memoryview(entry.payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        os.close(fd)
+        os.replace(temporary, final)
+        return final
+
+    def _enforce_spool_limit(self) -> None:
+        while self._spool_size > self.spool_bytes and self._spool:
+            oldest = self._spool.pop(0)
+            self._unlink(oldest)
+            self._count_drop(oldest)
+            log.error("spool %s is full (%d bytes allowed): dropped the oldest chunk %d "
+                      "(%d packets); %d chunks dropped so far", self.spool_dir, self.spool_bytes,
+                      oldest.sequence, oldest.packets, self.chunks_dropped)
+
+    def _unlink(self, entry: _Entry) -> None:
+        if entry.path is None:
+            return
+        try:
+            entry.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove spooled chunk %s: %s", entry.path, exc.strerror or exc)
+        self._spool_size -= entry.size
+        entry.path = None
+
+    def _load_spool(self) -> None:
+        """Queue the chunks an earlier run left in the spool, oldest first."""
+        assert self.spool_dir is not None
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            names = os.listdir(self.spool_dir)
+        except OSError as exc:
+            raise TransportError(f"cannot use the spool folder {str(self.spool_dir)!r}: "
+                                 f"{exc.strerror or exc}") from exc
+        found = []
+        for name in names:
+            path = self.spool_dir / name
+            if name.endswith(TEMP_SUFFIX):  # a write that a crash interrupted
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            match = _SPOOL_NAME.match(name)
+            if not match:
+                continue
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            found.append((int(match[1]), int(match[2]), int(match[3]), size, path))
+        for run, sequence, packets, size, path in sorted(found):
+            self._order += 1
+            self._spool.append(_Entry(self._order, sequence, packets, size, path=path))
+            self._spool_size += size
+        if found:
+            log.info("%d chunks (%d bytes) from an earlier run are in the spool %s; sending "
+                     "them first", len(found), self._spool_size, self.spool_dir)
+        self._enforce_spool_limit()
+
+
+def _state(status: int) -> str:
+    return f"{status}"
+
+
+def _reason(text: str) -> str:
+    """The vSensor's reason (``{"error": ...}``), short; never our own key (we never send it)."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and "error" in answer:
+        text = str(answer["error"])
+    elif isinstance(answer, dict) and "supported" in answer:
+        text = f"the vSensor supports {answer['supported']}"
+    text = " ".join(text.split())
+    return text[:200] or "no reason given"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (a number; an HTTP date is rarely used by servers)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(seconds, 0.0)

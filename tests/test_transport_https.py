@@ -1,0 +1,703 @@
+"""The https transport against real aiohttp servers over TLS (certificates from trustme).
+
+The small servers here verify every signature with ``ossensor_core.protocol.verify`` and inject
+faults (down at start, 503/507, 401, another CA, a self-signed certificate); the end-to-end tests
+use the reference vSensor when it is installed. The one stand-in is ``FakeControl``: the real
+``SensorControl`` is the running sensor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import logging
+import socket
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiohttp import web
+
+from ossensor_core.batch import PacketBatch
+from ossensor_core.chunk import ChunkCodec
+from ossensor_core.config import read_core_config
+from ossensor_core.errors import FilterError
+from ossensor_core.interfaces import Interface
+from ossensor_core.logsetup import level
+from ossensor_core.protocol import (H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER,
+                                    PROTOCOL_VERSIONS, AuthError, NonceCache, verify)
+from ossensor_core.protocols import CaptureStats, Chunk, Transport
+from ossensor_core.settings import PluginSettings, resolve_settings
+
+from ossensor_plugins import transport_https
+from ossensor_plugins.transport_https import HttpsTransport
+
+KEY = "Kx9secretHMACkey42-https"
+SENSOR = "node-1"
+FILTER = "not (host 192.0.2.1 and tcp port 443)"
+HOST = "127.0.0.1"
+LOGGER = "ossensor_plugins.transport_https"
+
+
+# Chunks and the sensor stand-in ---------------------------------------------------------------
+
+def make_chunk(sequence: int, packets: int = 3) -> Chunk:
+    frames = [(1_700_000_000_000_000_000 + i * 1000, 60 + i, bytes([sequence & 0xFF, i]) * 30)
+              for i in range(packets)]
+    batch = PacketBatch.from_frames("eth0", 2, 1, frames)
+    return Chunk(SENSOR, sequence, (batch,), time.time_ns())
+
+
+class FakeControl:
+    """Records the filters the transport applies; 'bad' filters fail as libpcap would."""
+
+    def __init__(self) -> None:
+        self.filters: list[str] = []
+
+    def set_vsensor_filter(self, expression: str) -> None:
+        if "bad" in expression:
+            raise FilterError(f"syntax error in {expression!r}")
+        self.filters.append(expression)
+
+    def capture_stats(self) -> dict[str, CaptureStats]:
+        return {"eth0": CaptureStats(packets=100, drops=2)}
+
+    def captured_interfaces(self) -> list[Interface]:
+        return [Interface("eth0", 2, 1, 0x1, ("192.0.2.10", "fe80::1")),
+                Interface("cali12", 7, 1, 0x1, ())]
+
+
+# TLS and servers ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST, "localhost").configure_cert(context)
+    return context
+
+
+def self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
+    """A server context with a self-signed certificate, and its SHA-256 fingerprint (colons)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vsensor")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "self.pem", tmp_path / "self.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return context, ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application, context: ssl.SSLContext,
+                port: int = 0) -> AsyncIterator[int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, port, ssl_context=context)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+class FakeVSensor:
+    """A vSensor that checks every signature; ``chunk_answers`` scripts the chunk answers
+    (status, headers) in order before it starts storing."""
+
+    def __init__(self, keys: tuple[str, ...] = (KEY,), heartbeat_seconds: float = 10.0) -> None:
+        self.keys = list(keys)
+        self.nonces = NonceCache(300)
+        self.filter = FILTER
+        self.heartbeat_seconds = heartbeat_seconds
+        self.chunk_answers: list[tuple[int, dict[str, str]]] = []
+        self.stored: list[Chunk] = []
+        self.attempts: list[tuple[float, int]] = []  # (time, sequence) of every chunk POST
+        self.registrations: list[dict[str, Any]] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.auth_failures: list[str] = []
+        self.nonces_seen: list[str] = []
+        self.codec = ChunkCodec()
+        self.slow_once = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post(PATH_REGISTER, self.register)
+        app.router.add_post(PATH_HEARTBEAT, self.heartbeat)
+        app.router.add_post(PATH_CHUNKS, self.chunks)
+        return app
+
+    async def _verified(self, request: web.Request) -> bytes:
+        body = await request.read()
+        try:
+            verify(self.keys, request.method, request.path_qs, request.headers, body,
+                   self.nonces)
+        except AuthError as exc:
+            self.auth_failures.append(str(exc))
+            raise web.HTTPUnauthorized(text=f'{{"error": "{exc}"}}',
+                                       content_type="application/json") from None
+        assert request.headers[H_VERSION] == "1"
+        self.nonces_seen.append(request.headers["X-Ossensor-Nonce"])
+        return body
+
+    async def register(self, request: web.Request) -> web.Response:
+        import json
+        self.registrations.append(json.loads(await self._verified(request)))
+        return web.json_response({"version": 1, "filter": self.filter,
+                                  "heartbeat_seconds": self.heartbeat_seconds,
+                                  "server_time": time.time()})
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        import json
+        self.heartbeats.append(json.loads(await self._verified(request)))
+        return web.json_response({"filter": self.filter})
+
+    async def chunks(self, request: web.Request) -> web.Response:
+        body = await self._verified(request)
+        sequence = int(request.headers["X-Ossensor-Chunk-Sequence"])
+        assert request.headers["Content-Type"] == "application/vnd.ossensor.chunk.v1"
+        self.attempts.append((time.monotonic(), sequence))
+        if self.chunk_answers:
+            status, headers = self.chunk_answers.pop(0)
+            if status == 0:  # drop the connection without an answer
+                assert request.transport is not None
+                request.transport.close()
+                raise asyncio.CancelledError
+            return web.json_response({"error": f"scripted {status}"}, status=status,
+                                     headers=headers)
+        chunk = self.codec.decode(body)
+        assert chunk.sequence == sequence
+        if self.slow_once:  # store it, but answer after the client gave up
+            self.slow_once = False
+            self.stored.append(chunk)
+            await asyncio.sleep(1.5)
+        if any(c.sequence == sequence for c in self.stored):
+            return web.json_response({"duplicate": True})
+        self.stored.append(chunk)
+        return web.json_response({"stored": chunk.packets})
+
+    @property
+    def sequences(self) -> list[int]:
+        return [c.sequence for c in self.stored]
+
+
+def transport(port: int, ca_file: str = "", *, key: str = KEY, **options: Any) -> HttpsTransport:
+    """A transport with short back-offs and grace for tests."""
+    settings: dict[str, Any] = dict(timeout_seconds=2.0, grace_seconds=0.5, backoff_min=0.05,
+                                    backoff_max=0.2)
+    settings.update(options)
+    return HttpsTransport(HOST, port, key, SENSOR, ChunkCodec(), ca_file=ca_file, **settings)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def spooled(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# Settings and the hook ---------------------------------------------------------------------
+
+def test_settings_and_hook_build_the_transport(tmp_path: Path) -> None:
+    env = {"VSENSOR_HOSTNAME": "2001:db8::5", "VSENSOR_HMAC_KEY": KEY, "VSENSOR_PORT": "8443",
+           "OSSENSOR_NAME": SENSOR, "OSSENSOR_HTTPS_SPOOL_DIR": str(tmp_path / "spool"),
+           "OSSENSOR_HTTPS_MEMORY_CHUNKS": "5", "OSSENSOR_HTTPS_GRACE_SECONDS": "1.5"}
+    config, problems = read_core_config(env)
+    group = transport_https.ossensor_settings()
+    assert group.plugin == "https"
+    assert {s.name for s in group.settings} == {"ca_file", "fingerprint", "spool_dir",
+                                               "spool_bytes", "memory_chunks",
+                                               "timeout_seconds", "grace_seconds"}
+    resolved = resolve_settings(group.settings, env, group.plugin, problems)
+    assert not problems
+    config = dataclasses.replace(config, plugin_settings={"https": PluginSettings("https",
+                                                                                  resolved)})
+    transport_https.ossensor_configure(config=dataclasses.replace(config, transport="https"))
+    made = transport_https.ossensor_transport(config=config, encoder=ChunkCodec())
+    assert isinstance(made, Transport) and made.name == "https"
+    assert made.base_url == "https://[2001:db8::5]:8443"
+    assert made.memory_chunks == 5 and made.grace_seconds == 1.5
+    assert made.spool_dir == tmp_path / "spool"
+    assert KEY not in repr(made)
+
+
+def test_configure_refuses_bad_fingerprint_and_ca_file(tmp_path: Path) -> None:
+    from ossensor_core.errors import ConfigError
+
+    env = {"VSENSOR_HOSTNAME": "vsensor.test", "VSENSOR_HMAC_KEY": KEY,
+           "OSSENSOR_HTTPS_FINGERPRINT": "12:34", "OSSENSOR_HTTPS_CA_FILE": str(tmp_path / "no")}
+    config, problems = read_core_config(env)
+    group = transport_https.ossensor_settings()
+    resolved = resolve_settings(group.settings, env, group.plugin, problems)
+    config = dataclasses.replace(config, transport="https",
+                                 plugin_settings={"https": PluginSettings("https", resolved)})
+    with pytest.raises(ConfigError) as caught:
+        transport_https.ossensor_configure(config=config)
+    assert len(caught.value.problems) == 2
+    assert "OSSENSOR_HTTPS_FINGERPRINT" in str(caught.value)
+    assert "OSSENSOR_HTTPS_CA_FILE" in str(caught.value)
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    from email.utils import formatdate
+
+    assert transport_https._retry_after("7") == 7.0
+    assert transport_https._retry_after(None) is None
+    assert transport_https._retry_after("soon") is None
+    assert 25 <= transport_https._retry_after(formatdate(time.time() + 30, usegmt=True)) <= 31
+
+
+# Delivery --------------------------------------------------------------------------------
+
+def test_chunks_arrive_in_order_and_every_signature_verifies(ca, ca_file, caplog) -> None:
+    caplog.set_level(level(2), logger=LOGGER)
+    server = FakeVSensor()
+    control = FakeControl()
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file)
+            await sender.start(control)
+            for sequence in range(1, 31):
+                await sender.send(make_chunk(sequence))
+            await wait_until(lambda: len(server.stored) == 30)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    assert server.sequences == list(range(1, 31))
+    assert not server.auth_failures
+    assert len(set(server.nonces_seen)) == len(server.nonces_seen)
+    assert [c.packets for c in server.stored] == [3] * 30
+    assert server.stored[4].batches[0].data == make_chunk(5).batches[0].data
+    (registration,) = server.registrations
+    assert registration == {"sensor": SENSOR, "versions": list(PROTOCOL_VERSIONS),
+                            "software": registration["software"], "addresses": ["192.0.2.10"],
+                            "interfaces": ["eth0", "cali12"]}
+    assert registration["software"].startswith("ossensor ")
+    assert control.filters == [FILTER]
+    assert (sender.chunks_sent, sender.packets_sent) == (30, 90)
+    assert sender.bytes_sent > 0 and sender.chunks_dropped == 0 == sender.chunks_spooled
+    assert "chunk 7: 3 packets" in caplog.text and "-> 200" in caplog.text
+    assert "again" not in caplog.text  # nothing failed, so nothing "works again"
+
+
+def test_vsensor_down_at_start_then_up_nothing_lost(ca, ca_file, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = FakeVSensor(heartbeat_seconds=0.1)
+    control = FakeControl()
+    port = free_port()
+
+    async def scenario() -> None:
+        sender = transport(port, ca_file)
+        began = time.monotonic()
+        await sender.start(control)
+        for sequence in range(1, 6):
+            await sender.send(make_chunk(sequence))
+        assert time.monotonic() - began < 1.0, "start and send must not wait for the vSensor"
+        await asyncio.sleep(0.5)  # several failed registrations
+        assert sender.queued_chunks == 5 and not sender.registered
+        async with serve(server.app(), server_context(ca), port):
+            await wait_until(lambda: len(server.stored) == 5)
+            await sender.send(make_chunk(6))
+            await wait_until(lambda: len(server.stored) == 6)
+            # A changed filter comes with a heartbeat and is applied in place.
+            server.filter = "not host 198.51.100.7"
+            await wait_until(lambda: control.filters[-1] == "not host 198.51.100.7")
+            # One that does not compile is refused; the old one stays.
+            server.filter = "bad filter"
+            await wait_until(lambda: "cannot apply the vSensor's filter" in caplog.text)
+            await asyncio.sleep(0.3)
+            await sender.aclose()
+        assert sender.vsensor_filter == "not host 198.51.100.7"
+
+    asyncio.run(scenario())
+    assert server.sequences == [1, 2, 3, 4, 5, 6]
+    assert len(server.registrations) == 1
+    assert control.filters == [FILTER, "not host 198.51.100.7"]
+    assert server.heartbeats and server.heartbeats[0] == {
+        "interfaces": {"eth0": {"packets": 100, "drops": 2}}}
+    # Registration failures are logged once, not once per attempt; the error is logged once.
+    failures = [r for r in caplog.records if "cannot register" in r.getMessage()]
+    assert len(failures) == 1
+    assert len([r for r in caplog.records if "cannot apply" in r.getMessage()]) == 1
+
+
+def test_503_with_retry_after_then_success(ca, ca_file, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = FakeVSensor()
+    server.chunk_answers = [(503, {"Retry-After": "1"}), (507, {}), (507, {}), (500, {})]
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await sender.send(make_chunk(2))
+            await wait_until(lambda: len(server.stored) == 2)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    assert server.sequences == [1, 2]
+    assert [s for _, s in server.attempts] == [1, 1, 1, 1, 1, 2]
+    assert server.attempts[1][0] - server.attempts[0][0] >= 0.9, "Retry-After was not honoured"
+    assert len(set(server.nonces_seen)) == len(server.nonces_seen) == 1 + 6
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    # One message per change of state (503, 507, 500), none for the repeated 507.
+    assert len(errors) == 3, errors
+    assert "HTTP 503" in errors[0] and "HTTP 507" in errors[1] and "HTTP 500" in errors[2]
+    assert "takes chunks again" in caplog.text
+    assert sender.chunks_sent == 2 and sender.chunks_dropped == 0
+
+
+def test_dropped_connection_and_slow_answer_are_retried(ca, ca_file, caplog) -> None:
+    server = FakeVSensor()
+    server.chunk_answers = [(0, {})]
+    server.slow_once = True
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file, timeout_seconds=0.5)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await sender.send(make_chunk(2))
+            await wait_until(lambda: sender.chunks_sent == 2)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    # 1: dropped, then stored but answered too late, then answered "duplicate"; 2: stored.
+    assert [s for _, s in server.attempts] == [1, 1, 1, 2]
+    assert server.sequences == [1, 2]
+    assert sender.chunks_duplicate == 1 and sender.chunks_dropped == 0
+    assert "no answer within 0.5 s" in caplog.text
+
+
+def test_400_is_logged_counted_and_dropped(ca, ca_file, caplog) -> None:
+    server = FakeVSensor()
+    server.chunk_answers = [(400, {})]
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await sender.send(make_chunk(2))
+            await wait_until(lambda: len(server.stored) == 1)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    assert server.sequences == [2]
+    assert sender.chunks_dropped == 1 and sender.packets_dropped == 3
+    assert "refused chunk 1 as malformed (scripted 400)" in caplog.text
+
+
+def test_401_wrong_key_keeps_chunks_and_never_logs_the_key(ca, ca_file, tmp_path,
+                                                           caplog) -> None:
+    caplog.set_level(1)  # everything, from every logger (aiohttp's too)
+    server = FakeVSensor(keys=("the-vsensor-has-another-key",))
+    spool = tmp_path / "spool"
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file, spool_dir=str(spool))
+            await sender.start(FakeControl())
+            for sequence in range(1, 4):
+                await sender.send(make_chunk(sequence))
+            await wait_until(lambda: len(server.auth_failures) >= 4)
+            assert sender.queued_chunks == 3 and sender.chunks_sent == 0
+            # The key is rotated on the vSensor: the kept chunks go through.
+            server.keys.append(KEY)
+            await wait_until(lambda: len(server.stored) == 3)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    assert server.sequences == [1, 2, 3]
+    assert all("signature does not match" in failure for failure in server.auth_failures)
+    rejected = [r for r in caplog.records
+                if "vSensor rejected the key or the clock" in r.getMessage()]
+    assert len(rejected) == 1 and "signature does not match" in rejected[0].getMessage()
+    assert KEY not in caplog.text
+    for record in caplog.records:
+        assert KEY not in record.getMessage() and KEY not in str(record.exc_text)
+    assert sender.chunks_dropped == 0 and spooled(spool) == []
+
+
+def test_memory_only_applies_back_pressure_and_loses_nothing(ca, ca_file) -> None:
+    server = FakeVSensor()
+    port = free_port()
+
+    async def scenario() -> None:
+        sender = transport(port, ca_file, memory_chunks=2)
+        await sender.start(FakeControl())
+        await sender.send(make_chunk(1))
+        await sender.send(make_chunk(2))
+        blocked = asyncio.create_task(sender.send(make_chunk(3)))
+        await asyncio.sleep(0.3)
+        assert not blocked.done(), "send must wait for room, not drop"
+        async with serve(server.app(), server_context(ca), port):
+            await asyncio.wait_for(blocked, 10)
+            await sender.send(make_chunk(4))
+            await wait_until(lambda: len(server.stored) == 4)
+            await sender.aclose()
+
+    asyncio.run(scenario())
+    assert server.sequences == [1, 2, 3, 4]
+
+
+# The spool -------------------------------------------------------------------------------
+
+def test_spool_survives_a_restart_and_is_sent_first(ca, ca_file, tmp_path) -> None:
+    server = FakeVSensor()
+    spool = tmp_path / "spool"
+    port = free_port()
+
+    async def first_run() -> HttpsTransport:
+        sender = transport(port, ca_file, spool_dir=str(spool), memory_chunks=2,
+                           grace_seconds=0.3)
+        await sender.start(FakeControl())
+        for sequence in range(1, 7):
+            await sender.send(make_chunk(sequence))
+        assert len(spooled(spool)) == 4, "the oldest chunks beyond memory_chunks spill"
+        await sender.aclose()
+        return sender
+
+    first = asyncio.run(first_run())
+    assert first.chunks_spooled == 6 and first.chunks_sent == 0 and first.chunks_dropped == 0
+    names = spooled(spool)
+    assert len(names) == 6 and all(n.endswith(".chunk") for n in names)
+
+    async def second_run() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca), port):
+            sender = transport(port, ca_file, spool_dir=str(spool), memory_chunks=2)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(107))
+            await sender.send(make_chunk(108))
+            await wait_until(lambda: len(server.stored) == 8)
+            await sender.aclose()
+            return sender
+
+    second = asyncio.run(second_run())
+    assert server.sequences == [1, 2, 3, 4, 5, 6, 107, 108]
+    assert spooled(spool) == []
+    assert second.chunks_sent == 8 and second.packets_sent == 24
+
+
+def test_spool_limit_drops_the_oldest_and_counts_them(ca, ca_file, tmp_path, caplog) -> None:
+    server = FakeVSensor()
+    spool = tmp_path / "spool"
+    port = free_port()
+    size = len(ChunkCodec().encode(make_chunk(1)))
+
+    async def scenario() -> HttpsTransport:
+        sender = transport(port, ca_file, spool_dir=str(spool), memory_chunks=1,
+                           spool_bytes=3 * size + size // 2)
+        await sender.start(FakeControl())
+        for sequence in range(1, 7):
+            await sender.send(make_chunk(sequence))
+        # 5 spilled, room for 3: chunks 1 and 2 are gone, counted and logged.
+        assert sender.chunks_dropped == 2 and sender.packets_dropped == 6
+        assert len(spooled(spool)) == 3
+        async with serve(server.app(), server_context(ca), port):
+            await wait_until(lambda: len(server.stored) == 4)
+            await sender.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert server.sequences == [3, 4, 5, 6]
+    errors = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+    assert len(errors) == 2 and "dropped the oldest chunk 1 " in errors[0]
+    assert sender.chunks_dropped == 2
+
+
+def test_without_spool_aclose_reports_what_is_lost(ca_file, caplog) -> None:
+    async def scenario() -> HttpsTransport:
+        sender = transport(free_port(), ca_file, grace_seconds=0.2)
+        await sender.start(FakeControl())
+        await sender.send(make_chunk(1, packets=4))
+        await sender.send(make_chunk(2, packets=5))
+        await sender.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert sender.chunks_dropped == 2 and sender.packets_dropped == 9
+    assert "2 chunks (9 packets) not delivered" in caplog.text
+
+
+# TLS -------------------------------------------------------------------------------------
+
+def test_certificate_from_another_ca_is_refused(ca_file, tmp_path, caplog) -> None:
+    server = FakeVSensor()
+    other = trustme.CA()
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(other)) as port:
+            sender = transport(port, ca_file)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await asyncio.sleep(0.6)
+            assert sender.queued_chunks == 1
+            await sender.aclose()
+            return sender
+
+    asyncio.run(scenario())
+    assert server.registrations == [] and server.stored == []
+    assert "not trusted" in caplog.text
+
+
+def test_fingerprint_pinning_accepts_a_self_signed_certificate(tmp_path, caplog) -> None:
+    server = FakeVSensor()
+    context, fingerprint = self_signed(tmp_path)
+
+    async def scenario() -> None:
+        async with serve(server.app(), context) as port:
+            pinned = transport(port, fingerprint=fingerprint)
+            await pinned.start(FakeControl())
+            await pinned.send(make_chunk(1))
+            await wait_until(lambda: server.sequences == [1])
+            await pinned.aclose()
+            # Without the pin the same certificate is not trusted; with a wrong pin neither.
+            for options in ({}, {"fingerprint": "ab" * 32}):
+                refused = transport(port, **options)
+                await refused.start(FakeControl())
+                await refused.send(make_chunk(2))
+                await asyncio.sleep(0.4)
+                assert refused.queued_chunks == 1
+                await refused.aclose()
+
+    asyncio.run(scenario())
+    assert server.sequences == [1]
+    assert "does not match the pinned fingerprint" in caplog.text
+
+
+# End to end with the reference vSensor -------------------------------------------------------
+
+def _vsensor_app() -> Any:
+    try:
+        from ossensor_vsensor.app import VSensorSettings, create_app
+    except ImportError as exc:
+        pytest.skip(f"the reference vSensor does not import ({exc}); pip install -e vsensor")
+    return VSensorSettings, create_app
+
+
+def test_end_to_end_with_the_reference_vsensor(ca, ca_file, tmp_path) -> None:
+    VSensorSettings, create_app = _vsensor_app()
+    data = tmp_path / "data"
+    spool = tmp_path / "spool"
+    port = free_port()
+    control = FakeControl()
+
+    async def scenario() -> HttpsTransport:
+        sender = transport(port, ca_file, spool_dir=str(spool), memory_chunks=2)
+        await sender.start(control)
+        for sequence in range(1, 6):  # the vSensor is not up yet
+            await sender.send(make_chunk(sequence))
+        app = create_app(VSensorSettings(data_dir=data, keys=["old-key", KEY],
+                                         vsensor_ports=[port]))
+        async with serve(app, server_context(ca), port):
+            await wait_until(lambda: sender.chunks_sent == 5)
+            await sender.send(make_chunk(6))
+            await wait_until(lambda: sender.chunks_sent == 6)
+            await sender.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert sender.packets_sent == 18 and sender.chunks_dropped == 0
+    assert control.filters, "the vSensor's filter was applied"
+    files = [p for p in (data / SENSOR).rglob("*") if p.is_file()]
+    assert files and not any(p.name.endswith(".part") for p in files)
+    if sys.platform and __import__("shutil").which("tshark"):
+        import subprocess
+        count = sum(len(subprocess.run(["tshark", "-r", str(p)], capture_output=True,
+                                       text=True).stdout.splitlines()) for p in files)
+        assert count == 18
+
+
+def test_end_to_end_wrong_key_is_refused_by_the_reference_vsensor(ca, ca_file, tmp_path,
+                                                                  caplog) -> None:
+    VSensorSettings, create_app = _vsensor_app()
+    caplog.set_level(1)
+
+    async def scenario() -> HttpsTransport:
+        app = create_app(VSensorSettings(data_dir=tmp_path / "data", keys=["another-key"]))
+        async with serve(app, server_context(ca)) as port:
+            sender = transport(port, ca_file, key=KEY)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await wait_until(lambda: "vSensor rejected the key or the clock" in caplog.text)
+            assert sender.queued_chunks == 1
+            await sender.aclose()
+            return sender
+
+    asyncio.run(scenario())
+    assert KEY not in caplog.text
+
+
+def test_end_to_end_chunks_after_a_sensor_restart_are_stored(ca, ca_file, tmp_path) -> None:
+    VSensorSettings, create_app = _vsensor_app()
+
+    async def scenario() -> int:
+        app = create_app(VSensorSettings(data_dir=tmp_path / "data", keys=[KEY]))
+        async with serve(app, server_context(ca)) as port:
+            for _run in range(2):  # two sensor processes, each numbering from the clock
+                sender = transport(port, ca_file)
+                await sender.start(FakeControl())
+                first = time.time_ns()  # as ossensor_core.sensor.Sensor starts its sequence
+                for sequence in (first, first + 1):
+                    await sender.send(make_chunk(sequence))
+                await wait_until(lambda: sender.chunks_sent == 2)
+                await sender.aclose()
+            duplicates = sender.chunks_duplicate
+        return duplicates
+
+    assert asyncio.run(scenario()) == 0
