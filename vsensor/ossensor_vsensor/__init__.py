@@ -1,0 +1,8 @@
+"""The reference vSensor: the server side of the protocol in ``docs/protocol.md``.
+
+``ossensor_vsensor.app.create_app`` builds the aiohttp application; ``ossensor_vsensor.cli``
+runs it over HTTPS. It shares only the protocol and chunk-format code with the sensor
+(``ossensor_core.protocol``, ``ossensor_core.chunk``, ``ossensor_core.pcapng``).
+"""
+
+__version__ = "0.1.0"

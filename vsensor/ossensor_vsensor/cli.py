@@ -1,0 +1,193 @@
+"""``ossensor-vsensor``: run the reference vSensor over HTTPS.
+
+Keys come from ``VSENSOR_HMAC_KEY`` (several separated by commas or white space, for a key
+rotation) and/or ``--hmac-key-file`` (one key per line, repeatable); the admin token for the
+status pages from ``VSENSOR_ADMIN_TOKEN``. Without ``--tls-cert`` a self-signed certificate is
+made in ``DATA_DIR/.tls`` on first start and its SHA-256 fingerprint is logged. SIGTERM and
+SIGINT complete the open files and exit 0. Bad input exits 1 with a message naming the option;
+no message ever contains a key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from . import __version__
+from .app import VSensorSettings, create_app
+from .tls import certificate_fingerprint, ensure_self_signed, server_context
+
+log = logging.getLogger("ossensor_vsensor")
+
+KEY_VARIABLE = "VSENSOR_HMAC_KEY"
+ADMIN_TOKEN_VARIABLE = "VSENSOR_ADMIN_TOKEN"
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message names the option and never holds a key."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit 1 (not argparse's 2), like other bad input
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ossensor-vsensor", description=__doc__.split("\n\n")[0],
+                     epilog=f"Keys: ${KEY_VARIABLE} and/or --hmac-key-file. "
+                            f"Admin token for /status, /status.json, /metrics: "
+                            f"${ADMIN_TOKEN_VARIABLE}.")
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT",
+                        help="address to listen on, e.g. 0.0.0.0:8443 or [::1]:8443")
+    parser.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+                        help="where DIR/<sensor>/*.pcapng (and a self-signed certificate) go")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="PEM certificate (chain); default: self-signed in DIR/.tls")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM key for --tls-cert")
+    parser.add_argument("--hmac-key-file", type=Path, action="append", default=[],
+                        metavar="FILE", help="file with one accepted key per line (repeatable)")
+    parser.add_argument("--skew-seconds", type=float, default=300.0, metavar="N",
+                        help="accepted clock difference to a sensor (default 300)")
+    parser.add_argument("--rotate-bytes", type=int, default=100 << 20, metavar="N",
+                        help="complete a pcapng file at this size (default 100 MiB)")
+    parser.add_argument("--rotate-seconds", type=float, default=300.0, metavar="N",
+                        help="complete a pcapng file this long after it was opened (default 300)")
+    parser.add_argument("--heartbeat-seconds", type=float, default=10.0, metavar="N",
+                        help="heartbeat interval given to sensors (default 10)")
+    parser.add_argument("--sensor-port", type=int, action="append", default=[], metavar="PORT",
+                        help="port sensors connect to when it differs from the listen port "
+                             "(NAT, load balancer); repeatable")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-zA-Z0-9]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
+    if not match:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT or [IPv6]:PORT")
+    host = match.group(1) if match.group(1) is not None else match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise UsageError(f"--listen {text!r}: port {port} is not between 1 and 65535")
+    if match.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise UsageError(f"--listen {text!r}: {host!r} is not an IPv6 address") from None
+    return host or "0.0.0.0", port
+
+
+def load_keys(environ: dict[str, str], key_files: Sequence[Path]) -> list[str]:
+    keys = [k for k in re.split(r"[,\s]+", environ.get(KEY_VARIABLE, "")) if k]
+    for path in key_files:
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise UsageError(f"--hmac-key-file {str(path)!r}: cannot read it ({reason})") from None
+        found = [line.strip() for line in text.splitlines() if line.strip()]
+        if not found:
+            raise UsageError(f"--hmac-key-file {str(path)!r}: holds no key")
+        keys += found
+    if not keys:
+        raise UsageError(f"no HMAC key: set {KEY_VARIABLE} or pass --hmac-key-file")
+    return list(dict.fromkeys(keys))  # rotation order kept, duplicates dropped
+
+
+def prepare(args: argparse.Namespace, environ: dict[str, str]):
+    """Validate everything before listening; return (settings, host, port, ssl context)."""
+    host, port = parse_listen(args.listen)
+    keys = load_keys(environ, args.hmac_key_file)
+    for option, value in (("--skew-seconds", args.skew_seconds),
+                          ("--rotate-bytes", args.rotate_bytes),
+                          ("--rotate-seconds", args.rotate_seconds),
+                          ("--heartbeat-seconds", args.heartbeat_seconds)):
+        if value <= 0:
+            raise UsageError(f"{option} {value}: must be positive")
+    data_dir: Path = args.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--data-dir {str(data_dir)!r}: cannot create it "
+                         f"({exc.strerror or exc})") from None
+    if not data_dir.is_dir():
+        raise UsageError(f"--data-dir {str(data_dir)!r}: is not a folder")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        cert_file, key_file = args.tls_cert, args.tls_key
+    else:
+        try:
+            cert_file, key_file, created = ensure_self_signed(data_dir, host)
+        except OSError as exc:
+            raise UsageError(f"--data-dir {str(data_dir)!r}: cannot keep a self-signed "
+                             f"certificate there ({exc.strerror or exc})") from None
+        log.info("%s self-signed certificate %s", "created" if created else "using", cert_file)
+    try:
+        context = server_context(cert_file, key_file)
+        fp = certificate_fingerprint(cert_file)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--tls-cert {str(cert_file)!r} / --tls-key {str(key_file)!r}: "
+                         f"cannot load ({getattr(exc, 'strerror', None) or exc})") from None
+    log.info("TLS certificate SHA-256 fingerprint: %s", fp)
+    settings = VSensorSettings(
+        data_dir=data_dir, keys=keys, admin_token=environ.get(ADMIN_TOKEN_VARIABLE) or None,
+        skew_seconds=args.skew_seconds, rotate_bytes=args.rotate_bytes,
+        rotate_seconds=args.rotate_seconds, heartbeat_seconds=args.heartbeat_seconds,
+        vsensor_ports=tuple(args.sensor_port) or (port,))
+    return settings, host, port, context
+
+
+async def serve(settings: VSensorSettings, host: str, port: int, context) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=context)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UsageError(f"--listen {host}:{port}: cannot listen "
+                             f"({exc.strerror or exc})") from None
+        log.info("vSensor %s listening on https://%s:%d/, storing under %s (%d key%s)",
+                 __version__, f"[{host}]" if ":" in host else host, port, settings.data_dir,
+                 len(settings.keys), "" if len(settings.keys) == 1 else "s")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: completing open files")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    environ = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(argv)
+    try:
+        settings, host, port, context = prepare(args, environ)
+        asyncio.run(serve(settings, host, port, context))
+    except UsageError as exc:
+        print(f"ossensor-vsensor: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
