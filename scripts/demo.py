@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""``make demo``: run the sensor inside a network namespace on generated traffic, then show
-what it stored, read back with tcpdump and tshark, beside what tcpdump itself captured.
+"""``make demo``: run the reference vSensor and the sensor inside a network namespace, send
+generated traffic, then show what the vSensor stored, read back with tcpdump and tshark, beside
+what tcpdump itself captured on the same interface.
 
 Everything happens in two namespaces made here (192.0.2.0/24, TEST-NET-1) and is removed at
 the end; nothing is captured or sent in the machine's own network namespace.
@@ -9,6 +10,7 @@ the end; nothing is captured or sent in the machine's own network namespace.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,15 +82,33 @@ def main() -> int:
         print("make demo needs root (it creates network namespaces)", file=sys.stderr)
         return 1
     shutil.rmtree(OUT, ignore_errors=True)
-    (OUT / "pcap").mkdir(parents=True)
-    env = dict(os.environ, VSENSOR_HOSTNAME="vsensor.invalid", VSENSOR_HMAC_KEY="demoKey2026",
-               OSSENSOR_TRANSPORT="file", OSSENSOR_OUTPUT_DIR=str(OUT / "pcap"),
+    OUT.mkdir(parents=True)
+    key = "demoKey2026"
+    env = dict(os.environ, VSENSOR_HOSTNAME="127.0.0.1", VSENSOR_PORT="8443",
+               VSENSOR_HMAC_KEY=key, OSSENSOR_TRANSPORT="https",
+               OSSENSOR_HTTPS_SPOOL_DIR=str(OUT / "spool"),
                OSSENSOR_CONFIG_PATH=str(OUT / "ossensor.cfg"), OSSENSOR_NAME="demo-node",
                OSSENSOR_DEBUG="1", OSSENSOR_STATS_SECONDS="2", ANTIGENA_ENABLED="false",
                PYTHONPATH=str(REPO))
     setup_namespaces()
-    sensor = reference = receiver = None
+    sensor = reference = receiver = vsensor = None
     try:
+        vsensor_log = OUT / "vsensor.log"
+        vsensor = subprocess.Popen(
+            in_ns(RX, sys.executable, "-m", "ossensor_vsensor.cli", "--listen", "127.0.0.1:8443",
+                  "--data-dir", str(OUT / "vsensor"), "--heartbeat-seconds", "2"),
+            env=dict(os.environ, VSENSOR_HMAC_KEY=key), stdout=subprocess.DEVNULL,
+            stderr=open(vsensor_log, "w"))
+        deadline = time.monotonic() + 20
+        while not (found := re.search(r"fingerprint: ([0-9A-Fa-f:]+)", vsensor_log.read_text())):
+            if vsensor.poll() is not None or time.monotonic() > deadline:
+                print(vsensor_log.read_text())
+                print("the vSensor did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        env["OSSENSOR_HTTPS_FINGERPRINT"] = found.group(1)
+        print(f"vSensor listening on 127.0.0.1:8443 in namespace {RX} "
+              f"(certificate SHA-256 {found.group(1)[:23]}...)")
         log = open(OUT / "sensor.log", "w")
         sensor = subprocess.Popen(in_ns(RX, sys.executable, "-m", "ossensor_core.cli"), env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
@@ -96,7 +116,7 @@ def main() -> int:
                                            str(OUT / "tcpdump-reference.pcap"), "-U"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while "capturing on eth0" not in (OUT / "sensor.log").read_text():
+        while "kernel filter is now" not in (OUT / "sensor.log").read_text():
             if sensor.poll() is not None or time.monotonic() > deadline:
                 print((OUT / "sensor.log").read_text())
                 print("the sensor did not start", file=sys.stderr)
@@ -114,31 +134,36 @@ def main() -> int:
         code = sensor.wait(timeout=15)
         reference.send_signal(signal.SIGINT)
         reference.wait(timeout=10)
+        vsensor.send_signal(signal.SIGTERM)
+        vsensor.wait(timeout=15)
     finally:
-        for proc in (sensor, reference, receiver):
+        for proc in (sensor, reference, receiver, vsensor):
             if proc is not None and proc.poll() is None:
                 proc.kill()
         teardown_namespaces()
 
-    files = sorted((OUT / "pcap").glob("*.pcapng"))
-    print(f"\nsensor exited with {code}; files it wrote in {OUT / 'pcap'}:")
-    stored = 0
+    files = sorted((OUT / "vsensor" / "demo-node").glob("*.pcapng"))
+    print(f"\nsensor exited with {code}; files the vSensor stored in "
+          f"{OUT / 'vsensor' / 'demo-node'}:")
+    ours = "udp port 9000 or tcp port 9001 or icmp"  # the demo's own traffic, in both captures
+    stored = generated = 0
     for path in files:
         count = len(sh("tcpdump", "-nn", "-r", str(path)).stdout.splitlines())
+        generated += len(sh("tcpdump", "-nn", "-r", str(path), ours).stdout.splitlines())
         stored += count
         print(f"  {path.name}  {path.stat().st_size} bytes, {count} packets")
-    reference_count = len(sh("tcpdump", "-nn", "-r",
-                             str(OUT / "tcpdump-reference.pcap")).stdout.splitlines())
-    print(f"\npackets stored by the sensor: {stored}; captured by tcpdump at the same time: "
-          f"{reference_count}")
+    reference = str(OUT / "tcpdump-reference.pcap")
+    reference_count = len(sh("tcpdump", "-nn", "-r", reference, ours).stdout.splitlines())
+    print(f"\npackets the vSensor stored: {stored} in all, {generated} of the demo's traffic; "
+          f"tcpdump captured {reference_count} of the demo's traffic on the same interface")
     if files:
-        print("\nfirst packets, as tcpdump reads the sensor's file:")
+        print("\nfirst packets, as tcpdump reads the vSensor's file:")
         print("\n".join(sh("tcpdump", "-nn", "-r", str(files[0]), "-c", "8").stdout.splitlines()))
         print("\nprotocol hierarchy (tshark):")
         print(sh("tshark", "-q", "-r", str(files[0]), "-z", "io,phs").stdout.strip())
     print("\nthe sensor's log:", OUT / "sensor.log")
     print("\n".join((OUT / "sensor.log").read_text().splitlines()[-6:]))
-    return 0 if code == 0 and files and stored == reference_count else 1
+    return 0 if code == 0 and files and generated == reference_count else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The sensor ships real traffic over HTTPS to the reference vSensor, both inside a namespace."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.e2e.test_sensor import SENDER, Sensor, numbered, sensor_env
+from tests.netns import Namespace, veth_pair
+
+VSENSOR = [sys.executable, "-m", "ossensor_vsensor.cli"]
+
+
+class VSensor:
+    def __init__(self, ns: Namespace, data: Path, key: str, port: int = 8443) -> None:
+        self.data = data
+        self.log = data.parent / "vsensor.log"
+        self.proc = ns.popen(*VSENSOR, "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
+                             "--heartbeat-seconds", "1", "--rotate-seconds", "600",
+                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "VSENSOR_HMAC_KEY": key},
+                             stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        deadline = time.monotonic() + 20
+        while not (match := re.search(r"fingerprint: ([0-9A-Fa-f:]+)", self.log.read_text())):
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.1)
+        self.fingerprint = match.group(1)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=15)
+
+    def packets(self, sensor: str) -> list[bytes]:
+        from scapy.utils import PcapNgReader
+
+        found = []
+        for path in sorted((self.data / sensor).glob("*.pcapng")):
+            with PcapNgReader(str(path)) as reader:
+                found += [bytes(p) for p in reader]
+        return found
+
+
+def test_traffic_arrives_at_the_vsensor(netns_pair, base_env, tmp_path):
+    tx, rx = netns_pair
+    with veth_pair(tx, rx):
+        vsensor = VSensor(rx, tmp_path / "vsensor", base_env["VSENSOR_HMAC_KEY"])
+        try:
+            env = sensor_env(base_env, tmp_path, OSSENSOR_TRANSPORT="https",
+                             VSENSOR_HOSTNAME="127.0.0.1", VSENSOR_PORT="8443",
+                             OSSENSOR_HTTPS_FINGERPRINT=vsensor.fingerprint,
+                             OSSENSOR_HTTPS_SPOOL_DIR=str(tmp_path / "spool"), OSSENSOR_DEBUG="2")
+            sensor = Sensor(rx, env, tmp_path)
+            sensor.wait_for_log("capturing on rx0")
+            sensor.wait_for_log("kernel filter is now", timeout=15)  # registered, filter applied
+            tx.exec(sys.executable, "-c", SENDER, "192.0.2.2", "7010", "2000")
+            time.sleep(0.5)
+            code, _ = sensor.terminate(timeout=10)
+            assert code == 0, sensor.proc.stderr.read()
+        finally:
+            assert vsensor.stop() == 0
+        stored = vsensor.packets("test-node")
+        assert numbered(stored, 7010) == set(range(2000))
+        log = sensor.log.read_text() + vsensor.log.read_text()
+        assert base_env["VSENSOR_HMAC_KEY"] not in log
