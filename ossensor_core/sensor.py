@@ -277,6 +277,10 @@ class Sensor:
         background = [asyncio.create_task(coro, name=name) for coro, name in
                       ((self._watch(), "watch"), (self._flush_timer(), "flush"),
                        (self._stats_timer(), "stats"))]
+        if self.config.antigena_enabled and not [
+                e for e in hook.ossensor_response_enforcer(config=self.config) if e is not None]:
+            log.warning("ANTIGENA_ENABLED is true but no installed plugin enforces response "
+                        "actions: none will be enforced")
         log.info("sensor %s running: backend %s, transport %s, filter %r", self.config.name,
                  self.backend.name, self.transport.name, self.prepared.kernel_filter)
         try:
