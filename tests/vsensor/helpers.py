@@ -105,11 +105,12 @@ class Client:
         return await self.post(PATH_REGISTER, body, key=key, sensor=sensor)
 
     async def send_chunk(self, chunk: Chunk, key: str = KEY, sensor: str | None = None,
-                         **kwargs):
+                         headers_extra: dict[str, str] | None = None, **kwargs):
         body = self.codec.encode(chunk)
         return await self.post(PATH_CHUNKS, body, key=key, sensor=sensor or chunk.sensor,
                                headers={"Content-Type": MEDIA_TYPE,
-                                        "X-Ossensor-Chunk-Sequence": str(chunk.sequence)},
+                                        "X-Ossensor-Chunk-Sequence": str(chunk.sequence),
+                                        **(headers_extra or {})},
                                **kwargs)
 
     async def get(self, path: str, token: str | None = None):

@@ -93,6 +93,10 @@ def test_cli_serves_with_a_self_signed_certificate_and_stops_cleanly(tmp_path):
     (["--listen", "127.0.0.1:8443"], {}, "VSENSOR_HMAC_KEY"),
     (["--listen", "127.0.0.1:8443", "--hmac-key-file", "/nonexistent/keys"],
      {"VSENSOR_HMAC_KEY": "Kx9secretHMACkey42"}, "--hmac-key-file"),
+    (["--listen", "127.0.0.1:8443", "--retain-seconds", "0"], {"VSENSOR_HMAC_KEY": "k"},
+     "--retain-seconds"),
+    (["--listen", "127.0.0.1:8443", "--retain-bytes", "-5"], {"VSENSOR_HMAC_KEY": "k"},
+     "--retain-bytes"),
 ])
 def test_bad_input_exits_1_naming_the_option(tmp_path, capsys, argv, environ, option):
     assert main(argv + ["--data-dir", str(tmp_path / "d")], environ) == 1
@@ -116,3 +120,16 @@ def test_listen_addresses():
     assert parse_listen("vsensor.example:8443") == ("vsensor.example", 8443)
     with pytest.raises(UsageError, match="--listen"):
         parse_listen("::1:8443")
+
+
+def test_retention_options_reach_the_settings(tmp_path):
+    from ossensor_vsensor.cli import build_parser, prepare
+    args = build_parser().parse_args(["--listen", "127.0.0.1:8443", "--data-dir",
+                                      str(tmp_path / "d"), "--retain-seconds", "86400",
+                                      "--retain-bytes", "1000000"])
+    vsettings = prepare(args, {"VSENSOR_HMAC_KEY": "k"})[0]
+    assert (vsettings.retain_seconds, vsettings.retain_bytes) == (86400.0, 1000000)
+    args = build_parser().parse_args(["--listen", "127.0.0.1:8443", "--data-dir",
+                                      str(tmp_path / "d")])
+    vsettings = prepare(args, {"VSENSOR_HMAC_KEY": "k"})[0]
+    assert (vsettings.retain_seconds, vsettings.retain_bytes) == (None, None)

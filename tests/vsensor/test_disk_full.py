@@ -36,6 +36,7 @@ def small_disk(tmp_path):
 def test_full_disk_answers_507_and_keeps_earlier_chunks_whole(tmp_path, tls, small_disk, caplog):
     async def scenario():
         async with running(settings(tmp_path, data_dir=small_disk), tls) as client:
+            assert (await client.register())[0] == 200
             stored = 0
             for sequence in range(1, 20):
                 status, answer, headers = await client.send_chunk(big_chunk(sequence))

@@ -38,11 +38,13 @@ from ossensor_core.protocol import (DEFAULT_SKEW_SECONDS, H_VERSION, PATH_CHUNKS
 
 from . import __version__
 from .filters import FilterResult, build_filter, parse_address, peer_networks
-from .store import SensorStore, StoreError
+from .store import SensorStore, StoreError, enforce_retention
 
 log = logging.getLogger("ossensor_vsensor")
 
 H_CHUNK_SEQUENCE = "X-Ossensor-Chunk-Sequence"
+#: ``X-Ossensor-Test: 1`` on a chunk: verify and decode it, answer, store nothing.
+H_TEST = "X-Ossensor-Test"
 CLIENT_MAX_SIZE = 64 << 20  # larger bodies get 413 before they are read
 RETRY_AFTER_SECONDS = 5
 FILTER_CACHE_SIZE = 4096  # compiled filters kept (one per distinct sensor view)
@@ -65,6 +67,13 @@ class VSensorSettings:
     #: Added to time.time(): lets tests shift the vSensor's clock.
     clock_offset: float = 0.0
     client_max_size: int = CLIENT_MAX_SIZE
+    #: Delete completed files older than this (None: keep them).
+    retain_seconds: float | None = None
+    #: Keep the completed files of all sensors together under this size, oldest deleted first
+    #: (None: no limit).
+    retain_bytes: int | None = None
+    #: How often retention runs (it also runs after every completed file).
+    retention_interval: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -72,12 +81,19 @@ class VSensorSettings:
         object.__setattr__(self, "vsensor_ports", tuple(int(p) for p in self.vsensor_ports))
         if not self.keys or not all(self.keys):
             raise ValueError("VSensorSettings needs at least one non-empty HMAC key")
+        for name in ("retain_seconds", "retain_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"VSensorSettings.{name} must be positive, not {value}")
+        if self.retention_interval <= 0:
+            raise ValueError("VSensorSettings.retention_interval must be positive")
 
     def __repr__(self) -> str:  # never show keys or the admin token
         return (f"VSensorSettings(data_dir={str(self.data_dir)!r}, keys=<{len(self.keys)}>, "
                 f"admin_token={'<set>' if self.admin_token else None}, "
                 f"skew_seconds={self.skew_seconds}, rotate_bytes={self.rotate_bytes}, "
-                f"rotate_seconds={self.rotate_seconds}, vsensor_ports={self.vsensor_ports})")
+                f"rotate_seconds={self.rotate_seconds}, vsensor_ports={self.vsensor_ports}, "
+                f"retain_seconds={self.retain_seconds}, retain_bytes={self.retain_bytes})")
 
 
 @dataclass
@@ -112,30 +128,28 @@ class SensorState:
 
 
 def auth_reason(error: AuthError) -> str:
-    """A short, stable category for an AuthError (a metric label and the 401's reason)."""
+    """The reason code of an AuthError: the 401's ``error`` and a metric label.
+
+    Codes tell the sensor's operator what to fix (clock, key, a proxy that rewrites bodies)
+    without helping anyone guess a key. A malformed sensor name or nonce counts as a missing
+    header: only a broken client sends one.
+    """
     text = str(error)
     for prefix, reason in (("missing header", "missing_header"),
                            ("unknown authorization", "bad_scheme"),
-                           ("bad sensor", "bad_sensor_name"), ("bad nonce", "bad_nonce"),
+                           ("bad sensor", "missing_header"), ("bad nonce", "missing_header"),
                            ("bad timestamp", "bad_timestamp"), ("timestamp", "clock_skew"),
-                           ("body does not match", "body_hash"),
+                           ("body does not match", "bad_body_hash"),
                            ("signature", "bad_signature"), ("nonce already", "replay")):
         if text.startswith(prefix):
             return reason
-    return "other"
+    return "bad_signature"  # a message this version does not know: refuse without detail
 
 
-_PUBLIC_REASONS = {
-    "missing_header": "missing authentication header",
-    "bad_scheme": "unknown authorization scheme",
-    "bad_sensor_name": "bad sensor name",
-    "bad_nonce": "bad nonce",
-    "bad_timestamp": "bad timestamp",
-    "clock_skew": "timestamp outside the accepted window (check the clocks)",
-    "body_hash": "body does not match its hash",
-    "bad_signature": "signature does not verify",
-    "replay": "nonce already used",
-}
+#: The reason codes a 401 or 409 may carry (``docs/protocol.md``).
+REASON_CODES = ("missing_header", "bad_scheme", "bad_timestamp", "clock_skew", "bad_body_hash",
+                "bad_signature", "replay", "unknown_sensor")
+H_SERVER_TIME = "X-Ossensor-Server-Time"
 
 
 class Metrics:
@@ -212,6 +226,8 @@ class VSensor:
         self._filters: dict[tuple, FilterResult] = {}
         self._timer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._retention: asyncio.Task[None] | None = None
+        self._retention_wake = asyncio.Event()
         self._closed = False
 
     def now(self) -> float:
@@ -231,9 +247,8 @@ class VSensor:
             self.metrics.auth_failures[reason] += 1
             log.warning("refused %s %s from %s (sensor %r): %s", request.method, request.path,
                         request.remote, request.headers.get("X-Ossensor-Sensor", "?")[:64], exc)
-            public = _PUBLIC_REASONS.get(reason, "refused")
             raise web.HTTPUnauthorized(
-                text=json.dumps({"error": f"authentication failed: {public}"}),
+                text=json.dumps({"error": reason, "server_time": self.now()}),
                 content_type="application/json") from None
         if request.path != PATH_REGISTER:
             offered = request.headers.get(H_VERSION)
@@ -244,6 +259,21 @@ class VSensor:
         state = self._state(verified.sensor)
         state.last_seen = self.now()
         return verified, body
+
+    def unknown_sensor(self, sensor: str, request: web.Request) -> web.Response | None:
+        """409 when ``sensor`` has not registered since this process started, else None.
+
+        409 rather than 401: the request is genuine, the sensor only has to register again
+        (after a restart of the vSensor its filter and addresses are unknown here).
+        """
+        state = self.sensors.get(sensor)
+        if state is not None and state.registered is not None:
+            return None
+        self.metrics.auth_failures["unknown_sensor"] += 1
+        log.warning("refused %s %s from %s: sensor %r has not registered", request.method,
+                    request.path, request.remote, sensor[:64])
+        return web.json_response({"error": "unknown_sensor", "server_time": self.now()},
+                                 status=409)
 
     def _state(self, sensor: str) -> SensorState:
         state = self.sensors.get(sensor)
@@ -318,6 +348,9 @@ class VSensor:
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         verified, body = await self.authenticate(request)
+        refused = self.unknown_sensor(verified.sensor, request)
+        if refused is not None:
+            return refused
         try:
             message = json.loads(body) if body else {}
             interfaces = message.get("interfaces", {}) if isinstance(message, dict) else None
@@ -334,6 +367,9 @@ class VSensor:
     async def chunks(self, request: web.Request) -> web.Response:
         verified, body = await self.authenticate(request)
         sensor = verified.sensor
+        refused = self.unknown_sensor(sensor, request)
+        if refused is not None:
+            return refused
         try:
             sequence = int(request.headers[H_CHUNK_SEQUENCE])
         except (KeyError, ValueError):
@@ -354,6 +390,13 @@ class VSensor:
             self.metrics.chunks["malformed"] += 1
             return _error(400, f"{H_CHUNK_SEQUENCE} {sequence} differs from the chunk's "
                                f"sequence {chunk.sequence}")
+        if request.headers.get(H_TEST, "").strip() == "1":
+            # A sensor checking the whole path (key, clock, TLS, chunk format) before it
+            # captures: nothing is stored and the sequence is not remembered.
+            self.metrics.chunks["test"] += 1
+            log.info("test chunk %d from %r: %d packets verified, not stored", sequence, sensor,
+                     chunk.packets)
+            return web.json_response({"test": True, "packets": chunk.packets})
         # Shielded: should the client go away mid-write, the chunk is still stored and its
         # sequence remembered, so the sensor's retry is answered as a duplicate.
         return await asyncio.shield(self._store_chunk(sensor, chunk))
@@ -373,6 +416,7 @@ class VSensor:
                 state.duplicates += 1
                 self.metrics.chunks["duplicate"] += 1
                 return web.json_response({"duplicate": True})
+            completed = store.files_completed
             try:
                 added = await asyncio.to_thread(store.write_chunk, chunk)
             except StoreError as exc:
@@ -383,6 +427,8 @@ class VSensor:
                                    f"{_short_reason(exc.errno)}",
                               **{"Retry-After": str(RETRY_AFTER_SECONDS)})
             store.remember(chunk.sequence)
+            if store.files_completed != completed:
+                self._retention_wake.set()
         self._wake.set()
         state.packets += chunk.packets
         state.bytes += added
@@ -439,14 +485,17 @@ class VSensor:
 
     async def start(self, app: web.Application) -> None:
         self._timer = asyncio.create_task(self._rotate_by_age(), name="vsensor file rotation")
+        if self.settings.retain_seconds is not None or self.settings.retain_bytes is not None:
+            self._retention = asyncio.create_task(self._retain(), name="vsensor retention")
 
     async def close(self, app: web.Application | None = None) -> None:
         """Complete every open file (``.part`` renamed); later chunks get 503."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+        for task in (self._timer, self._retention):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for sensor, store in list(self.stores.items()):
             async with self._lock(sensor):
                 await asyncio.to_thread(store.close)
@@ -463,10 +512,27 @@ class VSensor:
                 continue
             for sensor, store in list(self.stores.items()):
                 async with self._lock(sensor):
+                    completed = store.files_completed
                     try:
                         await asyncio.to_thread(store.finish_aged)
                     except Exception:  # keep rotating the other sensors' files
                         log.exception("rotating the files of %r failed", sensor)
+                    if store.files_completed != completed:
+                        self._retention_wake.set()
+
+    async def _retain(self) -> None:
+        """Retention on a timer and after every completed file (``.part`` files are kept)."""
+        settings = self.settings
+        while True:
+            self._retention_wake.clear()
+            try:
+                await asyncio.to_thread(enforce_retention, settings.data_dir,
+                                        settings.retain_seconds, settings.retain_bytes)
+            except Exception:  # never stop retention: a full disk would follow
+                log.exception("retention in %s failed", settings.data_dir)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._retention_wake.wait(),
+                                       timeout=settings.retention_interval)
 
 
 def _ints(text: str) -> list[int]:
@@ -520,6 +586,11 @@ async def _count_requests(request: web.Request, handler) -> web.StreamResponse:
     return response
 
 
+async def _add_server_time(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries the vSensor's clock, so a sensor can see its own skew."""
+    response.headers[H_SERVER_TIME] = f"{request.app[VSENSOR].now():.3f}"
+
+
 def create_app(settings: VSensorSettings) -> web.Application:
     """The vSensor as an aiohttp application; files are completed in its cleanup."""
     app = web.Application(client_max_size=settings.client_max_size,
@@ -531,6 +602,7 @@ def create_app(settings: VSensorSettings) -> web.Application:
     app.router.add_get("/status", vsensor.status_html)
     app.router.add_get("/status.json", vsensor.status_json)
     app.router.add_get("/metrics", vsensor.metrics_page)
+    app.on_response_prepare.append(_add_server_time)
     app.on_startup.append(vsensor.start)
     app.on_cleanup.append(vsensor.close)
     return app

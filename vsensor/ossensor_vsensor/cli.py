@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="complete a pcapng file at this size (default 100 MiB)")
     parser.add_argument("--rotate-seconds", type=float, default=300.0, metavar="N",
                         help="complete a pcapng file this long after it was opened (default 300)")
+    parser.add_argument("--retain-seconds", type=float, metavar="N",
+                        help="delete completed pcapng files older than N seconds "
+                             "(default: keep them)")
+    parser.add_argument("--retain-bytes", type=int, metavar="N",
+                        help="keep the completed pcapng files of all sensors under N bytes, "
+                             "deleting the oldest first (default: no limit)")
     parser.add_argument("--heartbeat-seconds", type=float, default=10.0, metavar="N",
                         help="heartbeat interval given to sensors (default 10)")
     parser.add_argument("--sensor-port", type=int, action="append", default=[], metavar="PORT",
@@ -116,6 +122,10 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
                           ("--heartbeat-seconds", args.heartbeat_seconds)):
         if value <= 0:
             raise UsageError(f"{option} {value}: must be positive")
+    for option, value in (("--retain-seconds", args.retain_seconds),
+                          ("--retain-bytes", args.retain_bytes)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{option} {value}: must be positive")
     data_dir: Path = args.data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +156,8 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         data_dir=data_dir, keys=keys, admin_token=environ.get(ADMIN_TOKEN_VARIABLE) or None,
         skew_seconds=args.skew_seconds, rotate_bytes=args.rotate_bytes,
         rotate_seconds=args.rotate_seconds, heartbeat_seconds=args.heartbeat_seconds,
-        vsensor_ports=tuple(args.sensor_port) or (port,))
+        vsensor_ports=tuple(args.sensor_port) or (port,),
+        retain_seconds=args.retain_seconds, retain_bytes=args.retain_bytes)
     return settings, host, port, context
 
 

@@ -235,3 +235,63 @@ class SensorStore:
             self.files_completed += 1
             log.info("wrote %s (%d packets, %d bytes)", opened.final, opened.writer.packets,
                      opened.out.position)
+
+
+def enforce_retention(data_dir: Path, retain_seconds: float | None = None,
+                      retain_bytes: int | None = None,
+                      now: float | None = None) -> list[Path]:
+    """Delete completed pcapng files under ``data_dir/<sensor>/``; return what was deleted.
+
+    ``retain_seconds``: files last written more than this long ago go. ``retain_bytes``: the
+    completed files of all sensors together stay at or under this size, the oldest (by
+    modification time) going first. A ``.part`` file is never touched: it is being written,
+    and its packets are not complete anywhere else. Files that vanish meanwhile are skipped.
+    """
+    if retain_seconds is None and retain_bytes is None:
+        return []
+    now = time.time() if now is None else now
+    files: list[tuple[float, str, int, Path]] = []
+    try:
+        folders = [f for f in Path(data_dir).iterdir()
+                   if not f.name.startswith(".") and f.is_dir()]  # not DATA_DIR/.tls
+    except OSError as exc:
+        log.error("retention: cannot list %s: %s", data_dir, exc.strerror or exc)
+        return []
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(".pcapng") or not entry.is_file(
+                            follow_symlinks=False):
+                        continue
+                    stat = entry.stat(follow_symlinks=False)
+                    files.append((stat.st_mtime, entry.path, stat.st_size, Path(entry.path)))
+        except OSError as exc:
+            log.error("retention: cannot list %s: %s", folder, exc.strerror or exc)
+    files.sort()
+    doomed: list[tuple[Path, int, str]] = []
+    keep: list[tuple[float, str, int, Path]] = []
+    for mtime, _, size, path in files:
+        if retain_seconds is not None and now - mtime > retain_seconds:
+            doomed.append((path, size, f"older than {retain_seconds:g} s"))
+        else:
+            keep.append((mtime, _, size, path))
+    if retain_bytes is not None:
+        total = sum(size for _, _, size, _ in keep)
+        for _, _, size, path in keep:
+            if total <= retain_bytes:
+                break
+            doomed.append((path, size, f"completed files over {retain_bytes} bytes"))
+            total -= size
+    deleted: list[Path] = []
+    for path, size, why in doomed:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.error("retention: cannot delete %s: %s", path, exc.strerror or exc)
+            continue
+        deleted.append(path)
+        log.info("retention: deleted %s (%d bytes, %s)", path, size, why)
+    return deleted
