@@ -86,7 +86,7 @@ def main() -> int:
     key = "demoKey2026"
     env = dict(os.environ, VSENSOR_HOSTNAME="127.0.0.1", VSENSOR_PORT="8443",
                VSENSOR_HMAC_KEY=key, OSSENSOR_TRANSPORT="https",
-               OSSENSOR_HTTPS_SPOOL_DIR=str(OUT / "spool"),
+               OSSENSOR_SPOOL_DIR=str(OUT / "spool"),
                OSSENSOR_CONFIG_PATH=str(OUT / "ossensor.cfg"), OSSENSOR_NAME="demo-node",
                OSSENSOR_DEBUG="1", OSSENSOR_STATS_SECONDS="2", ANTIGENA_ENABLED="false",
                PYTHONPATH=str(REPO))
@@ -106,7 +106,7 @@ def main() -> int:
                 print("the vSensor did not start", file=sys.stderr)
                 return 1
             time.sleep(0.1)
-        env["OSSENSOR_HTTPS_FINGERPRINT"] = found.group(1)
+        env["VSENSOR_TLS_FINGERPRINT"] = found.group(1)
         print(f"vSensor listening on 127.0.0.1:8443 in namespace {RX} "
               f"(certificate SHA-256 {found.group(1)[:23]}...)")
         log = open(OUT / "sensor.log", "w")

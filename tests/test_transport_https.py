@@ -161,6 +161,9 @@ class FakeVSensor:
         self.nonces_seen: list[str] = []
         self.codec = ChunkCodec()
         self.slow_once = False
+        self.instances: list[str] = []  # X-Ossensor-Instance of every chunk POST
+        self.known = True  # False: answers 409 to chunks until the sensor registers again
+        self.amnesiac = False  # True: forgets the sensor again at once (409 for ever)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -185,6 +188,7 @@ class FakeVSensor:
     async def register(self, request: web.Request) -> web.Response:
         import json
         self.registrations.append(json.loads(await self._verified(request)))
+        self.known = not self.amnesiac
         return web.json_response({"version": 1, "filter": self.filter,
                                   "heartbeat_seconds": self.heartbeat_seconds,
                                   "server_time": time.time()})
@@ -199,6 +203,9 @@ class FakeVSensor:
         sequence = int(request.headers["X-Ossensor-Chunk-Sequence"])
         assert request.headers["Content-Type"] == "application/vnd.ossensor.chunk.v1"
         self.attempts.append((time.monotonic(), sequence))
+        self.instances.append(request.headers.get("X-Ossensor-Instance", ""))
+        if not self.known:  # as the reference vSensor after a restart
+            return web.json_response({"error": "unknown_sensor"}, status=409)
         if self.chunk_answers:
             status, headers = self.chunk_answers.pop(0)
             if status == 0:  # drop the connection without an answer
@@ -226,7 +233,7 @@ class FakeVSensor:
 def transport(port: int, ca_file: str = "", *, key: str = KEY, **options: Any) -> HttpsTransport:
     """A transport with short back-offs and grace for tests."""
     settings: dict[str, Any] = dict(timeout_seconds=2.0, grace_seconds=0.5, backoff_min=0.05,
-                                    backoff_max=0.2)
+                                    backoff_max=0.2)  # grace below 1 s: the whole of it
     settings.update(options)
     return HttpsTransport(HOST, port, key, SENSOR, ChunkCodec(), ca_file=ca_file, **settings)
 
@@ -240,21 +247,27 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 def spooled(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """The spooled chunks (and leftovers) in ``folder``, without the instance id file."""
+    return sorted(p.name for p in folder.iterdir() if p.name != transport_https.INSTANCE_FILE)
 
 
 # Settings and the hook ---------------------------------------------------------------------
 
 def test_settings_and_hook_build_the_transport(tmp_path: Path) -> None:
     env = {"VSENSOR_HOSTNAME": "2001:db8::5", "VSENSOR_HMAC_KEY": KEY, "VSENSOR_PORT": "8443",
-           "OSSENSOR_NAME": SENSOR, "OSSENSOR_HTTPS_SPOOL_DIR": str(tmp_path / "spool"),
-           "OSSENSOR_HTTPS_MEMORY_CHUNKS": "5", "OSSENSOR_HTTPS_GRACE_SECONDS": "1.5"}
+           "OSSENSOR_NAME": SENSOR, "OSSENSOR_SPOOL_DIR": str(tmp_path / "spool"),
+           "OSSENSOR_SPOOL_MAX_BYTES": str(5 << 20), "OSSENSOR_HTTPS_MEMORY_CHUNKS": "5",
+           "OSSENSOR_SHUTDOWN_GRACE": "12", "VSENSOR_TLS_VERIFY": "false"}
     config, problems = read_core_config(env)
     group = transport_https.ossensor_settings()
     assert group.plugin == "https"
-    assert {s.name for s in group.settings} == {"ca_file", "fingerprint", "spool_dir",
-                                               "spool_bytes", "memory_chunks",
-                                               "timeout_seconds", "grace_seconds"}
+    variables = {s.name: s.variable(group.plugin) for s in group.settings}
+    assert variables == {
+        "ca_file": "VSENSOR_CA_FILE", "fingerprint": "VSENSOR_TLS_FINGERPRINT",
+        "tls_verify": "VSENSOR_TLS_VERIFY", "spool_dir": "OSSENSOR_SPOOL_DIR",
+        "spool_max_bytes": "OSSENSOR_SPOOL_MAX_BYTES", "shutdown_grace": "OSSENSOR_SHUTDOWN_GRACE",
+        "memory_chunks": "OSSENSOR_HTTPS_MEMORY_CHUNKS",
+        "timeout_seconds": "OSSENSOR_HTTPS_TIMEOUT_SECONDS"}
     resolved = resolve_settings(group.settings, env, group.plugin, problems)
     assert not problems
     config = dataclasses.replace(config, plugin_settings={"https": PluginSettings("https",
@@ -263,16 +276,57 @@ def test_settings_and_hook_build_the_transport(tmp_path: Path) -> None:
     made = transport_https.ossensor_transport(config=config, encoder=ChunkCodec())
     assert isinstance(made, Transport) and made.name == "https"
     assert made.base_url == "https://[2001:db8::5]:8443"
-    assert made.memory_chunks == 5 and made.grace_seconds == 1.5
-    assert made.spool_dir == tmp_path / "spool"
+    assert made.memory_chunks == 5 and made.grace_seconds == 12.0
+    assert made.spool_dir == tmp_path / "spool" and made.spool_bytes == 5 << 20
+    assert made.tls_verify is False
     assert KEY not in repr(made)
+
+
+def test_settings_defaults_and_former_names(tmp_path: Path) -> None:
+    group = transport_https.ossensor_settings()
+    problems: list[str] = []
+    defaults = resolve_settings(group.settings, {}, group.plugin, problems)
+    assert defaults["tls_verify"].value is True
+    assert defaults["spool_max_bytes"].value == 256 << 20
+    assert defaults["shutdown_grace"].value == 25.0
+    env = {"OSSENSOR_SPOOL_DIR": "/new", "VSENSOR_TLS_FINGERPRINT": "ab" * 32}
+    resolved = resolve_settings(group.settings, env, group.plugin, problems)
+    assert not problems
+    assert resolved["spool_dir"].value == "/new"
+    assert (resolved["fingerprint"].value, resolved["fingerprint"].source) == ("ab" * 32,
+                                                                               "variable")
+    resolve_settings(group.settings, {"VSENSOR_TLS_VERIFY": "maybe"}, group.plugin, problems)
+    assert len(problems) == 1 and "VSENSOR_TLS_VERIFY" in problems[0]
+
+
+def test_close_budget_leaves_room_in_the_shutdown_grace() -> None:
+    core_wait = transport_https.SHUTDOWN_GRACE_SECONDS
+    assert transport(1, grace_seconds=25).close_budget == 25 - core_wait - 2
+    assert transport(1, grace_seconds=5).close_budget == 1.0  # at least 1 s
+    assert transport(1, grace_seconds=0.4).close_budget == 0.4  # never more than the grace
+    assert transport(1, grace_seconds=0).close_budget == 0
+
+
+def test_backoff_is_exponential_with_equal_jitter() -> None:
+    backoff = transport_https.Backoff(0.5, 30.0)
+    waits = [backoff.next() for _ in range(12)]
+    ceilings = [min(30.0, 0.5 * 2 ** n) for n in range(12)]
+    assert all(c / 2 <= w <= c for w, c in zip(waits, ceilings))
+    assert waits[-1] >= 15.0
+    assert backoff.next(retry_after=7.0) == 7.0
+    assert backoff.next(retry_after=10_000.0) == 3600.0
+    backoff.reset()
+    assert 0.25 <= backoff.next() <= 0.5
+    # Jitter: many sensors that start together spread out.
+    spread = {round(transport_https.Backoff(1.0, 30.0).next(), 6) for _ in range(20)}
+    assert len(spread) > 10
 
 
 def test_configure_refuses_bad_fingerprint_and_ca_file(tmp_path: Path) -> None:
     from ossensor_core.errors import ConfigError
 
     env = {"VSENSOR_HOSTNAME": "vsensor.test", "VSENSOR_HMAC_KEY": KEY,
-           "OSSENSOR_HTTPS_FINGERPRINT": "12:34", "OSSENSOR_HTTPS_CA_FILE": str(tmp_path / "no")}
+           "VSENSOR_TLS_FINGERPRINT": "12:34", "VSENSOR_CA_FILE": str(tmp_path / "no")}
     config, problems = read_core_config(env)
     group = transport_https.ossensor_settings()
     resolved = resolve_settings(group.settings, env, group.plugin, problems)
@@ -281,8 +335,8 @@ def test_configure_refuses_bad_fingerprint_and_ca_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         transport_https.ossensor_configure(config=config)
     assert len(caught.value.problems) == 2
-    assert "OSSENSOR_HTTPS_FINGERPRINT" in str(caught.value)
-    assert "OSSENSOR_HTTPS_CA_FILE" in str(caught.value)
+    assert "VSENSOR_TLS_FINGERPRINT" in str(caught.value)
+    assert "VSENSOR_CA_FILE" in str(caught.value)
 
 
 def test_retry_after_in_seconds_or_as_a_date() -> None:
@@ -319,9 +373,12 @@ def test_chunks_arrive_in_order_and_every_signature_verifies(ca, ca_file, caplog
     assert server.stored[4].batches[0].data == make_chunk(5).batches[0].data
     (registration,) = server.registrations
     assert registration == {"sensor": SENSOR, "versions": list(PROTOCOL_VERSIONS),
-                            "software": registration["software"], "addresses": ["192.0.2.10"],
-                            "interfaces": ["eth0", "cali12"]}
+                            "software": registration["software"],
+                            "instance": sender.instance, "addresses": ["192.0.2.10"],
+                            "interfaces": ["eth0", "cali12"], "primary_address": HOST}
     assert registration["software"].startswith("ossensor ")
+    assert len(sender.instance) == 32 and int(sender.instance, 16) >= 0
+    assert set(server.instances) == {sender.instance} and len(server.instances) == 30
     assert control.filters == [FILTER]
     assert (sender.chunks_sent, sender.packets_sent) == (30, 90)
     assert sender.bytes_sent > 0 and sender.chunks_dropped == 0 == sender.chunks_spooled
@@ -363,7 +420,8 @@ def test_vsensor_down_at_start_then_up_nothing_lost(ca, ca_file, caplog) -> None
     assert len(server.registrations) == 1
     assert control.filters == [FILTER, "not host 198.51.100.7"]
     assert server.heartbeats and server.heartbeats[0] == {
-        "interfaces": {"eth0": {"packets": 100, "drops": 2}}}
+        "interfaces": {"eth0": {"packets": 100, "drops": 2}},
+        "dropped": {"chunks": 0, "packets": 0}}
     # Registration failures are logged once, not once per attempt; the error is logged once.
     failures = [r for r in caplog.records if "cannot register" in r.getMessage()]
     assert len(failures) == 1
@@ -495,6 +553,129 @@ def test_memory_only_applies_back_pressure_and_loses_nothing(ca, ca_file) -> Non
     assert server.sequences == [1, 2, 3, 4]
 
 
+def test_409_registers_again_and_resends_the_chunk(ca, ca_file, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = FakeVSensor()
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await wait_until(lambda: server.sequences == [1])
+            server.known = False  # the vSensor restarted and forgot this sensor
+            await sender.send(make_chunk(2))
+            await sender.send(make_chunk(3))
+            await wait_until(lambda: len(server.stored) == 3)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    assert server.sequences == [1, 2, 3]
+    assert [s for _, s in server.attempts] == [1, 2, 2, 3]  # 2: 409, then sent again
+    assert len(server.registrations) == 2 and sender.reregistrations == 1
+    assert server.registrations[0]["instance"] == server.registrations[1]["instance"]
+    assert sender.chunks_dropped == 0 and sender.chunks_sent == 3
+    forgot = [r for r in caplog.records if "does not know this sensor" in r.getMessage()]
+    assert len(forgot) == 1 and forgot[0].levelno == logging.WARNING
+    assert "registering again" in forgot[0].getMessage()
+    assert "takes chunks again" in caplog.text
+
+
+def test_409_after_every_registration_backs_off(ca, ca_file) -> None:
+    server = FakeVSensor()
+    server.known = server.amnesiac = True  # registers, then forgets the sensor at once
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file, backoff_min=0.1, backoff_max=0.4)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await asyncio.sleep(1.5)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    # Back-off between rounds (0.05-0.1, 0.1-0.2, 0.2-0.4, 0.2-0.4, ...): a handful, not hundreds.
+    assert 3 <= len(server.attempts) <= 10, len(server.attempts)
+    assert len(server.registrations) - len(server.attempts) in (0, 1)  # cancelled in a wait
+    assert server.stored == [] and sender.queued_chunks == 0 and sender.chunks_dropped == 1
+
+
+def test_instance_id_is_kept_in_the_spool_folder(ca, ca_file, tmp_path) -> None:
+    server = FakeVSensor()
+    spool = tmp_path / "spool"
+
+    async def run(spool_dir: str) -> str:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file, spool_dir=spool_dir)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(len(server.stored) + 1))
+            await wait_until(lambda: len(server.registrations) == len(server.instances))
+            await sender.aclose()
+            return sender.instance
+
+    first = asyncio.run(run(str(spool)))
+    assert (spool / "instance-id").read_text().strip() == first
+    assert (spool / "instance-id").stat().st_mode & 0o777 == 0o600
+    assert asyncio.run(run(str(spool))) == first  # a restart keeps it
+    without = [asyncio.run(run("")), asyncio.run(run(""))]  # one per process
+    assert len({first, *without}) == 3
+    assert [r["instance"] for r in server.registrations] == [first, first, *without]
+    assert server.instances == [first, first, *without]
+    # A damaged file is replaced.
+    (spool / "instance-id").write_text("garbage\n")
+    replaced = asyncio.run(run(str(spool)))
+    assert replaced != first and (spool / "instance-id").read_text().strip() == replaced
+
+
+def test_aclose_gives_up_within_the_budget_and_returns_at_once_when_done(ca, ca_file,
+                                                                         tmp_path) -> None:
+    server = FakeVSensor()
+    spool = tmp_path / "spool"
+
+    async def scenario() -> tuple[float, float]:
+        # The vSensor is away: aclose tries for the budget, then spools.
+        away = transport(free_port(), ca_file, spool_dir=str(spool), grace_seconds=0.8)
+        await away.start(FakeControl())
+        await away.send(make_chunk(1))
+        began = time.monotonic()
+        await away.aclose()
+        gave_up = time.monotonic() - began
+        assert away.chunks_spooled == 1 and len(spooled(spool)) == 1
+        # Everything delivered: aclose does not wait for the (long) grace.
+        async with serve(server.app(), server_context(ca)) as port:
+            done = transport(port, ca_file, grace_seconds=25.0)
+            await done.start(FakeControl())
+            await done.send(make_chunk(2))
+            await wait_until(lambda: done.chunks_sent == 1)
+            began = time.monotonic()
+            await done.aclose()
+            return gave_up, time.monotonic() - began
+
+    gave_up, prompt = asyncio.run(scenario())
+    assert 0.75 <= gave_up < 1.5
+    assert prompt < 0.5
+
+
+def test_aclose_waits_for_the_chunk_in_flight(ca, ca_file) -> None:
+    server = FakeVSensor()
+    server.slow_once = True  # answers after 1.5 s, within the timeout
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file, grace_seconds=8.0, timeout_seconds=3.0)  # budget 2 s
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await wait_until(lambda: len(server.attempts) == 1)
+            await sender.aclose()
+            return sender
+
+    sender = asyncio.run(scenario())
+    assert sender.chunks_sent == 1 and server.sequences == [1]
+    assert [s for _, s in server.attempts] == [1], "the chunk in flight was not cut off"
+
+
 # The spool -------------------------------------------------------------------------------
 
 def test_spool_survives_a_restart_and_is_sent_first(ca, ca_file, tmp_path) -> None:
@@ -558,6 +739,35 @@ def test_spool_limit_drops_the_oldest_and_counts_them(ca, ca_file, tmp_path, cap
     errors = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
     assert len(errors) == 2 and "dropped the oldest chunk 1 " in errors[0]
     assert sender.chunks_dropped == 2
+    assert (sender.spool_full_chunks, sender.spool_full_packets) == (2, 6)
+
+
+def test_spool_full_drops_are_reported_in_every_heartbeat(ca, ca_file, tmp_path,
+                                                          caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = FakeVSensor(heartbeat_seconds=0.1)
+    server.chunk_answers = [(400, {})]  # a refused chunk is dropped, but not for a full spool
+    spool = tmp_path / "spool"
+    port = free_port()
+    size = len(ChunkCodec().encode(make_chunk(1)))
+
+    async def scenario() -> None:
+        sender = transport(port, ca_file, spool_dir=str(spool), memory_chunks=1,
+                           spool_bytes=2 * size + size // 2)
+        await sender.start(FakeControl())
+        for sequence in range(1, 6):  # 4 spilled, room for 2: chunks 1 and 2 dropped
+            await sender.send(make_chunk(sequence))
+        async with serve(server.app(), server_context(ca), port):
+            await wait_until(lambda: len(server.heartbeats) >= 3)
+            await sender.aclose()
+        assert sender.chunks_dropped == 3 and sender.spool_full_chunks == 2
+
+    asyncio.run(scenario())
+    assert server.sequences == [4, 5]  # 3 was refused with 400
+    assert all(h["dropped"] == {"chunks": 2, "packets": 6} for h in server.heartbeats)
+    reported = [r for r in caplog.records if "reporting it to the vSensor" in r.getMessage()]
+    assert len(reported) == 1 and reported[0].levelno == logging.WARNING
+    assert "2 chunks (6 packets)" in reported[0].getMessage()
 
 
 def test_without_spool_aclose_reports_what_is_lost(ca_file, caplog) -> None:
@@ -618,6 +828,26 @@ def test_fingerprint_pinning_accepts_a_self_signed_certificate(tmp_path, caplog)
     asyncio.run(scenario())
     assert server.sequences == [1]
     assert "does not match the pinned fingerprint" in caplog.text
+
+
+def test_tls_verify_off_accepts_any_certificate_with_one_warning(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = FakeVSensor()
+    context, _fingerprint = self_signed(tmp_path)
+
+    async def scenario() -> None:
+        async with serve(server.app(), context) as port:
+            unverified = transport(port, tls_verify=False)
+            await unverified.start(FakeControl())
+            for sequence in (1, 2):
+                await unverified.send(make_chunk(sequence))
+            await wait_until(lambda: server.sequences == [1, 2])
+            await unverified.aclose()
+
+    asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "VSENSOR_TLS_VERIFY" in warnings[0] and "not authenticated" in warnings[0]
 
 
 # End to end with the reference vSensor -------------------------------------------------------
@@ -701,3 +931,33 @@ def test_end_to_end_chunks_after_a_sensor_restart_are_stored(ca, ca_file, tmp_pa
         return duplicates
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_end_to_end_reference_vsensor_restart_means_register_again(ca, ca_file,
+                                                                   tmp_path) -> None:
+    """A restarted vSensor answers 409 to a sensor it does not know; the sensor registers again
+    and nothing is lost. The new fields (instance, primary_address, dropped) are accepted."""
+    VSensorSettings, create_app = _vsensor_app()
+    data = tmp_path / "data"
+    port = free_port()
+
+    def app() -> Any:
+        return create_app(VSensorSettings(data_dir=data, keys=[KEY], heartbeat_seconds=0.1,
+                                          vsensor_ports=[port]))
+
+    async def scenario() -> HttpsTransport:
+        sender = transport(port, ca_file, spool_dir=str(tmp_path / "spool"))
+        await sender.start(FakeControl())
+        async with serve(app(), server_context(ca), port):
+            await sender.send(make_chunk(1))
+            await wait_until(lambda: sender.chunks_sent == 1)
+            await asyncio.sleep(0.3)  # heartbeats with "dropped" are accepted
+            assert sender._states.get("heartbeat") in (None, "ok")
+        async with serve(app(), server_context(ca), port):  # a new process: it knows no one
+            await sender.send(make_chunk(2))
+            await wait_until(lambda: sender.chunks_sent == 2)
+            await sender.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert sender.chunks_dropped == 0 and sender.packets_sent == 6

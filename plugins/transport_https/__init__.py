@@ -11,16 +11,27 @@ capturing while the vSensor is away:
   an accepted chunk is never dropped to make room.
 * The spool is bounded by ``spool_bytes``; when full, the OLDEST spooled chunks are deleted,
   counted in ``chunks_dropped`` and logged as errors: a bounded loss that is reported.
-* ``aclose`` keeps trying for ``grace_seconds`` and then spools what is left; the next run
-  sends spooled chunks first, oldest first.
+* Chunks dropped because the spool was full are reported in every heartbeat
+  (``"dropped": {"chunks": n, "packets": n}``) and logged when the count grows.
+* ``aclose`` keeps trying until the shutdown budget (``close_budget``: the shutdown grace minus
+  the core's own wait and a margin) runs out, then spools what is left; the next run sends
+  spooled chunks first, oldest first. It returns at once when nothing is pending.
+
+Registration sends an instance id (``instance``: a uuid4 kept in the spool folder as
+``instance-id``, or one per process without a spool folder) and the primary address (the source
+address this host uses towards the vSensor); every chunk request carries the id in
+``X-Ossensor-Instance``. A vSensor that ignores unknown fields and headers is unaffected.
 
 Answers: 200 (also ``{"duplicate": true}``) drops our copy; 400 is logged, counted and dropped
-(retrying cannot help); 401, 5xx, 507, connection errors and time-outs keep the chunk and back
-off (0.5 s doubling to 30 s, or what ``Retry-After`` says). Failures are logged once per change
-of state, not per attempt. The HMAC key is used for signing only and never logged.
+(retrying cannot help); 409 (the vSensor does not know us, e.g. after it restarted) registers
+again and sends the chunk again; 401, 5xx, 507, connection errors and time-outs keep the chunk
+and back off (exponential with equal jitter, ``backoff_min`` doubling to ``backoff_max``, or what
+``Retry-After`` says). Failures are logged once per change of state, not per attempt. The HMAC
+key is used for signing only and never logged.
 
-Settings (``OSSENSOR_HTTPS_<NAME>``): ``ca_file``, ``fingerprint``, ``spool_dir``,
-``spool_bytes``, ``memory_chunks``, ``timeout_seconds``, ``grace_seconds``.
+Settings: ``VSENSOR_CA_FILE``, ``VSENSOR_TLS_FINGERPRINT``, ``VSENSOR_TLS_VERIFY``,
+``OSSENSOR_SPOOL_DIR``, ``OSSENSOR_SPOOL_MAX_BYTES``, ``OSSENSOR_SHUTDOWN_GRACE``,
+``OSSENSOR_HTTPS_MEMORY_CHUNKS``, ``OSSENSOR_HTTPS_TIMEOUT_SECONDS``.
 """
 
 from __future__ import annotations
@@ -31,9 +42,12 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
+import socket
 import ssl
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,39 +63,57 @@ from ossensor_core.plugin import hookimpl
 from ossensor_core.protocol import (H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER,
                                     PROTOCOL_VERSIONS, sign)
 from ossensor_core.protocols import Chunk, ChunkEncoder, SensorControl
+from ossensor_core.sensor import SHUTDOWN_GRACE_SECONDS
 from ossensor_core.settings import Setting, SettingsGroup
 
 log = logging.getLogger(__name__)
 
 H_SEQUENCE = "X-Ossensor-Chunk-Sequence"
+H_INSTANCE = "X-Ossensor-Instance"
+INSTANCE_FILE = "instance-id"
+ENV_CA_FILE = "VSENSOR_CA_FILE"
+ENV_FINGERPRINT = "VSENSOR_TLS_FINGERPRINT"
+ENV_TLS_VERIFY = "VSENSOR_TLS_VERIFY"
+ENV_SPOOL_DIR = "OSSENSOR_SPOOL_DIR"
+ENV_SPOOL_MAX_BYTES = "OSSENSOR_SPOOL_MAX_BYTES"
+ENV_SHUTDOWN_GRACE = "OSSENSOR_SHUTDOWN_GRACE"
+#: Kept free at the end of the shutdown grace for spooling, closing and the process exit.
+SHUTDOWN_MARGIN_SECONDS = 2.0
 SPOOL_SUFFIX = ".chunk"
 TEMP_SUFFIX = ".tmp"
 FILE_MODE = 0o600  # captured payloads are sensitive
 _SPOOL_NAME = re.compile(r"^(\d{20})-(\d{12})-(\d+)\.chunk$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_INSTANCE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @hookimpl
 def ossensor_settings() -> SettingsGroup:
     return SettingsGroup("https", [
         Setting("ca_file", str, "",
-                "CA bundle (PEM) that verifies the vSensor's certificate; empty: the system CAs."),
+                "CA bundle (PEM) that verifies the vSensor's certificate; empty: the system CAs.",
+                env=ENV_CA_FILE),
         Setting("fingerprint", str, "",
-                "SHA-256 fingerprint of the vSensor's certificate (hex, colons allowed) to pin "
-                "instead of CA verification; a self-signed certificate then works."),
+                "SHA-256 fingerprint of the vSensor's DER certificate (hex; colons and case "
+                "ignored) to pin instead of CA verification; a self-signed certificate then "
+                "works.", env=ENV_FINGERPRINT),
+        Setting("tls_verify", bool, True,
+                "Verify the vSensor's certificate; false turns verification off (the connection "
+                "is then not authenticated, and a warning says so).", env=ENV_TLS_VERIFY),
         Setting("spool_dir", str, "",
                 "Folder that keeps chunks on disk while the vSensor is away; empty: memory only "
-                "(capture slows down when memory is full)."),
-        Setting("spool_bytes", int, 256 << 20,
-                "Largest size of the spool; when full the oldest chunks are dropped (and "
-                "logged).", minimum=1 << 20),
+                "(capture slows down when memory is full).",
+                env=ENV_SPOOL_DIR),
+        Setting("spool_max_bytes", int, 256 << 20,
+                "Largest size of the spool; when full the oldest chunks are dropped (logged and "
+                "reported to the vSensor).", env=ENV_SPOOL_MAX_BYTES, minimum=1 << 20),
         Setting("memory_chunks", int, 64,
                 "Chunks kept in memory before they move to the spool (or before back-pressure).",
                 minimum=1),
         Setting("timeout_seconds", float, 10.0, "Time-out of one HTTP request.", positive=True),
-        Setting("grace_seconds", float, 3.0,
-                "At shutdown, keep trying to deliver this long before spooling the rest.",
-                minimum=0),
+        Setting("shutdown_grace", float, 25.0,
+                "Seconds between SIGTERM and the end of the process: chunks are sent until "
+                "shortly before, the rest is spooled.", env=ENV_SHUTDOWN_GRACE, minimum=0),
     ])
 
 
@@ -104,17 +136,16 @@ def ossensor_configure(config: SensorConfig) -> None:
         try:
             normalise_fingerprint(settings.fingerprint)
         except ValueError as exc:
-            problems.append(f"OSSENSOR_HTTPS_FINGERPRINT: {exc}")
+            problems.append(f"{ENV_FINGERPRINT}: {exc}")
     if settings.ca_file and not Path(settings.ca_file).is_file():
-        problems.append(f"OSSENSOR_HTTPS_CA_FILE: {settings.ca_file!r} is not a file")
+        problems.append(f"{ENV_CA_FILE}: {settings.ca_file!r} is not a file")
     if settings.spool_dir:
         try:
             Path(settings.spool_dir).mkdir(parents=True, exist_ok=True)
             if not os.access(settings.spool_dir, os.W_OK | os.X_OK):
-                problems.append(f"OSSENSOR_HTTPS_SPOOL_DIR: {settings.spool_dir!r} is not "
-                                "writable")
+                problems.append(f"{ENV_SPOOL_DIR}: {settings.spool_dir!r} is not writable")
         except OSError as exc:
-            problems.append(f"OSSENSOR_HTTPS_SPOOL_DIR: cannot create {settings.spool_dir!r} "
+            problems.append(f"{ENV_SPOOL_DIR}: cannot create {settings.spool_dir!r} "
                             f"({exc.strerror or exc})")
     if problems:
         raise ConfigError(problems)
@@ -126,9 +157,31 @@ def ossensor_transport(config: SensorConfig, encoder: ChunkEncoder) -> HttpsTran
     return HttpsTransport(
         config.vsensor_hostname, config.vsensor_port, config.hmac_key, config.name, encoder,
         ca_file=settings.ca_file, fingerprint=settings.fingerprint,
-        spool_dir=settings.spool_dir, spool_bytes=settings.spool_bytes,
-        memory_chunks=settings.memory_chunks, timeout_seconds=settings.timeout_seconds,
-        grace_seconds=settings.grace_seconds)
+        tls_verify=settings.tls_verify, spool_dir=settings.spool_dir,
+        spool_bytes=settings.spool_max_bytes, memory_chunks=settings.memory_chunks,
+        timeout_seconds=settings.timeout_seconds, grace_seconds=settings.shutdown_grace)
+
+
+class Backoff:
+    """Exponential back-off with equal jitter: the n-th wait is drawn from [c/2, c] with
+    c = min(maximum, minimum * 2**n), so sensors that lost the same vSensor do not retry in step
+    and none retries faster than half the current step."""
+
+    def __init__(self, minimum: float, maximum: float) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self._ceiling = minimum
+
+    def next(self, retry_after: float | None = None) -> float:
+        """The wait before the next attempt; ``Retry-After`` (capped at an hour) wins."""
+        ceiling = self._ceiling
+        self._ceiling = min(self._ceiling * 2, self.maximum)
+        if retry_after is not None:
+            return min(retry_after, 3600.0)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self._ceiling = self.minimum
 
 
 @dataclass(eq=False)
@@ -160,10 +213,11 @@ class HttpsTransport:
     name = "https"
 
     def __init__(self, host: str, port: int, key: str, sensor: str, encoder: ChunkEncoder, *,
-                 ca_file: str = "", fingerprint: str = "", spool_dir: str = "",
-                 spool_bytes: int = 256 << 20, memory_chunks: int = 64,
-                 timeout_seconds: float = 10.0, grace_seconds: float = 3.0,
+                 ca_file: str = "", fingerprint: str = "", tls_verify: bool = True,
+                 spool_dir: str = "", spool_bytes: int = 256 << 20, memory_chunks: int = 64,
+                 timeout_seconds: float = 10.0, grace_seconds: float = 25.0,
                  backoff_min: float = 0.5, backoff_max: float = 30.0) -> None:
+        self.host, self.port = host, port
         shown_host = f"[{host}]" if ":" in host else host
         self.base_url = f"https://{shown_host}:{port}"
         self._key = key
@@ -171,6 +225,7 @@ class HttpsTransport:
         self.encoder = encoder
         self.ca_file = ca_file
         self.fingerprint = normalise_fingerprint(fingerprint) if fingerprint else ""
+        self.tls_verify = tls_verify
         self.spool_dir = Path(spool_dir) if spool_dir else None
         self.spool_bytes = spool_bytes
         self.memory_chunks = memory_chunks
@@ -187,6 +242,11 @@ class HttpsTransport:
         self.chunks_dropped = 0
         self.packets_dropped = 0
         self.chunks_duplicate = 0  # included in chunks_sent: stored by an earlier attempt
+        self.spool_full_chunks = 0  # included in chunks_dropped: the spool limit dropped them
+        self.spool_full_packets = 0
+        self.reregistrations = 0  # after a 409 (the vSensor forgot us)
+        self.instance = uuid.uuid4().hex  # replaced by the spool folder's, when there is one
+        self.primary_address: str | None = None
         self.registered = False
         self.protocol_version: int | None = None
         self.heartbeat_seconds = 10.0
@@ -207,6 +267,8 @@ class HttpsTransport:
         self._control: SensorControl | None = None
         self._task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._in_flight: _Entry | None = None
+        self._reported_drops = (0, 0)
         self._closing = False
         self._closed = False
 
@@ -219,15 +281,30 @@ class HttpsTransport:
         """Chunks accepted and not yet delivered (memory and spool)."""
         return len(self._memory) + len(self._spool)
 
+    @property
+    def close_budget(self) -> float:
+        """How long ``aclose`` keeps delivering: the shutdown grace minus the core's wait for its
+        sender (before it calls ``aclose``) and a margin for spooling and exiting; at least 1 s
+        (or the whole grace when it is shorter)."""
+        return max(self.grace_seconds - SHUTDOWN_GRACE_SECONDS - SHUTDOWN_MARGIN_SECONDS,
+                   min(1.0, self.grace_seconds))
+
     # -- the Transport interface ------------------------------------------------------------
 
     async def start(self, control: SensorControl) -> None:
         self._control = control
         if self.spool_dir is not None:
             await asyncio.to_thread(self._load_spool)
-        if self.fingerprint:
-            tls: ssl.SSLContext | aiohttp.Fingerprint = aiohttp.Fingerprint(
-                bytes.fromhex(self.fingerprint))
+            self.instance = await asyncio.to_thread(self._load_instance)
+        tls: ssl.SSLContext | aiohttp.Fingerprint | bool
+        if self.fingerprint:  # a pin is explicit: it is checked even with VSENSOR_TLS_VERIFY off
+            tls = aiohttp.Fingerprint(bytes.fromhex(self.fingerprint))
+        elif not self.tls_verify:
+            tls = False
+            log.warning("%s is false: the vSensor's certificate is not verified, so the "
+                        "connection to %s is not authenticated (anyone in the path can pose as "
+                        "the vSensor and read the captured traffic)", ENV_TLS_VERIFY,
+                        self.base_url)
         else:
             try:
                 tls = ssl.create_default_context(cafile=self.ca_file or None)
@@ -239,6 +316,7 @@ class HttpsTransport:
             timeout=aiohttp.ClientTimeout(total=self.timeout_seconds))
         log.info("sending chunks to the vSensor at %s (%s%s)", self.base_url,
                  f"pinned certificate {self.fingerprint[:16]}..." if self.fingerprint
+                 else "certificate not verified" if tls is False
                  else f"CA file {self.ca_file}" if self.ca_file else "system CAs",
                  f", spool {self.spool_dir}" if self.spool_dir else ", no spool folder")
         self._task = asyncio.create_task(self._run(), name="https transport")
@@ -269,8 +347,9 @@ class HttpsTransport:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        deadline = time.monotonic() + self.grace_seconds
-        while self.queued_chunks and time.monotonic() < deadline and self._task is not None \
+        deadline = time.monotonic() + self.close_budget
+        while (self.queued_chunks or self._in_flight is not None) \
+                and time.monotonic() < deadline and self._task is not None \
                 and not self._task.done():
             await asyncio.sleep(0.02)
         if self._task is not None:
@@ -296,8 +375,9 @@ class HttpsTransport:
         if self._session is not None:
             await self._session.close()
         log.info("https transport closed: %d chunks, %d packets, %d bytes sent; %d spooled, "
-                 "%d dropped", self.chunks_sent, self.packets_sent, self.bytes_sent,
-                 self.chunks_spooled, self.chunks_dropped)
+                 "%d dropped (%d of them because the spool was full)", self.chunks_sent,
+                 self.packets_sent, self.bytes_sent, self.chunks_spooled, self.chunks_dropped,
+                 self.spool_full_chunks)
 
     # -- the background task ----------------------------------------------------------------
 
@@ -313,7 +393,7 @@ class HttpsTransport:
         await self._send_forever()
 
     async def _register_until_done(self) -> None:
-        delay = self.backoff_min
+        backoff = Backoff(self.backoff_min, self.backoff_max)
         while True:
             try:
                 await self._register()
@@ -321,8 +401,22 @@ class HttpsTransport:
             except _Answer as answer:
                 self._report("register", answer.state, self._failure_message(
                     answer, "cannot register with", "retrying"))
-                await asyncio.sleep(self._delay(delay, answer.retry_after))
-                delay = min(delay * 2, self.backoff_max)
+                await asyncio.sleep(backoff.next(answer.retry_after))
+
+    async def _find_primary_address(self) -> None:
+        """The source address this host uses towards the vSensor (a connected UDP socket sends
+        nothing); left unset when the name does not resolve or there is no route yet."""
+        if self.primary_address is not None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            family, _, _, _, target = (await loop.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_DGRAM))[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect(target)
+                self.primary_address = str(probe.getsockname()[0]).split("%")[0]
+        except (OSError, IndexError, ValueError) as exc:
+            log.log(level(1), "primary address not found yet (%s)", exc)
 
     def _register_body(self) -> dict[str, Any]:
         interfaces = self._control.captured_interfaces() if self._control else []
@@ -331,11 +425,16 @@ class HttpsTransport:
             for address in interface.routable_addresses:
                 if address not in addresses:
                     addresses.append(address)
-        return {"sensor": self.sensor, "versions": list(PROTOCOL_VERSIONS),
-                "software": f"ossensor {__version__}", "addresses": addresses,
-                "interfaces": [i.name for i in interfaces]}
+        body: dict[str, Any] = {
+            "sensor": self.sensor, "versions": list(PROTOCOL_VERSIONS),
+            "software": f"ossensor {__version__}", "instance": self.instance,
+            "addresses": addresses, "interfaces": [i.name for i in interfaces]}
+        if self.primary_address is not None:
+            body["primary_address"] = self.primary_address
+        return body
 
     async def _register(self) -> None:
+        await self._find_primary_address()
         body = self._register_body()
         answer = await self._post_json(PATH_REGISTER, body)
         version = answer.get("version")
@@ -370,7 +469,14 @@ class HttpsTransport:
             return
         stats = self._control.capture_stats() if self._control else {}
         body = {"interfaces": {name: {"packets": s.packets, "drops": s.drops}
-                               for name, s in stats.items()}}
+                               for name, s in stats.items()},
+                "dropped": {"chunks": self.spool_full_chunks,
+                            "packets": self.spool_full_packets}}
+        dropped = (self.spool_full_chunks, self.spool_full_packets)
+        if dropped != self._reported_drops:
+            self._reported_drops = dropped
+            log.warning("%d chunks (%d packets) dropped so far because the spool %s was full; "
+                        "reporting it to the vSensor", *dropped, self.spool_dir)
         try:
             answer = await self._post_json(PATH_HEARTBEAT, body)
         except _Answer as failure:
@@ -401,7 +507,8 @@ class HttpsTransport:
         log.info("applied the vSensor's filter %r", expression)
 
     async def _send_forever(self) -> None:
-        delay = self.backoff_min
+        backoff = Backoff(self.backoff_min, self.backoff_max)
+        conflicts = 0  # 409s since the last delivery
         while True:
             async with self._lock:
                 entry = self._take()
@@ -409,20 +516,33 @@ class HttpsTransport:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            self._in_flight = entry
             try:
                 delivered = await self._deliver(entry)
             except _Answer as answer:
                 self._put_back(entry)
+                if answer.status == 409:  # the vSensor forgot us (it restarted): register again
+                    self._report("chunks", answer.state, f"the vSensor at {self.base_url} does "
+                                 f"not know this sensor ({answer}); registering again, "
+                                 f"{self.queued_chunks} chunks kept", logging.WARNING)
+                    conflicts += 1
+                    if conflicts > 1:  # 409 again right after registering: do not hammer it
+                        await asyncio.sleep(backoff.next(answer.retry_after))
+                    self.reregistrations += 1
+                    await self._register_until_done()
+                    continue
                 self._report("chunks", answer.state, self._failure_message(
                     answer, "cannot deliver chunks to", f"{self.queued_chunks} chunks kept, "
                     "retrying"))
-                await asyncio.sleep(self._delay(delay, answer.retry_after))
-                delay = min(delay * 2, self.backoff_max)
+                await asyncio.sleep(backoff.next(answer.retry_after))
                 continue
             except BaseException:
                 self._put_back(entry)
                 raise
-            delay = self.backoff_min
+            finally:
+                self._in_flight = None
+            backoff.reset()
+            conflicts = 0
             self._forget(entry)
             if not delivered:
                 continue
@@ -467,7 +587,8 @@ class HttpsTransport:
                           exc.strerror or exc, entry.packets)
                 self._count_drop(entry)
                 return False
-        headers = {"Content-Type": self.media_type, H_SEQUENCE: str(entry.sequence)}
+        headers = {"Content-Type": self.media_type, H_SEQUENCE: str(entry.sequence),
+                   H_INSTANCE: self.instance}
         status, text, retry_after = await self._post(PATH_CHUNKS, payload, headers)
         log.log(level(2), "chunk %d: %d packets, %d bytes -> %d", entry.sequence, entry.packets,
                 len(payload), status)
@@ -537,12 +658,11 @@ class HttpsTransport:
             raise _Answer("bad-answer", "the vSensor's answer is not a JSON object")
         return answer
 
-    def _delay(self, backoff: float, retry_after: float | None) -> float:
-        return min(retry_after, 3600.0) if retry_after is not None else backoff
-
-    def _report(self, topic: str, state: str, message: str | None) -> None:
+    def _report(self, topic: str, state: str, message: str | None,
+                severity: int | None = None) -> None:
         """Log ``message`` only when ``topic`` changes state, not once per attempt; "ok" after a
-        failure is logged as a recovery."""
+        failure is logged as a recovery. Failures are errors (heartbeats: warnings) unless
+        ``severity`` says otherwise."""
         previous = self._states.get(topic)
         if previous == state:
             return
@@ -552,6 +672,8 @@ class HttpsTransport:
         if state == "ok":
             if previous is not None:
                 log.info("%s", message)
+        elif severity is not None:
+            log.log(severity, "%s", message)
         elif topic == "heartbeat":
             log.warning("%s", message)
         else:
@@ -608,6 +730,8 @@ class HttpsTransport:
             oldest = self._spool.pop(0)
             self._unlink(oldest)
             self._count_drop(oldest)
+            self.spool_full_chunks += 1
+            self.spool_full_packets += oldest.packets
             log.error("spool %s is full (%d bytes allowed): dropped the oldest chunk %d "
                       "(%d packets); %d chunks dropped so far", self.spool_dir, self.spool_bytes,
                       oldest.sequence, oldest.packets, self.chunks_dropped)
@@ -623,6 +747,35 @@ class HttpsTransport:
             log.warning("cannot remove spooled chunk %s: %s", entry.path, exc.strerror or exc)
         self._spool_size -= entry.size
         entry.path = None
+
+    def _load_instance(self) -> str:
+        """The instance id kept in the spool folder, created on first use; a fresh one for this
+        process (with a warning) when the file cannot be read or written."""
+        assert self.spool_dir is not None
+        path = self.spool_dir / INSTANCE_FILE
+        try:
+            kept = path.read_text(encoding="ascii").strip()
+            if _INSTANCE.match(kept):
+                return kept
+            log.warning("%s does not hold an instance id; making a new one", path)
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read %s (%s); making a new instance id", path, exc)
+        instance = uuid.uuid4().hex
+        temporary = path.with_name(INSTANCE_FILE + TEMP_SUFFIX)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         FILE_MODE)
+            with os.fdopen(fd, "w", encoding="ascii") as file:
+                file.write(instance + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.warning("cannot keep the instance id in %s (%s); it lasts for this process only",
+                        path, exc.strerror or exc)
+        return instance
 
     def _load_spool(self) -> None:
         """Queue the chunks an earlier run left in the spool, oldest first."""

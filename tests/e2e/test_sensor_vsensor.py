@@ -50,8 +50,8 @@ def test_traffic_arrives_at_the_vsensor(netns_pair, base_env, tmp_path):
         try:
             env = sensor_env(base_env, tmp_path, OSSENSOR_TRANSPORT="https",
                              VSENSOR_HOSTNAME="127.0.0.1", VSENSOR_PORT="8443",
-                             OSSENSOR_HTTPS_FINGERPRINT=vsensor.fingerprint,
-                             OSSENSOR_HTTPS_SPOOL_DIR=str(tmp_path / "spool"), OSSENSOR_DEBUG="2")
+                             VSENSOR_TLS_FINGERPRINT=vsensor.fingerprint,
+                             OSSENSOR_SPOOL_DIR=str(tmp_path / "spool"), OSSENSOR_DEBUG="2")
             sensor = Sensor(rx, env, tmp_path)
             sensor.wait_for_log("capturing on rx0")
             sensor.wait_for_log("kernel filter is now", timeout=15)  # registered, filter applied
