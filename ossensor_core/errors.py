@@ -9,12 +9,14 @@ their boundary with ``raise ... from exc``, so that callers handle one family an
     ├── FilterError        a BPF filter does not compile or does not fit in the kernel
     ├── InterfaceError     interface discovery or a netlink watch failed
     ├── CaptureError       a capture source could not be opened or read
-    └── TransportError     a transport could not store or send a chunk
+    ├── TransportError     a transport could not store or send a chunk
+    └── StorageError       pcapng files could not be written or completed; carries the errno
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class OssensorError(Exception):
@@ -47,3 +49,18 @@ class CaptureError(OssensorError):
 
 class TransportError(OssensorError):
     """A transport could not accept, store or send a chunk."""
+
+
+class StorageError(OssensorError):
+    """Pcapng files could not be written or completed (see :mod:`ossensor_core.pcapng_files`).
+
+    ``errno`` and ``reason`` (its strerror) are the OSError's, ``path`` the file concerned (None
+    when no file was involved yet); the OSError is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, reason: str = "",
+                 path: Path | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.reason = reason or message
+        self.path = path

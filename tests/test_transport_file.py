@@ -22,6 +22,7 @@ from ossensor_core.config import SensorConfig, read_core_config
 from ossensor_core.errors import ConfigError, TransportError
 from ossensor_core.protocols import Chunk, Transport
 from ossensor_core.settings import PluginSettings, resolve_settings
+from ossensor_core import pcapng_files
 from ossensor_plugins import transport_file
 from ossensor_plugins.transport_file import FileTransport
 
@@ -437,7 +438,7 @@ def test_a_file_that_cannot_be_completed_is_reported(tmp_path: Path, caplog) -> 
 
 
 class FullDisk:
-    """Stands in for the ``os`` module of the plugin: writes fail once ``room`` bytes are used,
+    """Stands in for the ``os`` module of ossensor_core.pcapng_files: writes fail once ``room`` bytes are used,
     after a short write, as on a full file system."""
 
     def __init__(self, room: int) -> None:
@@ -467,7 +468,7 @@ def test_disk_full_loses_no_accepted_chunk(tmp_path: Path, monkeypatch) -> None:
                batch("eth0", LINKTYPE_ETHERNET, ethernet_frames(30, start=6), t0=T0 + 10**9)]
     later = batch("eth0", LINKTYPE_ETHERNET, ethernet_frames(2, start=40), t0=T0 + 2 * 10**9)
     disk = FullDisk(room=1 << 30)
-    monkeypatch.setattr(transport_file, "os", disk)
+    monkeypatch.setattr(pcapng_files, "os", disk)
 
     async def scenario() -> None:
         await transport.start()

@@ -9,7 +9,8 @@ shutdown. Names sort by time::
 
 A chunk is stored whole or not at all: on an OSError (disk full, folder unwritable) every file
 is cut back to its size before the chunk, files opened for it are removed, and
-:class:`StoreError` carries the errno so the caller can answer 507.
+:class:`StoreError` carries the errno so the caller can answer 507. The files themselves are
+:class:`ossensor_core.pcapng_files.RotatingPcapngFiles`, shared with the file transport.
 
 Methods of :class:`SensorStore` do blocking I/O; the application calls them in a worker
 thread, one at a time per sensor (an asyncio lock per sensor).
@@ -20,88 +21,44 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ossensor_core.pcapng import PcapngWriter
+from ossensor_core import pcapng_files
+from ossensor_core.errors import StorageError
+from ossensor_core.pcapng_files import RotatingPcapngFiles
 from ossensor_core.protocols import Chunk
 
 log = logging.getLogger(__name__)
 
-PART_SUFFIX = ".part"
-FILE_MODE = 0o640  # captured payloads are sensitive: not world-readable
 DIR_MODE = 0o750
 #: How many stored chunk sequences are remembered per sensor to recognise a retry. A retry comes
 #: seconds after the original, so a bounded window is enough; the memory is lost on restart.
 SEQUENCE_MEMORY = 65536
 
-LINKTYPE_NAMES = {1: "ether", 101: "raw", 113: "linux_sll", 228: "ipv4", 229: "ipv6"}
 
-
-class StoreError(Exception):
+class StoreError(StorageError):
     """A chunk could not be stored; nothing of it was kept. ``errno`` is the OSError's."""
 
     def __init__(self, message: str, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno
+        super().__init__(message, errno)
 
 
 def safe_name(sensor: str) -> str:
     """The sensor name as one path component: no separators, no leading dot (so no ``..``,
     and no clash with the vSensor's own ``.tls`` folder)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", sensor).lstrip(".") or "_"
-
-
-def linktype_name(linktype: int) -> str:
-    return LINKTYPE_NAMES.get(linktype, f"linktype{linktype}")
-
-
-class _Descriptor:
-    """Unbuffered writes to a descriptor, so ``position`` is exactly what is on disk and a
-    failed chunk can be cut off with ``ftruncate``."""
-
-    __slots__ = ("fd", "position")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.position = 0
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        self.position += len(data)
-        return len(data)
-
-
-@dataclass
-class _OpenFile:
-    linktype: int
-    final: Path
-    out: _Descriptor
-    writer: PcapngWriter
-    opened: float  # time.monotonic()
-
-    @property
-    def part(self) -> Path:
-        return self.final.with_name(self.final.name + PART_SUFFIX)
-
-
-@dataclass
-class _Mark:
-    """What an open file held before the current chunk."""
-
-    file: _OpenFile
-    new: bool
-    position: int = 0
-    writer_state: tuple[dict[str, int], int, int] = field(default_factory=lambda: ({}, 0, 0))
+    return pcapng_files.safe_name(sensor, "_")
 
 
 class SensorStore:
-    """The pcapng files of one sensor, and the chunk sequences already stored."""
+    """The pcapng files of one sensor, and the chunk sequences already stored.
+
+    The files are :class:`~ossensor_core.pcapng_files.RotatingPcapngFiles` (a file stays open
+    after a failed chunk is cut off it); this class adds the folder, the sequences and
+    StoreError. Failures to complete a file are logged (its packets stay in the ``.part``
+    file) and not raised: the chunks in it were stored.
+    """
 
     def __init__(self, data_dir: Path, sensor: str, rotate_bytes: int,
                  rotate_seconds: float) -> None:
@@ -109,10 +66,13 @@ class SensorStore:
         self.directory = Path(data_dir) / safe_name(sensor)
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
-        self.files_completed = 0
-        self._files: dict[int, _OpenFile] = {}
-        self._counter = 0
+        self._files = RotatingPcapngFiles(self.directory, "", rotate_bytes, rotate_seconds,
+                                          continue_after_failure=True)
         self._sequences: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def files_completed(self) -> int:
+        return self._files.files_completed
 
     # Sequences ---------------------------------------------------------------------------
 
@@ -129,112 +89,35 @@ class SensorStore:
 
     def write_chunk(self, chunk: Chunk) -> int:
         """Append every batch of ``chunk``; return the bytes added. Raises StoreError."""
-        marks: dict[int, _Mark] = {}
         try:
             if not self.directory.is_dir():
                 self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            for batch in chunk.batches:
-                if not batch.count:
-                    continue
-                current = self._files.get(batch.linktype)
-                if current is None:
-                    current = self._open_file(batch.linktype)
-                    marks.setdefault(batch.linktype, _Mark(current, new=True))
-                elif batch.linktype not in marks:
-                    writer = current.writer
-                    marks[batch.linktype] = _Mark(
-                        current, new=False, position=current.out.position,
-                        writer_state=(dict(writer.interfaces), writer.packets,
-                                      writer.bytes_written))
-                current.writer.write_batch(batch)
         except OSError as exc:
-            self._roll_back(marks.values())
-            raise StoreError(f"cannot store chunk {chunk.sequence} of {self.sensor!r} in "
-                             f"{str(self.directory)!r}: {exc.strerror or exc}",
-                             exc.errno) from exc
-        except BaseException:
-            self._roll_back(marks.values())
-            raise
-        added = sum(m.file.out.position - m.position for m in marks.values())
-        self._finish_quietly([m.file for m in marks.values()
-                              if m.file.out.position >= self.rotate_bytes])
+            raise self._error(chunk, exc.strerror or str(exc), exc.errno) from exc
+        try:
+            added = self._files.write_chunk(chunk)
+        except StorageError as exc:
+            raise self._error(chunk, exc.reason, exc.errno) from exc.__cause__
+        with contextlib.suppress(StorageError):  # logged
+            self._files.complete_full()
         return added
 
+    def _error(self, chunk: Chunk, reason: str, errno: int | None) -> StoreError:
+        return StoreError(f"cannot store chunk {chunk.sequence} of {self.sensor!r} in "
+                          f"{str(self.directory)!r}: {reason}", errno)
+
     def finish_aged(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self._finish_quietly([f for f in self._files.values()
-                              if now - f.opened >= self.rotate_seconds])
+        with contextlib.suppress(StorageError):  # logged
+            self._files.complete_aged(now)
 
     def next_due(self) -> float | None:
         """time.monotonic() at which the oldest open file is due, or None."""
-        opened = [f.opened for f in list(self._files.values())]
-        return min(opened) + self.rotate_seconds if opened else None
+        return self._files.next_due()
 
     def close(self) -> None:
         """Complete every open file (rename the ``.part`` files)."""
-        self._finish_quietly(list(self._files.values()))
-
-    def _open_file(self, linktype: int) -> _OpenFile:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        while True:
-            self._counter += 1
-            final = self.directory / f"{stamp}-{self._counter:06d}-{linktype_name(linktype)}.pcapng"
-            part = final.with_name(final.name + PART_SUFFIX)
-            if final.exists() or part.exists():  # an earlier run in the same second
-                continue
-            break
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        out = _Descriptor(fd)
-        try:
-            writer = PcapngWriter(out, linktype)  # writes the section header
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(part)
-            raise
-        opened = _OpenFile(linktype, final, out, writer, time.monotonic())
-        self._files[linktype] = opened
-        return opened
-
-    def _roll_back(self, marks) -> None:
-        for mark in marks:
-            opened = mark.file
-            if mark.new:
-                self._files.pop(opened.linktype, None)
-                with contextlib.suppress(OSError):
-                    os.close(opened.out.fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(opened.part)
-                continue
-            try:
-                os.ftruncate(opened.out.fd, mark.position)
-                os.lseek(opened.out.fd, mark.position, os.SEEK_SET)
-            except OSError as exc:
-                # The file is not trustworthy past the mark any more: complete it as it is.
-                log.error("cannot cut a failed chunk off %s (%s)", opened.part,
-                          exc.strerror or exc)
-                self._finish_quietly([opened])
-                continue
-            opened.out.position = mark.position
-            (opened.writer.interfaces, opened.writer.packets,
-             opened.writer.bytes_written) = mark.writer_state
-
-    def _finish_quietly(self, files: list[_OpenFile]) -> None:
-        for opened in files:
-            self._files.pop(opened.linktype, None)
-            try:
-                try:
-                    os.fsync(opened.out.fd)
-                finally:
-                    os.close(opened.out.fd)
-                os.replace(opened.part, opened.final)
-            except OSError as exc:
-                log.error("cannot complete %s: %s; its packets stay in the .part file",
-                          opened.part, exc.strerror or exc)
-                continue
-            self.files_completed += 1
-            log.info("wrote %s (%d packets, %d bytes)", opened.final, opened.writer.packets,
-                     opened.out.position)
+        with contextlib.suppress(StorageError):  # logged
+            self._files.close()
 
 
 def enforce_retention(data_dir: Path, retain_seconds: float | None = None,
