@@ -428,22 +428,29 @@ def test_vsensor_down_at_start_then_up_nothing_lost(ca, ca_file, caplog) -> None
     assert len([r for r in caplog.records if "cannot apply" in r.getMessage()]) == 1
 
 
+def send_two_chunks(server: FakeVSensor, ca, ca_file, done: Callable[[HttpsTransport], bool],
+                    **options: Any) -> HttpsTransport:
+    """Send chunks 1 and 2 through a transport to ``server``, wait for ``done``, close."""
+
+    async def scenario() -> HttpsTransport:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file, **options)
+            await sender.start(FakeControl())
+            await sender.send(make_chunk(1))
+            await sender.send(make_chunk(2))
+            await wait_until(lambda: done(sender))
+            await sender.aclose()
+            return sender
+
+    return asyncio.run(scenario())
+
+
 def test_503_with_retry_after_then_success(ca, ca_file, caplog) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     server = FakeVSensor()
     server.chunk_answers = [(503, {"Retry-After": "1"}), (507, {}), (507, {}), (500, {})]
 
-    async def scenario() -> HttpsTransport:
-        async with serve(server.app(), server_context(ca)) as port:
-            sender = transport(port, ca_file)
-            await sender.start(FakeControl())
-            await sender.send(make_chunk(1))
-            await sender.send(make_chunk(2))
-            await wait_until(lambda: len(server.stored) == 2)
-            await sender.aclose()
-            return sender
-
-    sender = asyncio.run(scenario())
+    sender = send_two_chunks(server, ca, ca_file, lambda sender: len(server.stored) == 2)
     assert server.sequences == [1, 2]
     assert [s for _, s in server.attempts] == [1, 1, 1, 1, 1, 2]
     assert server.attempts[1][0] - server.attempts[0][0] >= 0.9, "Retry-After was not honoured"
@@ -461,17 +468,7 @@ def test_dropped_connection_and_slow_answer_are_retried(ca, ca_file, caplog) -> 
     server.chunk_answers = [(0, {})]
     server.slow_once = True
 
-    async def scenario() -> HttpsTransport:
-        async with serve(server.app(), server_context(ca)) as port:
-            sender = transport(port, ca_file, timeout_seconds=0.5)
-            await sender.start(FakeControl())
-            await sender.send(make_chunk(1))
-            await sender.send(make_chunk(2))
-            await wait_until(lambda: sender.chunks_sent == 2)
-            await sender.aclose()
-            return sender
-
-    sender = asyncio.run(scenario())
+    sender = send_two_chunks(server, ca, ca_file, lambda sender: sender.chunks_sent == 2, timeout_seconds=0.5)
     # 1: dropped, then stored but answered too late, then answered "duplicate"; 2: stored.
     assert [s for _, s in server.attempts] == [1, 1, 1, 2]
     assert server.sequences == [1, 2]
@@ -483,17 +480,7 @@ def test_400_is_logged_counted_and_dropped(ca, ca_file, caplog) -> None:
     server = FakeVSensor()
     server.chunk_answers = [(400, {})]
 
-    async def scenario() -> HttpsTransport:
-        async with serve(server.app(), server_context(ca)) as port:
-            sender = transport(port, ca_file)
-            await sender.start(FakeControl())
-            await sender.send(make_chunk(1))
-            await sender.send(make_chunk(2))
-            await wait_until(lambda: len(server.stored) == 1)
-            await sender.aclose()
-            return sender
-
-    sender = asyncio.run(scenario())
+    sender = send_two_chunks(server, ca, ca_file, lambda sender: len(server.stored) == 1)
     assert server.sequences == [2]
     assert sender.chunks_dropped == 1 and sender.packets_dropped == 3
     assert "refused chunk 1 as malformed (scripted 400)" in caplog.text
