@@ -1,0 +1,122 @@
+"""Antigena (``ossensor_plugins.antigena``): response actions from the vSensor, enforced here.
+
+Loaded by default while ``ANTIGENA_ENABLED`` is true (entry point group ``ossensor.antigena``;
+``OSSENSOR_DISABLE_PLUGINS=antigena`` leaves it out). At start-up it opens a websocket to the
+vSensor (signed like every sensor request), receives block actions, watches for their traffic on
+a socket of its own and hands each segment to every enforcer that plugins return from
+``ossensor_response_enforcer`` (its own, TCP resets, first). Every ``ANTIGENA_TIME_PERIOD``
+seconds it reports what each action did. With ``ANTIGENA_ENABLED=false`` it is not loaded: no
+websocket, no packet injected. See ``docs/antigena.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Generator
+from typing import Any
+
+import aiohttp
+
+from ossensor_core.config import SensorConfig
+from ossensor_core.errors import ConfigError
+from ossensor_core.plugin import ResponseEnforcer, Setting, SettingsGroup, hookimpl
+
+from .resets import ResetEnforcer
+from .service import Antigena
+
+log = logging.getLogger("ossensor_plugins.antigena")
+
+NAME = "antigena"
+
+
+def tls_for(config: SensorConfig) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """The same TLS as the https transport: its pin, CA file or verification switch."""
+    https = config.plugin("https")
+    fingerprint = https.resolved.get("fingerprint")
+    ca_file = https.resolved.get("ca_file")
+    verify = https.resolved.get("tls_verify")
+    if fingerprint is not None and fingerprint.value:
+        from ossensor_plugins.transport_https import normalise_fingerprint
+
+        return aiohttp.Fingerprint(bytes.fromhex(normalise_fingerprint(fingerprint.value)))
+    if verify is not None and verify.value is False:
+        return False
+    try:
+        context = ssl.create_default_context(cafile=(ca_file.value if ca_file else None) or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"VSENSOR_CA_FILE: cannot load it for Antigena ({exc})"]) from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class AntigenaPlugin:
+    """The hook implementations; one instance per process (the entry point's object)."""
+
+    def __init__(self) -> None:
+        self.enforcers: list[ResponseEnforcer] | None = None
+        self.service: Antigena | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @hookimpl
+    def ossensor_settings(self) -> SettingsGroup:
+        return SettingsGroup(NAME, [
+            Setting("resets_per_second", float, 200.0,
+                    "Most TCP resets sent per second (each blocked segment takes two).",
+                    positive=True),
+            Setting("reconnect_max_seconds", float, 10.0,
+                    "Longest wait between attempts to reopen the websocket to the vSensor.",
+                    positive=True),
+            Setting("reports_kept", int, 1000,
+                    "Reports kept while the vSensor is away (the oldest go first).", minimum=1),
+        ])
+
+    @hookimpl
+    def ossensor_configure(self, config: SensorConfig) -> None:
+        """A CA file that cannot be loaded stops start-up, not the first connection."""
+        if config.antigena_enabled:
+            tls_for(config)
+
+    @hookimpl(wrapper=True)
+    def ossensor_response_enforcer(self, config: SensorConfig) -> Generator[
+            None, list[ResponseEnforcer | None], list[ResponseEnforcer | None]]:
+        """Put the reset enforcer first and remember every enforcer the plugins return."""
+        others = yield
+        if self.enforcers is None:
+            settings = config.plugin(NAME)
+            self.enforcers = [ResetEnforcer(settings.resets_per_second),
+                              *(e for e in others if e is not None)]
+        return [*self.enforcers]
+
+    @hookimpl
+    def ossensor_startup(self, config: SensorConfig) -> None:
+        if not config.antigena_enabled:
+            return
+        settings = config.plugin(NAME)
+        enforcers = self.enforcers
+        if enforcers is None:  # the core did not ask for enforcers before start-up
+            enforcers = [ResetEnforcer(settings.resets_per_second)]
+        log.info("Antigena: enforcers %s; reports every %g s",
+                 ", ".join(getattr(e, "name", type(e).__name__) for e in enforcers),
+                 config.antigena_time_period)
+        self.service = Antigena(host=config.vsensor_hostname, port=config.vsensor_port,
+                                key=config.hmac_key, sensor=config.name, tls=tls_for(config),
+                                period=config.antigena_time_period, enforcers=enforcers,
+                                reconnect_max=settings.reconnect_max_seconds,
+                                reports_kept=settings.reports_kept)
+        self.task = asyncio.get_running_loop().create_task(self.service.run(), name="antigena")
+        self.task.add_done_callback(_ended)
+
+    @hookimpl
+    def ossensor_shutdown(self, config: SensorConfig) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+def _ended(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("Antigena stopped: %r", task.exception())
+
+
+plugin = AntigenaPlugin()

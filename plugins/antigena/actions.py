@@ -1,0 +1,214 @@
+"""Antigena actions on the sensor: parsing what the vSensor sends, matching TCP segments, and the
+kernel filter that lets only blocked traffic reach the watching socket. Pure: no I/O."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
+IPPROTO_TCP = 6
+
+
+@dataclass(frozen=True)
+class Action:
+    """Block TCP connections matching ``src``/``dst`` (None: any) and the ports, in either
+    direction, until ``expiry`` (Unix time)."""
+
+    id: str
+    src: IPNetwork | None
+    dst: IPNetwork | None
+    sport: int | None
+    dport: int | None
+    start: float
+    expiry: float
+
+    def matches(self, segment: Segment) -> bool:
+        """The segment belongs to a blocked connection, whichever end sent it."""
+        return self.matches_ends(segment.src, segment.sport, segment.dst, segment.dport)
+
+    def matches_ends(self, a: IPAddress, a_port: int, b: IPAddress, b_port: int) -> bool:
+        """The connection between these two ends is blocked, whichever opened it."""
+        return self._side(a, b, a_port, b_port) or self._side(b, a, b_port, a_port)
+
+    def _side(self, client: IPAddress, server: IPAddress, cport: int, sport: int) -> bool:
+        return ((self.src is None or client in self.src)
+                and (self.dst is None or server in self.dst)
+                and (self.sport is None or cport == self.sport)
+                and (self.dport is None or sport == self.dport))
+
+    def bpf(self) -> str:
+        """The same match as :meth:`matches`, as a libpcap expression."""
+        forward = [f"src net {self.src}" if self.src else "",
+                   f"dst net {self.dst}" if self.dst else "",
+                   f"src port {self.sport}" if self.sport else "",
+                   f"dst port {self.dport}" if self.dport else ""]
+        reverse = [f"dst net {self.src}" if self.src else "",
+                   f"src net {self.dst}" if self.dst else "",
+                   f"dst port {self.sport}" if self.sport else "",
+                   f"src port {self.dport}" if self.dport else ""]
+        return (f"({' and '.join(p for p in forward if p)}) or "
+                f"({' and '.join(p for p in reverse if p)})")
+
+    def describe(self) -> str:
+        parts = [f"src {self.src}" if self.src else "", f"dst {self.dst}" if self.dst else "",
+                 f"sport {self.sport}" if self.sport else "",
+                 f"dport {self.dport}" if self.dport else ""]
+        return " ".join(p for p in parts if p)
+
+
+def _network(name: str, value: object) -> IPNetwork | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} {value!r} is not an address or CIDR")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is not an address or CIDR") from None
+
+
+def _port(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{name} {value!r} is not a port (1-65535)")
+    return value
+
+
+def parse_action(message: object, now: float) -> Action:
+    """An action as the vSensor sends it (``docs/antigena.md``); ValueError says what is wrong."""
+    if not isinstance(message, dict):
+        raise ValueError("an action must be a JSON object")
+    action_id = message.get("id")
+    if not isinstance(action_id, str) or not 0 < len(action_id) <= 100:
+        raise ValueError(f"bad action id {action_id!r}")
+    kind = message.get("kind", "block")
+    if kind != "block":
+        raise ValueError(f"unknown kind of action {kind!r} (this sensor enforces: block)")
+    if message.get("protocol", "tcp") != "tcp":
+        raise ValueError(f"protocol {message.get('protocol')!r} cannot be blocked (only tcp)")
+    src, dst = _network("src", message.get("src")), _network("dst", message.get("dst"))
+    if src is None and dst is None:
+        raise ValueError("neither src nor dst is given")
+    if src is not None and dst is not None and src.version != dst.version:
+        raise ValueError("src and dst are of different IP versions")
+    sport, dport = _port("sport", message.get("sport")), _port("dport", message.get("dport"))
+    start, expiry = message.get("start", now), message.get("expiry")
+    if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or \
+            isinstance(start, bool) or not isinstance(start, (int, float)):
+        raise ValueError(f"bad start {start!r} or expiry {expiry!r}")
+    if expiry <= now:
+        raise ValueError("the action has already expired")
+    return Action(action_id, src, dst, sport, dport, float(start), float(expiry))
+
+
+def watch_filter(actions: Iterable[Action], exempt: Iterable[tuple[str, int]]) -> str:
+    """Only TCP segments of blocked connections, never the sensor's own vSensor traffic."""
+    matches = " or ".join(f"({a.bpf()})" for a in actions)
+    if not matches:
+        return ""
+    spared = "".join(f" and not (host {host} and tcp port {port})"
+                     for host, port in sorted(set(exempt)))
+    return f"tcp and ({matches}){spared}"
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """The fields of one TCP segment that enforcement needs."""
+
+    src: IPAddress
+    dst: IPAddress
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    payload: int  # bytes of TCP payload
+    eth_src: bytes
+    eth_dst: bytes
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the receiver expects after this segment."""
+        return (self.seq + self.payload + (1 if self.flags & TCP_SYN else 0)
+                + (1 if self.flags & TCP_FIN else 0)) & 0xFFFFFFFF
+
+    def endpoints(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        return (str(self.src), self.sport), (str(self.dst), self.dport)
+
+    def connection(self) -> tuple:
+        """The same key for both directions of a connection."""
+        a, b = self.endpoints()
+        return (a, b) if a <= b else (b, a)
+
+
+_TCP = struct.Struct("!HHIIBB")
+
+
+def parse_ethernet(frame: bytes) -> Segment | None:
+    """The TCP segment in an Ethernet frame (VLAN tags skipped), or None."""
+    if len(frame) < 14:
+        return None
+    offset, ethertype = 14, int.from_bytes(frame[12:14], "big")
+    while ethertype in (ETH_P_8021Q, ETH_P_8021AD) and len(frame) >= offset + 4:
+        ethertype = int.from_bytes(frame[offset + 2:offset + 4], "big")
+        offset += 4
+    if ethertype == ETH_P_IP and len(frame) >= offset + 20:
+        ihl = (frame[offset] & 0x0F) * 4
+        if frame[offset + 9] != IPPROTO_TCP or ihl < 20:
+            return None
+        total = int.from_bytes(frame[offset + 2:offset + 4], "big")
+        src = ipaddress.IPv4Address(frame[offset + 12:offset + 16])
+        dst = ipaddress.IPv4Address(frame[offset + 16:offset + 20])
+        tcp, tcp_bytes = offset + ihl, total - ihl
+    elif ethertype == ETH_P_IPV6 and len(frame) >= offset + 40:
+        if frame[offset + 6] != IPPROTO_TCP:  # extension headers are not followed
+            return None
+        src = ipaddress.IPv6Address(frame[offset + 8:offset + 24])
+        dst = ipaddress.IPv6Address(frame[offset + 24:offset + 40])
+        tcp, tcp_bytes = offset + 40, int.from_bytes(frame[offset + 4:offset + 6], "big")
+    else:
+        return None
+    if len(frame) < tcp + 20:
+        return None
+    sport, dport, seq, ack, data_offset, flags = _TCP.unpack_from(frame, tcp)
+    payload = tcp_bytes - (data_offset >> 4) * 4
+    if payload < 0:
+        return None
+    return Segment(src, dst, sport, dport, seq, ack, flags, payload, frame[6:12], frame[0:6])
+
+
+def first_match(actions: Sequence[Action], segment: Segment, now: float) -> Action | None:
+    for action in actions:
+        if now < action.expiry and action.matches(segment):
+            return action
+    return None
+
+
+def parse_proc_tcp(text: str, version: int) -> list[tuple[IPAddress, int, IPAddress, int]]:
+    """Established connections in ``/proc/net/tcp`` (``version`` 4) or ``tcp6`` (6):
+    ``(local address, port, remote address, port)``. Addresses there are hex, 32-bit words in
+    host (little-endian) order."""
+    found = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4 or fields[3] != "01":  # TCP_ESTABLISHED
+            continue
+        ends = []
+        for field in fields[1:3]:
+            address, _, port = field.partition(":")
+            raw = bytes.fromhex(address)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.IPv4Address(raw) if version == 4 else ipaddress.IPv6Address(raw)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            ends.append((ip, int(port, 16)))
+        found.append((ends[0][0], ends[0][1], ends[1][0], ends[1][1]))
+    return found
