@@ -82,6 +82,12 @@ class PacketBatch:
         return (f"PacketBatch({self.interface!r}, linktype={self.linktype}, "
                 f"packets={self.count}, bytes={len(self.data)})")
 
+    @property
+    def sliced(self) -> bool:
+        """True for a sub-batch (chosen records); False when ``data`` holds exactly the
+        ``count`` records, chained by their next-record offsets."""
+        return self._offsets is not None
+
     def offsets(self) -> array:
         """Offsets of the records in ``data`` (walks the record chain once, then cached)."""
         if self._offsets is None:

@@ -13,6 +13,8 @@ one compression per chunk, never work per packet. Layout (little-endian)::
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 
 import zstandard
 
@@ -36,13 +38,39 @@ def _name(value: str) -> bytes:
 
 
 class ChunkCodec:
-    """Encodes chunks with zstd (level 1 by default: about 0.07 us per 64-byte packet here)."""
+    """Encodes chunks with zstd at level -3 by default (one of zstd's fast levels: on ring
+    records of 64-byte UDP frames with random payloads it compressed to 0.24 at about 0.12 us
+    per packet here, against 0.23 at 0.22 us for level 1).
+
+    Compression pays only when the traffic compresses. When a chunk does not shrink to
+    ``worth`` of its size (TLS, random payloads), the codec sends chunks uncompressed for
+    ``backoff`` seconds, then tries again; every failed try doubles the pause (up to
+    ``max_backoff``), a successful one resets it. So incompressible traffic costs one
+    compression now and then, not one per chunk. Not thread-safe: one encode at a time.
+    """
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, level: int = 1, compress: bool = True) -> None:
+    def __init__(self, level: int = -3, compress: bool = True, worth: float = 0.7,
+                 backoff: float = 1.0, max_backoff: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.level = level
         self.compress = compress
+        self.worth = worth
+        self.min_backoff = backoff
+        self.max_backoff = max_backoff
+        self._clock = clock
+        self._backoff = backoff
+        self._paused_until = 0.0
+        self._compressor = zstandard.ZstdCompressor(level=level)
+        self.compressed = 0  # chunks sent compressed
+        self.uncompressed = 0  # chunks sent as they are (paused, or not worth it)
+        self.attempts_wasted = 0  # compressions thrown away because they saved too little
+
+    @property
+    def paused(self) -> bool:
+        """True while compression is paused after incompressible traffic."""
+        return self._clock() < self._paused_until
 
     def encode(self, chunk: Chunk) -> bytes:
         parts = [_HEAD.pack(chunk.sequence, chunk.created_ns), _name(chunk.sensor),
@@ -51,12 +79,20 @@ class ChunkCodec:
             data = batch.compact()
             parts += [_name(batch.interface),
                       _BATCH.pack(batch.ifindex, batch.linktype, batch.count, len(data)), data]
-        body = b"".join(parts)
-        codec = CODEC_NONE
-        if self.compress:
-            body = zstandard.ZstdCompressor(level=self.level).compress(body)
-            codec = CODEC_ZSTD
-        return _OUTER.pack(MAGIC, VERSION, codec, 0, len(body)) + body
+        if self.compress and not self.paused:
+            body = b"".join(parts)
+            packed = self._compressor.compress(body)
+            if len(packed) <= self.worth * len(body):
+                self._backoff = self.min_backoff
+                self.compressed += 1
+                return _OUTER.pack(MAGIC, VERSION, CODEC_ZSTD, 0, len(packed)) + packed
+            self.attempts_wasted += 1
+            self._paused_until = self._clock() + self._backoff
+            self._backoff = min(2 * self._backoff, self.max_backoff)
+        self.uncompressed += 1
+        # One copy: the outer header goes into the same join as the records.
+        size = sum(len(part) for part in parts)
+        return b"".join([_OUTER.pack(MAGIC, VERSION, CODEC_NONE, 0, size), *parts])
 
     def decode(self, payload: bytes) -> Chunk:
         try:

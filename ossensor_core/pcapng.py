@@ -9,7 +9,8 @@ import struct
 from typing import BinaryIO
 
 from . import __version__
-from .batch import PacketBatch
+from .batch import (ETH_P_8021Q, LINKTYPE_ETHERNET, TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
+                    TPACKET3_HDR, PacketBatch)
 
 _SHB = 0x0A0D0D0A
 _IDB = 0x00000001
@@ -43,6 +44,50 @@ def interface_description(name: str, linktype: int) -> bytes:
     return _block(_IDB, struct.pack("<HHI", linktype, 0, SNAPLEN) + options)
 
 
+_EPB_HEAD = struct.Struct("<IIIIIII")
+# The end of an EPB: zero padding to 4 bytes, then the block length again; one Struct per pad.
+_EPB_TAIL = [struct.Struct(f"<{pad}xI").pack for pad in range(4)]
+
+
+def epb_parts(batch: PacketBatch, interface_id: int) -> list[bytes | memoryview]:
+    """The Enhanced Packet Blocks of ``batch``, as parts for one ``b"".join``.
+
+    This is the vSensor's per-packet loop (and the ``file`` transport's), so it is kept tight:
+    the record header read once, the frame referenced by a memoryview and copied only by the
+    join. A VLAN tag the kernel stripped is put back as libpcap does (see
+    :meth:`PacketBatch.packets`).
+    """
+    data = batch.data
+    view = memoryview(data)
+    unpack = TPACKET3_HDR.unpack_from
+    head = _EPB_HEAD.pack
+    tails = _EPB_TAIL
+    ethernet = batch.linktype == LINKTYPE_ETHERNET
+    parts: list[bytes | memoryview] = []
+    append = parts.append
+    offsets = batch.offsets() if batch.sliced else None
+    offset = 0
+    for index in range(batch.count):
+        if offsets is not None:
+            offset = offsets[index]
+        step, sec, nsec, snaplen, length, status, mac, _, _, tci, tpid, _ = unpack(data, offset)
+        start = offset + mac
+        frame: bytes | memoryview = view[start:start + snaplen]
+        if ethernet and status & TP_STATUS_VLAN_VALID and snaplen >= 12:
+            tag_type = tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else ETH_P_8021Q
+            frame = bytes(frame[:12]) + struct.pack("!HH", tag_type, tci) + bytes(frame[12:])
+            snaplen += 4
+            length += 4
+        pad = -snaplen & 3
+        total = 32 + snaplen + pad
+        ts = sec * 1_000_000_000 + nsec
+        append(head(_EPB, total, interface_id, ts >> 32, ts & 0xFFFFFFFF, snaplen, length))
+        append(frame)
+        append(tails[pad](total))
+        offset += step
+    return parts
+
+
 class PcapngWriter:
     """Appends batches of one link type to an open binary file as pcapng."""
 
@@ -66,17 +111,7 @@ class PcapngWriter:
         if interface_id is None:
             interface_id = self.interfaces[batch.interface] = len(self.interfaces)
             self._write(interface_description(batch.interface, batch.linktype))
-        head = struct.Struct("<IIIIIII").pack
-        parts = []
-        for packet in batch.packets():
-            caplen = len(packet.data)
-            pad = (-caplen) % 4
-            total = 32 + caplen + pad
-            ts = packet.timestamp_ns
-            parts.append(head(_EPB, total, interface_id, ts >> 32, ts & 0xFFFFFFFF, caplen,
-                              packet.wire_length))
-            parts.append(packet.data)
-            parts.append(b"\0" * pad + struct.pack("<I", total))
+        parts = epb_parts(batch, interface_id)
         self._write(b"".join(parts))
         self.packets += batch.count
         return batch.count

@@ -101,3 +101,60 @@ def test_pcapng_read_by_tshark(tmp_path):
     assert len(rows) == 53
     assert rows[0][:2] == ["60", "eth0"] and rows[-1][1] == "eth1"
     assert rows[0][2].startswith("1700000000.123456789")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def random_chunk(sequence: int, packets: int = 200) -> Chunk:
+    import os
+    frames = [(i, 512, os.urandom(512)) for i in range(packets)]
+    return Chunk("node", sequence, (PacketBatch.from_frames("eth0", 2, 1, frames),), 0)
+
+
+def codec_of(encoded: bytes) -> int:
+    return encoded[5]
+
+
+def test_compression_pauses_on_random_payloads_and_tries_again():
+    clock = FakeClock()
+    codec = ChunkCodec(backoff=1.0, max_backoff=4.0, clock=clock)
+    # The first chunk is tried, found incompressible, and sent as it is.
+    first = codec.encode(random_chunk(1))
+    assert codec_of(first) == 0 and codec.attempts_wasted == 1
+    # While paused no compression is attempted at all.
+    for sequence in range(2, 12):
+        assert codec_of(codec.encode(random_chunk(sequence))) == 0
+    assert codec.attempts_wasted == 1 and codec.paused
+    # After the pause it tries again (still random: paused again, for twice as long).
+    clock.now += 1.01
+    codec.encode(random_chunk(20))
+    assert codec.attempts_wasted == 2 and codec.paused
+    clock.now += 1.5
+    assert codec.paused  # the pause doubled to 2 s
+    clock.now += 0.6
+    assert not codec.paused
+    # Compressible traffic again: the next try compresses, and compression stays on.
+    compressible = Chunk("node", 30, (batch(),), 0)
+    assert codec_of(codec.encode(compressible)) == 1
+    assert not codec.paused
+    assert codec_of(codec.encode(Chunk("node", 31, (batch(),), 0))) == 1
+    assert (codec.compressed, codec.attempts_wasted) == (2, 2)
+
+
+def test_uncompressed_and_compressed_chunks_decode_to_the_same_records():
+    clock = FakeClock()
+    codec = ChunkCodec(clock=clock)
+    chunk = random_chunk(7)
+    raw = codec.encode(chunk)  # incompressible: sent as it is
+    assert codec_of(raw) == 0
+    decoded = codec.decode(raw)
+    assert decoded.sequence == 7 and decoded.batches[0].data == chunk.batches[0].data
+    packed = ChunkCodec().encode(Chunk("node", 8, (batch(),), 0))
+    assert codec_of(packed) == 1
+    assert [p.data for p in codec.decode(packed).batches[0].packets()] == [f[2] for f in FRAMES]

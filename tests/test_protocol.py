@@ -55,3 +55,26 @@ def test_clock_skew_and_replay():
 def test_version_negotiation():
     assert negotiate([1, 2]) == 1
     assert negotiate([2, 3]) is None
+
+
+def test_blake3_body_digest_verifies_and_is_bound_to_the_signature():
+    from ossensor_core.protocol import BLAKE3, H_CONTENT, H_CONTENT_BLAKE3, content_digest
+    body = bytes(range(256)) * 4096
+    headers = sign(KEY, "POST", "/api/v1/chunks", body, "node-1", now=1_000_000.0,
+                   algorithm=BLAKE3)
+    assert H_CONTENT not in headers
+    assert headers[H_CONTENT_BLAKE3] == content_digest(body, BLAKE3)
+    assert verify([KEY], "POST", "/api/v1/chunks", headers, body, NonceCache(300),
+                  now=1_000_000.0).sensor == "node-1"
+    with pytest.raises(AuthError, match="body does not match"):
+        verify([KEY], "POST", "/api/v1/chunks", headers, body[:-1] + b"x", NonceCache(300),
+               now=1_000_000.0)
+    # The signature names the algorithm: the same hex relabelled as SHA-256 does not verify.
+    relabelled = {k: v for k, v in headers.items() if k != H_CONTENT_BLAKE3}
+    relabelled[H_CONTENT] = headers[H_CONTENT_BLAKE3]
+    with pytest.raises(AuthError):
+        verify([KEY], "POST", "/api/v1/chunks", relabelled, body, NonceCache(300),
+               now=1_000_000.0)
+    both = dict(headers, **{H_CONTENT: content_digest(body)})
+    with pytest.raises(AuthError, match="two body digest headers"):
+        verify([KEY], "POST", "/api/v1/chunks", both, body, NonceCache(300), now=1_000_000.0)

@@ -317,7 +317,7 @@ class AfPacketBackend:
     """Opens :class:`AfPacketSource` captures with one ring geometry."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
-    block_count: int = 8
+    block_count: int = 16
     block_timeout_ms: int = 100
     name: ClassVar[str] = PLUGIN
 
@@ -337,7 +337,7 @@ def ossensor_settings() -> SettingsGroup:
         Setting("block_size", int, DEFAULT_BLOCK_SIZE,
                 "Bytes per ring block; a multiple of the page size that holds a 64 KiB frame.",
                 minimum=1),
-        Setting("block_count", int, 8, "Ring blocks per interface (memory: size x count).",
+        Setting("block_count", int, 16, "Ring blocks per interface (memory: size x count).",
                 minimum=2),
         Setting("block_timeout_ms", int, 100,
                 "Milliseconds after which a block that is not full is handed over anyway.",

@@ -269,7 +269,7 @@ def test_default_settings_give_a_backend(base_env: dict[str, str]) -> None:
     manager.hook.ossensor_configure(config=config)
     backend = manager.hook.ossensor_capture_backend(config=config)
     assert isinstance(backend, CaptureBackend) and backend.name == "afpacket"
-    assert (backend.block_size, backend.block_count, backend.block_timeout_ms) == (1 << 20, 8, 100)
+    assert (backend.block_size, backend.block_count, backend.block_timeout_ms) == (1 << 20, 16, 100)
 
 
 def test_settings_come_from_afpacket_variables(base_env: dict[str, str]) -> None:

@@ -1,0 +1,112 @@
+"""Chunk uploads over one blocking keep-alive HTTPS connection, driven from a worker thread.
+
+Why not aiohttp for the chunks: asyncio encrypts and writes in Python, one TLS record (16 KiB)
+at a time, and that costs more CPU than the capture itself. Uploading 1 MiB bodies to a local
+aiohttp server over TLS cost 2.4-3.0 ms of client CPU per MiB here with aiohttp (on asyncio or
+uvloop), against 1.3 ms with a blocking ``http.client`` connection, whose ``sendall`` hands the
+whole body to OpenSSL in one call with the GIL released. Registration, heartbeats and the
+Antigena websocket stay on aiohttp; only the bulk of the bytes goes this way.
+
+Verification is the transport's: a pinned SHA-256 fingerprint of the DER certificate (checked
+after the handshake), the system CAs or a CA file, or none at all when the user turned it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import ssl
+from dataclasses import dataclass
+
+
+class BulkError(Exception):
+    """A request that did not complete; ``state`` names the kind (tls, timeout, unreachable)."""
+
+    def __init__(self, state: str, message: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+@dataclass(frozen=True)
+class BulkAnswer:
+    status: int
+    text: str
+    retry_after: str | None
+
+
+def client_context(ca_file: str, fingerprint: str, verify: bool) -> ssl.SSLContext:
+    """The TLS context for the bulk connection (the pin is checked after the handshake)."""
+    if fingerprint or not verify:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class BulkConnection:
+    """One keep-alive connection; use it from one thread at a time."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, fingerprint: str,
+                 timeout: float) -> None:
+        self.host, self.port = host, port
+        self.context = context
+        self.fingerprint = fingerprint  # lower-case hex without colons, or ""
+        self.timeout = timeout
+        self._conn: http.client.HTTPSConnection | None = None
+
+    def _connect(self) -> http.client.HTTPSConnection:
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                           context=self.context)
+        conn.connect()
+        if self.fingerprint:
+            assert conn.sock is not None
+            der = conn.sock.getpeercert(binary_form=True) or b""
+            if hashlib.sha256(der).hexdigest() != self.fingerprint:
+                conn.close()
+                raise BulkError("tls", "the vSensor's certificate does not match the pinned "
+                                "fingerprint")
+        return conn
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> BulkAnswer:
+        """POST ``body``; a connection the server closed while idle is reopened once (chunks
+        are deduplicated by the vSensor, so sending one again is safe)."""
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            try:
+                if self._conn is None:
+                    self._conn = self._connect()
+                self._conn.request("POST", path, body=body, headers=headers)
+                response = self._conn.getresponse()
+                text = response.read().decode(errors="replace")
+                if response.will_close:
+                    self.close()
+                return BulkAnswer(response.status, text, response.getheader("Retry-After"))
+            except BulkError:
+                self.close()
+                raise
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                if reused and attempt == 1:
+                    continue
+                raise BulkError("unreachable", f"{type(exc).__name__}: {exc}") from None
+            except ssl.SSLCertVerificationError as exc:
+                self.close()
+                raise BulkError("tls", f"the vSensor's certificate is not trusted "
+                                f"({exc.verify_message})") from None
+            except (TimeoutError, socket.timeout):
+                self.close()
+                raise BulkError("timeout", f"no answer within {self.timeout:g} s") from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                message = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+                raise BulkError("unreachable", message) from None
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

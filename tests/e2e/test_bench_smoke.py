@@ -1,0 +1,58 @@
+"""`make bench` in small: a few thousand packets per trial, so that the benchmark cannot rot.
+
+The figures of a smoke run mean nothing (start-up and idle costs dominate); what is checked is
+that every capturer stores exactly what was sent and that the report has every field.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.run import TRIAL_FIELDS
+from tests.netns import needs_netns
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@needs_netns
+@pytest.mark.skipif(shutil.which("trafgen") is None or shutil.which("iperf3") is None,
+                    reason="needs trafgen and iperf3 (make setup)")
+def test_bench_smoke_stores_everything_and_reports_every_field(tmp_path):
+    out = tmp_path / "smoke.json"
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert {"started", "seconds", "smoke", "machine", "trials", "targets"} <= report.keys()
+    trials = report["trials"]
+    capturers = {t["capturer"] for t in trials}
+    assert capturers == {"tcpdump", "ossensor afpacket/https", "ossensor afpacket/file",
+                         "ossensor scapy/https"}
+    assert {t["kind"] for t in trials} == {"udp", "tcp"}
+    for trial in trials:
+        where = f"{trial.get('traffic')} / {trial.get('capturer')}"
+        missing = [f for f in TRIAL_FIELDS if f not in trial]
+        assert not missing, f"{where}: no {missing}"
+        assert trial["sent"] > 0, where
+        assert trial["stored"] == trial["sent"], f"{where}: stored {trial['stored']} of " \
+                                                 f"{trial['sent']}"
+        assert trial["kernel_drops"] == 0, where
+        assert trial["cpu_seconds"] > 0 and trial["cpu_us_per_packet"] > 0, where
+        assert trial["ratio_to_tcpdump"] is not None, where
+        assert trial["peak_rss_mib"] > 0, where
+        if trial["capturer"].startswith("ossensor afpacket"):
+            assert trial["peak_ring_rss_mib"] > 0, f"{where}: the ring is not seen in smaps"
+            assert trial.get("exit_code") == 0, where
+        if trial["capturer"].endswith("/https"):
+            assert trial["helper_cpu_seconds"]["vsensor"] > 0, where
+            assert trial["vsensor_exit_code"] == 0, where
+    assert report["targets"], "no target was evaluated"
+    assert all({"target", "measured", "holds"} <= t.keys() for t in report["targets"])
+    # The table names every trial.
+    assert done.stdout.count("\n") >= len(trials) + 2
