@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,8 +147,13 @@ class RotatingPcapngFiles:
 
     # Writing -----------------------------------------------------------------------------
 
-    def write_chunk(self, chunk: Chunk) -> int:
+    def write_chunk(self, chunk: Chunk,
+                    commit: Callable[[list[tuple[Path, int]]], None] | None = None) -> int:
         """Append every batch of ``chunk``; return the bytes added.
+
+        ``commit``, when given, is called once everything is written with the ``.part`` path and
+        end position of every open file (the vSensor journals them); an OSError from it cuts the
+        chunk off again like a failed write.
 
         All or nothing: on an OSError what the chunk wrote is cut off again (see the class) and
         StorageError is raised, naming the ``.part`` file written (``path``, or the folder when
@@ -171,9 +176,11 @@ class RotatingPcapngFiles:
                     marks[batch.linktype] = _Mark.of(current)
                 path = current.part
                 current.writer.write_batch(batch)
+            if commit is not None:
+                commit(self.positions())
         except OSError as exc:
             self._roll_back(marks.values())
-            where = str(path) if path is not None else str(self.directory)
+            where = str(exc.filename or (path if path is not None else self.directory))
             reason = exc.strerror or str(exc)
             raise StorageError(f"cannot write {where!r}: {reason}", exc.errno, reason,
                                path) from exc
@@ -186,6 +193,10 @@ class RotatingPcapngFiles:
             added += mark.file.out.position - mark.position
         self.bytes_written += added
         return added
+
+    def positions(self) -> list[tuple[Path, int]]:
+        """(``.part`` path, bytes written) of every open file."""
+        return [(f.part, f.out.position) for f in self._files.values()]
 
     def _next_name(self, linktype: int) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -98,11 +98,14 @@ class Client:
             return r.status, data, r.headers
 
     async def register(self, sensor: str = SENSOR, addresses=("192.0.2.10",), versions=(1,),
-                       key: str = KEY):
-        body = json.dumps({"sensor": sensor, "versions": list(versions),
-                           "software": "ossensor 0.1.0", "addresses": list(addresses),
-                           "interfaces": ["eth0"]}).encode()
-        return await self.post(PATH_REGISTER, body, key=key, sensor=sensor)
+                       key: str = KEY, instance: str | None = None):
+        message = {"sensor": sensor, "versions": list(versions), "software": "ossensor 0.1.0",
+                   "addresses": list(addresses), "interfaces": ["eth0"]}
+        if instance is not None:
+            message["instance"] = instance
+        return await self.post(PATH_REGISTER, json.dumps(message).encode(), key=key,
+                               sensor=sensor,
+                               headers={"X-Ossensor-Instance": instance} if instance else None)
 
     async def send_chunk(self, chunk: Chunk, key: str = KEY, sensor: str | None = None,
                          headers_extra: dict[str, str] | None = None, **kwargs):
@@ -142,4 +145,6 @@ async def running(vsettings: VSensorSettings, tls) -> AsyncIterator[Client]:
 
 def stored_files(data_dir: Path, sensor: str = SENSOR) -> list[Path]:
     folder = data_dir / sensor
-    return sorted(folder.iterdir()) if folder.is_dir() else []
+    # Not the journal (.chunks): only what the vSensor stored for users.
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) \
+        if folder.is_dir() else []

@@ -18,7 +18,7 @@ import pytest
 from ossensor_core.chunk import ChunkCodec
 from ossensor_core.protocol import PATH_CHUNKS, PATH_REGISTER, sign
 from ossensor_vsensor.cli import main, parse_listen, UsageError
-from tests.vsensor.helpers import KEY, SENSOR, make_chunk
+from tests.vsensor.helpers import KEY, SENSOR, make_chunk, stored_files
 
 
 def free_port() -> int:
@@ -74,7 +74,7 @@ def test_cli_serves_with_a_self_signed_certificate_and_stops_cleanly(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
-    (stored,) = (tmp_path / "data" / SENSOR).iterdir()
+    (stored,) = stored_files(tmp_path / "data")
     assert stored.suffix == ".pcapng"  # the .part was completed on SIGTERM
     log = (tmp_path / "first.log").read_text()
     assert KEY not in log and "old-key-0001" not in log

@@ -10,7 +10,7 @@ import pytest
 
 from ossensor_core.batch import PacketBatch
 from ossensor_core.protocols import Chunk
-from tests.vsensor.helpers import SENSOR, ether_frame, running, settings
+from tests.vsensor.helpers import SENSOR, ether_frame, running, settings, stored_files
 
 
 def big_chunk(sequence: int) -> Chunk:
@@ -50,7 +50,7 @@ def test_full_disk_answers_507_and_keeps_earlier_chunks_whole(tmp_path, tls, sma
             return stored
     stored = asyncio.run(scenario())
     assert "No space left on device" in caplog.text
-    (path,) = (small_disk / SENSOR).iterdir()
+    (path,) = stored_files(small_disk)
     assert path.suffix == ".pcapng"
     if shutil.which("tcpdump"):
         out = subprocess.run(["tcpdump", "-nr", str(path)], capture_output=True, text=True,

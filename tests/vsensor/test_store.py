@@ -10,13 +10,13 @@ import pytest
 
 from ossensor_core.pcapng import PcapngWriter
 from ossensor_vsensor.store import SensorStore, StoreError, safe_name
-from tests.vsensor.helpers import make_chunk
+from tests.vsensor.helpers import make_chunk, stored_files
 
 
 def test_a_failed_write_is_cut_off_again(tmp_path, monkeypatch):
     store = SensorStore(tmp_path, "node-1", rotate_bytes=1 << 20, rotate_seconds=300)
     store.write_chunk(make_chunk(1, packets=2))
-    (part,) = (tmp_path / "node-1").iterdir()
+    (part,) = stored_files(tmp_path, "node-1")
     size = part.stat().st_size
 
     original = PcapngWriter.write_batch
@@ -33,12 +33,12 @@ def test_a_failed_write_is_cut_off_again(tmp_path, monkeypatch):
         store.write_chunk(make_chunk(2, packets=3, raw_packets=2))
     assert info.value.errno == errno.ENOSPC
     assert part.stat().st_size == size
-    assert list((tmp_path / "node-1").iterdir()) == [part]  # the raw file was removed
+    assert stored_files(tmp_path, "node-1") == [part]  # the raw file was removed
     monkeypatch.undo()
 
     store.write_chunk(make_chunk(3, packets=1))
     store.close()
-    (done,) = (tmp_path / "node-1").iterdir()
+    (done,) = stored_files(tmp_path, "node-1")
     assert done.suffix == ".pcapng"
     if shutil.which("tcpdump"):
         out = subprocess.run(["tcpdump", "-nr", str(done)], capture_output=True, text=True,
@@ -51,3 +51,78 @@ def test_sensor_names_are_safe_path_components():
     assert safe_name("../etc") == "_etc"
     assert safe_name("..") == "_"
     assert safe_name("a/b c") == "a_b_c"
+
+
+def _crash(store: SensorStore) -> None:
+    """What SIGKILL leaves: the descriptors go, nothing is completed or renamed."""
+    import os
+    for _, opened in list(store._files._files.items()):
+        os.close(opened.out.fd)
+    if store._journal is not None:
+        os.close(store._journal)
+
+
+def test_recovery_keeps_exactly_the_acknowledged_chunks(tmp_path):
+    from scapy.utils import PcapNgReader
+
+    from ossensor_vsensor.store import recover
+
+    store = SensorStore(tmp_path, "node-1", rotate_bytes=1 << 20, rotate_seconds=300)
+    for sequence in (1, 2, 3):
+        store.write_chunk(make_chunk(sequence, packets=2))  # journaled: acknowledged
+    # Chunk 4 reaches the file but the process dies before its journal line: never
+    # acknowledged, so the sensor sends it again.
+    store._files.write_chunk(make_chunk(4, packets=2))
+    (part,) = stored_files(tmp_path, "node-1")
+    with open(part, "ab") as handle:  # and half a block of a fifth write
+        handle.write(b"\x06\x00\x00\x00\x40\x00")
+    _crash(store)
+
+    lines = recover(tmp_path / "node-1")
+    assert len(lines) == 1 and "cut off" in lines[0]
+    (done,) = stored_files(tmp_path, "node-1")
+    assert done.suffix == ".pcapng"
+    with PcapNgReader(str(done)) as reader:
+        frames = [bytes(p) for p in reader]
+    expected = [p.data for s in (1, 2, 3) for b in make_chunk(s, packets=2).batches
+                for p in b.packets()]
+    assert frames == expected
+
+    again = SensorStore(tmp_path, "node-1", rotate_bytes=1 << 20, rotate_seconds=300)
+    again.load()
+    assert [again.seen(s) for s in (1, 2, 3, 4)] == [True, True, True, False]
+    again.write_chunk(make_chunk(4, packets=2))  # the retry is stored, once
+    again.close()
+    assert recover(tmp_path / "node-1") == []
+
+
+def test_recovery_removes_a_file_with_no_acknowledged_chunk(tmp_path):
+    from ossensor_vsensor.store import recover
+
+    store = SensorStore(tmp_path, "node-1", rotate_bytes=1 << 20, rotate_seconds=300)
+    store.write_chunk(make_chunk(1, packets=2))
+    store.close()  # completed: recovery leaves it alone
+    store = SensorStore(tmp_path, "node-1", rotate_bytes=1 << 20, rotate_seconds=300)
+    store.load()
+    store._files.write_chunk(make_chunk(2, packets=2))  # a new .part file, never journaled
+    _crash(store)
+    assert len(stored_files(tmp_path, "node-1")) == 2
+    (line,) = recover(tmp_path / "node-1")
+    assert "removed" in line
+    (left,) = stored_files(tmp_path, "node-1")
+    assert left.suffix == ".pcapng"
+
+
+def test_journal_is_compacted(tmp_path, monkeypatch):
+    import ossensor_vsensor.store as store_module
+
+    monkeypatch.setattr(store_module, "SEQUENCE_MEMORY", 5)
+    store = SensorStore(tmp_path, "node-1", rotate_bytes=1 << 20, rotate_seconds=300)
+    for sequence in range(1, 16):
+        store.write_chunk(make_chunk(sequence, packets=1))
+    store.close()
+    entries = store_module.read_journal(tmp_path / "node-1" / store_module.JOURNAL)
+    assert len(entries) <= 10 and entries[-1][0] == 15
+    again = SensorStore(tmp_path, "node-1", rotate_bytes=1 << 20, rotate_seconds=300)
+    again.load()
+    assert again.seen(15) and again.seen(11) and not again.seen(1)

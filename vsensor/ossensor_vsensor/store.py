@@ -14,6 +14,14 @@ is cut back to its size before the chunk, files opened for it are removed, and
 
 Methods of :class:`SensorStore` do blocking I/O; the application calls them in a worker
 thread, one at a time per sensor (an asyncio lock per sensor).
+
+Exactly once across a crash: before a chunk is acknowledged, a line goes into the sensor's
+journal (``DATA_DIR/<sensor>/.chunks``): the chunk's sequence and the end position of every open
+``.part`` file. A process that dies (SIGKILL, OOM) loses no acknowledged chunk, because the data
+and the line are in the kernel's page cache before the answer leaves. At the next start
+:func:`recover` cuts every ``.part`` file back to its last journaled position (what lies beyond
+was never acknowledged: the sensor sends it again) and completes it, and the journal tells which
+sequences are stored, so a retry of an acknowledged chunk is recognised after the restart too.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -34,8 +43,9 @@ log = logging.getLogger(__name__)
 
 DIR_MODE = 0o750
 #: How many stored chunk sequences are remembered per sensor to recognise a retry. A retry comes
-#: seconds after the original, so a bounded window is enough; the memory is lost on restart.
+#: seconds after the original, so a bounded window is enough; the journal keeps it over restarts.
 SEQUENCE_MEMORY = 65536
+JOURNAL = ".chunks"
 
 
 class StoreError(StorageError):
@@ -69,6 +79,20 @@ class SensorStore:
         self._files = RotatingPcapngFiles(self.directory, "", rotate_bytes, rotate_seconds,
                                           continue_after_failure=True)
         self._sequences: OrderedDict[int, None] = OrderedDict()
+        self._journal: int | None = None  # descriptor, opened by the first write
+        self._journal_lines = 0
+
+    def load(self) -> None:
+        """Remember the sequences of the journal (a crashed run's folder is recovered first, by
+        :func:`recover`, at the vSensor's start)."""
+        try:
+            entries = read_journal(self.directory / JOURNAL)[-SEQUENCE_MEMORY:]
+        except OSError as exc:  # writing will fail too, and be answered 507
+            log.error("cannot read the journal of %r in %s: %s", self.sensor, self.directory,
+                      exc.strerror or exc)
+            return
+        for sequence, _ in entries:
+            self.remember(sequence)
 
     @property
     def files_completed(self) -> int:
@@ -95,12 +119,38 @@ class SensorStore:
         except OSError as exc:
             raise self._error(chunk, exc.strerror or str(exc), exc.errno) from exc
         try:
-            added = self._files.write_chunk(chunk)
+            added = self._files.write_chunk(chunk, lambda ends: self._log(chunk.sequence, ends))
         except StorageError as exc:
             raise self._error(chunk, exc.reason, exc.errno) from exc.__cause__
         with contextlib.suppress(StorageError):  # logged
             self._files.complete_full()
         return added
+
+    def _log(self, sequence: int, ends: list[tuple[Path, int]]) -> None:
+        """Journal a chunk as stored (called by the writer after its data; an OSError here
+        cuts the chunk off the files again)."""
+        path = self.directory / JOURNAL
+        if self._journal is None or self._journal_lines >= 2 * SEQUENCE_MEMORY:
+            self._compact(path)
+        line = f"{sequence} " + ",".join(f"{p.name}:{end}" for p, end in ends) + "\n"
+        assert self._journal is not None
+        os.write(self._journal, line.encode())  # one short write: whole or not at all
+        self._journal_lines += 1
+
+    def _compact(self, path: Path) -> None:
+        """(Re)open the journal, keeping only its last SEQUENCE_MEMORY lines when it grew."""
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+        entries = read_journal(path)
+        if len(entries) > SEQUENCE_MEMORY:
+            entries = entries[-SEQUENCE_MEMORY:]
+            temporary = path.with_name(path.name + ".new")
+            temporary.write_text("".join(f"{seq} {rest}\n" for seq, rest in entries))
+            os.replace(temporary, path)
+        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                0o640)
+        self._journal_lines = len(entries)
 
     def _error(self, chunk: Chunk, reason: str, errno: int | None) -> StoreError:
         return StoreError(f"cannot store chunk {chunk.sequence} of {self.sensor!r} in "
@@ -118,6 +168,74 @@ class SensorStore:
         """Complete every open file (rename the ``.part`` files)."""
         with contextlib.suppress(StorageError):  # logged
             self._files.close()
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+
+
+def read_journal(path: Path) -> list[tuple[int, str]]:
+    """``(sequence, file ends)`` of every complete line of a journal; [] when there is none.
+    A last line without its newline (the process died while writing it) is ignored."""
+    try:
+        text = path.read_text(errors="replace")
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    entries = []
+    for line in text.split("\n")[:-1]:
+        sequence, _, rest = line.partition(" ")
+        if sequence.isdigit():
+            entries.append((int(sequence), rest))
+    return entries
+
+
+def _complete_blocks(data: bytes) -> tuple[int, bool]:
+    """Length of the complete pcapng blocks at the start of ``data``, and whether a packet
+    block is among them."""
+    position, packets = 0, False
+    while position + 12 <= len(data):
+        kind, length = struct.unpack_from("<II", data, position)
+        if length < 12 or length % 4 or position + length > len(data):
+            break
+        packets = packets or kind in (3, 6)
+        position += length
+    return position, packets
+
+
+def recover(folder: Path) -> list[str]:
+    """Cut the ``.part`` files of a sensor folder back to what was acknowledged, and complete
+    them (see the module). Returns one line per file, for the log."""
+    journal = folder / JOURNAL
+    has_journal = journal.exists()
+    ends: dict[str, int] = {}
+    for _, rest in read_journal(journal):
+        for item in rest.split(","):
+            name, _, end = item.rpartition(":")
+            if name and end.isdigit():
+                ends[name] = int(end)
+    done = []
+    for part in sorted(folder.glob("*" + pcapng_files.PART_SUFFIX)):
+        data = part.read_bytes()
+        if data[:4] != b"\x0a\x0d\x0d\x0a":  # not a pcapng file of ours: not ours to cut
+            done.append(f"{part.name}: left alone (not a pcapng file)")
+            continue
+        complete, _ = _complete_blocks(data)
+        if has_journal:
+            keep = min(ends.get(part.name, 0), complete)
+        else:  # written by a vSensor without a journal: keep whole blocks
+            keep = complete
+        _, packets = _complete_blocks(data[:keep])
+        final = part.with_name(part.name[:-len(pcapng_files.PART_SUFFIX)])
+        if not packets:
+            part.unlink()
+            done.append(f"{part.name}: removed (no acknowledged packet)")
+            continue
+        with open(part, "r+b") as handle:
+            handle.truncate(keep)
+            os.fsync(handle.fileno())
+        os.replace(part, final)
+        done.append(f"{part.name}: {len(data) - keep} bytes past the last acknowledged chunk "
+                    f"cut off, completed as {final.name}")
+    return done
 
 
 def enforce_retention(data_dir: Path, retain_seconds: float | None = None,
