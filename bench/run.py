@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.filters import filter_costs
 from bench.testbed import (Capturer, SensorCapturer, TcpdumpCapturer, TestBed, Traffic, dump,
                            measure, test_bed)
 
@@ -175,15 +176,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"working directory kept: {workdir}", file=sys.stderr)
     add_ratios(trials)
     checks = verdicts(trials)
+    filters = filter_costs()
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "seconds": round(time.time() - started, 1), "smoke": args.smoke,
               "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-              "trials": trials, "targets": checks}
+              "trials": trials, "targets": checks, "filters": filters}
     dump(report, out)
     print(table(trials))
     print()
     for check in checks:
         print(f"{'ok  ' if check['holds'] else 'MISS'} {check['target']}: {check['measured']}")
+    print("\nuser-space filters, per packet (pcapng writing as a yardstick):")
+    for cost in filters:
+        print(f"  {cost['filter']:<32}{cost['ns_per_packet']:>7} ns"
+              f"   (pcapng writer {cost['pcapng_writer_ns_per_packet']} ns)")
     print(f"\nresults: {out}")
     return 0
 

@@ -29,7 +29,12 @@ def test_bench_smoke_stores_everything_and_reports_every_field(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
-    assert {"started", "seconds", "smoke", "machine", "trials", "targets"} <= report.keys()
+    assert {"started", "seconds", "smoke", "machine", "trials", "targets",
+            "filters"} <= report.keys()
+    assert {f["filter"].split()[0] for f in report["filters"]} == {"dedup", "slice"}
+    assert all(f["ns_per_packet"] > 0 for f in report["filters"])
+    dedup = report["filters"][0]
+    assert dedup["dropped"] == dedup["packets"] // 2  # every packet was seen on two interfaces
     trials = report["trials"]
     capturers = {t["capturer"] for t in trials}
     assert capturers == {"tcpdump", "ossensor afpacket/https", "ossensor afpacket/file",
