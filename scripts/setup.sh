@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 libpcap0.8 tcpdump tshark iputils-ping netsniff-ng tcpreplay iperf3 procps)
+packages=(iproute2 libpcap0.8 tcpdump tshark iputils-ping netsniff-ng tcpreplay iperf3 procps libcap2-bin chromium)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
@@ -19,5 +19,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+bash scripts/install-k8s-tools.sh  # helm and kubectl for tests/deploy
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]' -e ./vsensor
 echo "setup: done (python $(python3 -c 'import sys; print(sys.version.split()[0])'), $(tcpdump --version 2>&1 | head -1))"
