@@ -106,6 +106,7 @@ def cmd_interfaces(environ: Mapping[str, str], watch: float | None) -> int:
 
 def cmd_run(environ: Mapping[str, str]) -> int:
     from .logsetup import setup_logging
+    from .memory import keep_buffers_mapped
     from .sensor import run_sensor
     from .startup import prepare
 
@@ -118,11 +119,28 @@ def cmd_run(environ: Mapping[str, str]) -> int:
         setup_logging(config.debug, config.logfile, [config.hmac_key])
     except OSError as exc:
         return _fail([f"OSSENSOR_LOGFILE_PATH: cannot open {config.logfile!r}: {exc.strerror}"])
+    keep_buffers_mapped()
     try:
         asyncio.run(run_sensor(prepared))
     except OssensorError as exc:
         return _fail([str(exc)])
     return 0
+
+
+def cmd_diagnose(environ: Mapping[str, str], as_json: bool) -> int:
+    from .diagnose import run_diagnose
+
+    report, code = run_diagnose(environ, as_json)
+    print(report, flush=True)
+    return code
+
+
+def cmd_health(environ: Mapping[str, str], live: bool, max_age: float) -> int:
+    from .health import run_health
+
+    code, message = run_health(environ, live, max_age)
+    print(message, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "interface, as JSON lines")
     interfaces.add_argument("--watch", type=float, metavar="SECONDS",
                             help="then report interface events for this long")
+    diagnose = sub.add_parser("diagnose", help="check configuration, interfaces, privileges, "
+                                               "kernel, vSensor and Antigena, one line each")
+    diagnose.add_argument("--json", action="store_true", help="print the checks as JSON")
+    health = sub.add_parser("health", help="probe a running sensor: exit 0 when ready "
+                                           "(registered and capturing)")
+    health.add_argument("--live", action="store_true",
+                        help="only check that the sensor is alive and making progress")
+    health.add_argument("--max-age", type=float, default=30.0, metavar="SECONDS",
+                        help="oldest acceptable status (default 30)")
     return parser
 
 
@@ -155,9 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins()
         if args.command == "interfaces":
             return cmd_interfaces(environ, args.watch)
+        if args.command == "diagnose":
+            return cmd_diagnose(environ, args.json)
+        if args.command == "health":
+            return cmd_health(environ, args.live, args.max_age)
         return cmd_run(environ)
     except KeyboardInterrupt:
-        return 130 if args.command in ("check", "plugins") else 0
+        return 130 if args.command in ("check", "plugins", "diagnose", "health") else 0
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("OSSENSOR_PLUGINS", str, "",
             "Extra plugins to load, in order, separated by spaces or commas."),
     Setting("OSSENSOR_DISABLE_PLUGINS", str, "", "Plugins not to load, separated by spaces or commas."),
-    Setting("OSSENSOR_CHUNK_BYTES", int, 1 << 20,
+    Setting("OSSENSOR_CHUNK_BYTES", int, 4 << 20,
             "A chunk is cut when its packet records reach this many bytes.", minimum=4096),
     Setting("OSSENSOR_CHUNK_SECONDS", float, 1.0,
             "A chunk is cut at the latest this many seconds after its first batch.",
@@ -65,6 +65,11 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("OSSENSOR_STATS_SECONDS", float, 10.0,
             "Seconds between capture counter reports (debug level 1).", positive=True),
     Setting("OSSENSOR_TRACE_HOOKS", bool, False, "Log every plugin hook call (for plugin authors)."),
+    Setting("OSSENSOR_RUN_DIR", str, "",
+            "Folder of the status file that `ossensor health` reads; empty: the folder of "
+            "OSSENSOR_CONFIG_PATH."),
+    Setting("OSSENSOR_METRICS_ADDRESS", str, "",
+            "host:port of the Prometheus metrics endpoint (e.g. 127.0.0.1:9853); empty: off."),
 )
 
 
@@ -94,6 +99,8 @@ class SensorConfig:
     chunk_bytes: int
     chunk_seconds: float
     stats_seconds: float
+    run_dir: str = ""
+    metrics_address: str = ""
     settings: Mapping[str, ResolvedSetting] = field(repr=False, default_factory=dict)
     plugin_settings: Mapping[str, PluginSettings] = field(repr=False, default_factory=dict)
 
@@ -196,6 +203,8 @@ def read_core_config(environ: Mapping[str, str]) -> tuple[SensorConfig, list[str
         chunk_bytes=values["OSSENSOR_CHUNK_BYTES"],
         chunk_seconds=values["OSSENSOR_CHUNK_SECONDS"],
         stats_seconds=values["OSSENSOR_STATS_SECONDS"],
+        run_dir=values["OSSENSOR_RUN_DIR"].strip(),
+        metrics_address=values["OSSENSOR_METRICS_ADDRESS"].strip(),
         settings=resolved,
     )
     return config, problems

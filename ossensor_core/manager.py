@@ -25,7 +25,12 @@ from .plugin import CAPTURE_GROUP, PLUGIN_GROUP, TRANSPORT_GROUP
 
 log = logging.getLogger(__name__)
 
-GROUPS = {CAPTURE_GROUP: "capture", TRANSPORT_GROUP: "transport", PLUGIN_GROUP: "plugin"}
+#: Antigena, the response stage: loaded by default while ``ANTIGENA_ENABLED`` is true.
+ANTIGENA_GROUP = "ossensor.antigena"
+ANTIGENA = "antigena"
+
+GROUPS = {CAPTURE_GROUP: "capture", TRANSPORT_GROUP: "transport", PLUGIN_GROUP: "plugin",
+          ANTIGENA_GROUP: "antigena"}
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,10 @@ def new_plugin_manager(trace: bool = False) -> pluggy.PluginManager:
 
 
 def load_plugins(capture: str, transport: str, extras: Sequence[str],
-                 disabled: Sequence[str], trace: bool = False) -> LoadedPlugins:
-    """Load the capture backend, the transport, then the extras minus the disabled ones.
+                 disabled: Sequence[str], trace: bool = False,
+                 antigena: bool = False) -> LoadedPlugins:
+    """Load the capture backend, the transport, Antigena (when ``antigena`` and not disabled),
+    then the extras minus the disabled ones.
 
     The core's own defaults are registered first, with lower priority than any plugin.
     """
@@ -169,6 +176,8 @@ def load_plugins(capture: str, transport: str, extras: Sequence[str],
         loaded.loaded.append(("core", "core"))
     chosen = [(CAPTURE_GROUP, *load_one(CAPTURE_GROUP, capture, "OSSENSOR_CAPTURE_BACKEND")),
               (TRANSPORT_GROUP, *load_one(TRANSPORT_GROUP, transport, "OSSENSOR_TRANSPORT"))]
+    if antigena and ANTIGENA not in disabled:
+        chosen.append((ANTIGENA_GROUP, *load_one(ANTIGENA_GROUP, ANTIGENA, "ANTIGENA_ENABLED")))
     wanted = [n for n in extras if n not in disabled]
     chosen += [(PLUGIN_GROUP, name, plugin)
                for name, plugin in load_many(PLUGIN_GROUP, wanted, "OSSENSOR_PLUGINS")]

@@ -91,7 +91,7 @@ def prepare(environ: Mapping[str, str], *, write_config: bool = True) -> Prepare
     try:
         plugins = load_plugins(config.capture_backend, config.transport, config.plugins,
                                config.disabled_plugins,
-                               trace=config.trace_hooks)
+                               trace=config.trace_hooks, antigena=config.antigena_enabled)
     except PluginError as exc:
         raise ConfigError([*problems, str(exc)]) from exc
     config = dataclasses.replace(config, plugin_settings=plugin_settings(plugins, environ,

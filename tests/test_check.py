@@ -179,7 +179,8 @@ def test_ipv6_hostname_accepted(base_env, ns):
      "OSSENSOR_CAPTURE_BACKEND=pfring: no such capture plugin is installed; available: afpacket, scapy"),
     ({"OSSENSOR_TRANSPORT": "carrier-pigeon"},
      "OSSENSOR_TRANSPORT=carrier-pigeon: no such transport plugin is installed; available: "),
-    ({"OSSENSOR_PLUGINS": "dedup"}, "OSSENSOR_PLUGINS: no plugin named 'dedup' is installed"),
+    ({"OSSENSOR_PLUGINS": "nosuchfilter"},
+     "OSSENSOR_PLUGINS: no plugin named 'nosuchfilter' is installed"),
     ({"OSSENSOR_DISABLE_PLUGINS": "nothing"},
      "OSSENSOR_DISABLE_PLUGINS: no plugin named 'nothing' is installed"),
 ])

@@ -125,8 +125,8 @@ def test_unknown_names_list_what_is_available(site, ns):
     install_maxlen(folder)
     result = ossensor(["check"], dict(env, OSSENSOR_PLUGINS="maxlen,nosuch"), ns)
     assert result.code == 1
-    assert "OSSENSOR_PLUGINS: no plugin named 'nosuch' is installed; available: maxlen" in \
-        result.stderr
+    assert ("OSSENSOR_PLUGINS: no plugin named 'nosuch' is installed; available: dedup, maxlen, "
+            "slice") in result.stderr
 
 
 def test_disable_plugins(site, ns):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ossensor_core.memory import keep_buffers_mapped
+
 from . import __version__
 from .app import VSensorSettings, create_app
 from .tls import certificate_fingerprint, ensure_self_signed, server_context
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ossensor-vsensor", description=__doc__.split("\n\n")[0],
                      epilog=f"Keys: ${KEY_VARIABLE} and/or --hmac-key-file. "
                             f"Admin token for /status, /status.json, /metrics: "
-                            f"${ADMIN_TOKEN_VARIABLE}.")
+                            f"${ADMIN_TOKEN_VARIABLE}. Antigena actions: "
+                            f"ossensor-vsensor antigena --help.")
     parser.add_argument("--listen", required=True, metavar="HOST:PORT",
                         help="address to listen on, e.g. 0.0.0.0:8443 or [::1]:8443")
     parser.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
@@ -71,27 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
                              "deleting the oldest first (default: no limit)")
     parser.add_argument("--heartbeat-seconds", type=float, default=10.0, metavar="N",
                         help="heartbeat interval given to sensors (default 10)")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="address sensors should use once registered (this vSensor's own "
+                             "address behind a load balancer they register through)")
     parser.add_argument("--sensor-port", type=int, action="append", default=[], metavar="PORT",
                         help="port sensors connect to when it differs from the listen port "
                              "(NAT, load balancer); repeatable")
+    parser.add_argument("--clock-offset-seconds", type=float, default=0.0, metavar="N",
+                        help="for testing only: act as if this clock were N seconds ahead "
+                             "(negative: behind), to reproduce a clock skew")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-zA-Z0-9]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
     if not match:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT or [IPv6]:PORT")
+        raise UsageError(f"{option} {text!r}: expected HOST:PORT or [IPv6]:PORT")
     host = match.group(1) if match.group(1) is not None else match.group(3)
     port = int(match.group(2) or match.group(4))
     if not 0 < port < 65536:
-        raise UsageError(f"--listen {text!r}: port {port} is not between 1 and 65535")
+        raise UsageError(f"{option} {text!r}: port {port} is not between 1 and 65535")
     if match.group(1) is not None:
         try:
             ipaddress.IPv6Address(host.split("%", 1)[0])
         except ValueError:
-            raise UsageError(f"--listen {text!r}: {host!r} is not an IPv6 address") from None
+            raise UsageError(f"{option} {text!r}: {host!r} is not an IPv6 address") from None
+    if not host and option != "--listen":
+        raise UsageError(f"{option} {text!r}: a host is needed")
     return host or "0.0.0.0", port
 
 
@@ -157,7 +168,9 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         skew_seconds=args.skew_seconds, rotate_bytes=args.rotate_bytes,
         rotate_seconds=args.rotate_seconds, heartbeat_seconds=args.heartbeat_seconds,
         vsensor_ports=tuple(args.sensor_port) or (port,),
-        retain_seconds=args.retain_seconds, retain_bytes=args.retain_bytes)
+        retain_seconds=args.retain_seconds, retain_bytes=args.retain_bytes,
+        clock_offset=args.clock_offset_seconds,
+        direct=parse_listen(args.advertise, "--advertise") if args.advertise else None)
     return settings, host, port, context
 
 
@@ -190,7 +203,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     environ = dict(os.environ if environ is None else environ)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["antigena"]:  # the operator's client for a running vSensor
+        from .antigena import run_cli
+        return run_cli(argv[1:], environ)
     args = build_parser().parse_args(argv)
+    keep_buffers_mapped()
     try:
         settings, host, port, context = prepare(args, environ)
         asyncio.run(serve(settings, host, port, context))
