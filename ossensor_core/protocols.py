@@ -77,13 +77,32 @@ class PacketFilter(Protocol):
 
 
 @dataclass(frozen=True)
+class InterfaceCounters:
+    """One row of a chunk's interface table: a captured interface and its cumulative kernel
+    counters (:class:`CaptureStats`) when the chunk was cut."""
+
+    name: str
+    ifindex: int
+    linktype: int
+    packets: int = 0
+    drops: int = 0
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """Batches cut together by size or time, the unit that a transport stores or sends."""
+    """Batches cut together by size or time, the unit that a transport stores or sends.
+
+    ``instance`` (the sending process, stamped by the transport that has one) and
+    ``interfaces`` (every interface captured when the chunk was cut, with or without batches
+    here) travel in chunk format v2 only; v1 leaves them empty.
+    """
 
     sensor: str
     sequence: int
     batches: tuple[PacketBatch, ...]
     created_ns: int
+    instance: str = ""
+    interfaces: tuple[InterfaceCounters, ...] = ()
     packets: int = field(init=False)
     record_bytes: int = field(init=False)
 
@@ -94,7 +113,12 @@ class Chunk:
 
 @runtime_checkable
 class ChunkEncoder(Protocol):
-    """Turns a chunk into bytes for the wire (and back, for the receiving side)."""
+    """Turns a chunk into bytes for the wire (and back, for the receiving side).
+
+    An encoder that writes several versions of ``ossensor-chunk`` lists them in ``versions``
+    and takes ``encode(chunk, version=n)``; without ``versions`` it is called as
+    ``encode(chunk)`` and taken to write version 1.
+    """
 
     media_type: str
 

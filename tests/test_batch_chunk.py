@@ -158,3 +158,77 @@ def test_uncompressed_and_compressed_chunks_decode_to_the_same_records():
     packed = ChunkCodec().encode(Chunk("node", 8, (batch(),), 0))
     assert codec_of(packed) == 1
     assert [p.data for p in codec.decode(packed).batches[0].packets()] == [f[2] for f in FRAMES]
+
+
+def chunk_v2() -> Chunk:
+    from ossensor_core.protocols import InterfaceCounters
+    table = (InterfaceCounters("eth0", 2, 1, 5_000_000_000, 7),
+             InterfaceCounters("wg0", 9, 101, 0, 0))  # captured, no batch in this chunk
+    return Chunk("node-1", 8, (batch(),), 123, "3f2a" * 8, table)
+
+
+def test_chunk_v2_round_trip_carries_instance_and_interface_table():
+    chunk = chunk_v2()
+    for codec in (ChunkCodec(), ChunkCodec(compress=False)):
+        payload = codec.encode(chunk, version=2)
+        assert payload[4] == 2
+        decoded = codec.decode(payload)
+        assert (decoded.sensor, decoded.sequence, decoded.created_ns) == ("node-1", 8, 123)
+        assert decoded.instance == chunk.instance
+        assert decoded.interfaces == chunk.interfaces  # u64 counters: 5e9 survives
+        assert [list(b.packets()) for b in decoded.batches] == \
+            [list(b.packets()) for b in chunk.batches]
+
+
+def test_chunk_v1_is_the_default_and_leaves_the_v2_fields_out():
+    chunk = chunk_v2()
+    payload = ChunkCodec().encode(chunk)
+    assert payload[4] == 1 and payload == ChunkCodec().encode(chunk, version=1)
+    decoded = ChunkCodec().decode(payload)
+    assert (decoded.instance, decoded.interfaces) == ("", ())
+    assert decoded.packets == chunk.packets
+    with pytest.raises(ValueError, match="cannot encode chunk version 3"):
+        ChunkCodec().encode(chunk, version=3)
+
+
+def test_chunk_version_byte_decides_the_layout():
+    payload = ChunkCodec(compress=False).encode(chunk_v2(), version=2)
+    for version in (1, 3):  # a v2 body read as v1 is garbage; v3 is unknown
+        with pytest.raises(ValueError):
+            ChunkCodec().decode(payload[:4] + bytes([version]) + payload[5:])
+
+
+def test_the_sensor_puts_every_capture_and_its_kernel_counters_in_the_chunk():
+    """``Sensor._cut`` (the real method, on a sensor holding only captures): the table lists
+    every capture, also one without a batch in the chunk, with its counters when cut."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ossensor_core.protocols import InterfaceCounters
+    from ossensor_core.sensor import Sensor, _Capture
+    from ossensor_core.testing import FakeCaptureSource, fake_interface
+
+    busy = FakeCaptureSource([bytes(60)] * 5, fake_interface("eth0", 2))
+    idle = FakeCaptureSource([], fake_interface("wg0", 9), linktype=101)
+
+    async def cut() -> Chunk:
+        sensor = Sensor.__new__(Sensor)
+        sensor.config = SimpleNamespace(name="node-1")
+        sensor.captures = {2: _Capture(busy, None), 9: _Capture(idle, None)}
+        sensor.closed_stats, sensor.sequence, sensor.queue = {}, 41, asyncio.Queue()
+        sensor.pending = busy.read()
+        sensor.pending_bytes = sum(len(b.data) for b in sensor.pending)
+        await sensor._cut()
+        return sensor.queue.get_nowait()
+
+    try:
+        chunk = asyncio.run(cut())
+    finally:
+        busy.close()
+        idle.close()
+    assert (chunk.sensor, chunk.sequence, chunk.packets) == ("node-1", 42, 5)
+    assert chunk.interfaces == (InterfaceCounters("eth0", 2, 1, 5, 0),
+                                InterfaceCounters("wg0", 9, 101, 0, 0))
+    assert chunk.instance == ""  # the transport's to stamp
+    assert ChunkCodec().decode(ChunkCodec().encode(chunk, version=2)).interfaces == \
+        chunk.interfaces

@@ -13,9 +13,9 @@ import struct
 from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
 
 from ossensor_core.batch import PacketBatch
-from ossensor_core.chunk import CODEC_NONE, MAGIC, VERSION, ChunkCodec
+from ossensor_core.chunk import CODEC_NONE, MAGIC, VERSION, VERSIONS, ChunkCodec
 from ossensor_core.protocol import PATH_CHUNKS
-from ossensor_core.protocols import Chunk
+from ossensor_core.protocols import Chunk, InterfaceCounters
 from tests.vsensor.helpers import SENSOR, running, settings
 
 MAX_TIMESTAMP_NS = 2**32 * 10**9 - 1  # tpacket3_hdr keeps seconds in a u32
@@ -33,8 +33,13 @@ def chunks(draw) -> Chunk:
             draw(st.sampled_from([1, 101, 113, 228, 229, 65535])),
             [(draw(st.integers(0, MAX_TIMESTAMP_NS)), len(f) + draw(st.integers(0, 100)), f)
              for f in frames]))
+    table = tuple(InterfaceCounters(draw(st.text(max_size=12)), draw(st.integers(0, 2**32 - 1)),
+                                    draw(st.integers(0, 2**16 - 1)),
+                                    draw(st.integers(0, 2**64 - 1)),
+                                    draw(st.integers(0, 2**64 - 1)))
+                  for _ in range(draw(st.integers(0, 3))))
     return Chunk(draw(st.text(max_size=30)), draw(st.integers(0, 2**64 - 1)), tuple(batches),
-                 draw(st.integers(0, 2**64 - 1)))
+                 draw(st.integers(0, 2**64 - 1)), draw(st.text(max_size=40)), table)
 
 
 @st.composite
@@ -55,9 +60,9 @@ def mutated(draw, data: bytes) -> bytes:
     return bytes(out)
 
 
-def _wrap(body: bytes, codec: int = CODEC_NONE) -> bytes:
+def _wrap(body: bytes, codec: int = CODEC_NONE, version: int = VERSION) -> bytes:
     """An outer header that matches ``body``: what gets a mutation past the length check."""
-    return struct.pack("<4sBBHI", MAGIC, VERSION, codec, 0, len(body)) + body
+    return struct.pack("<4sBBHI", MAGIC, version, codec, 0, len(body)) + body
 
 
 def _decodes_or_value_error(payload: bytes) -> Chunk | None:
@@ -70,12 +75,17 @@ def _decodes_or_value_error(payload: bytes) -> Chunk | None:
     for batch in chunk.batches:
         assert isinstance(batch, PacketBatch) and isinstance(batch.data, bytes)
         assert isinstance(batch.interface, str) and batch.count >= 0
+    assert isinstance(chunk.instance, str)
+    for row in chunk.interfaces:
+        assert isinstance(row, InterfaceCounters) and isinstance(row.name, str)
+        assert row.packets >= 0 and row.drops >= 0
     return chunk
 
 
 @FUZZ
 @given(st.one_of(st.binary(max_size=600),
                  st.binary(max_size=600).map(_wrap),
+                 st.binary(max_size=600).map(lambda b: _wrap(b, version=2)),
                  st.tuples(st.integers(0, 255), st.binary(max_size=600)).map(
                      lambda t: _wrap(t[1], t[0]))))
 def test_random_bytes_decode_or_raise_value_error(payload):
@@ -83,17 +93,19 @@ def test_random_bytes_decode_or_raise_value_error(payload):
 
 
 @FUZZ
-@given(st.data(), chunks(), st.booleans(), st.booleans())
-def test_mutated_chunks_decode_or_raise_value_error(data, chunk, compress, rewrap):
+@given(st.data(), chunks(), st.booleans(), st.booleans(), st.sampled_from(VERSIONS))
+def test_mutated_chunks_decode_or_raise_value_error(data, chunk, compress, rewrap, version):
     codec = ChunkCodec(compress=compress)
-    encoded = codec.encode(chunk)
+    encoded = codec.encode(chunk, version=version)
     decoded = _decodes_or_value_error(encoded)  # the unmutated chunk round-trips
     assert decoded is not None
     assert (decoded.sensor, decoded.sequence, decoded.created_ns, decoded.packets) == (
         chunk.sensor, chunk.sequence, chunk.created_ns, chunk.packets)
     assert [bytes(b.data) for b in decoded.batches] == [b.compact() for b in chunk.batches]
+    assert (decoded.instance, decoded.interfaces) == (
+        (chunk.instance, chunk.interfaces) if version == 2 else ("", ()))
     if rewrap:  # mutate the body, keep the outer header right: exercises the inner parser
-        payload = _wrap(data.draw(mutated(encoded[12:])), encoded[5])
+        payload = _wrap(data.draw(mutated(encoded[12:])), encoded[5], version)
     else:
         payload = data.draw(mutated(encoded))
     _decodes_or_value_error(payload)
@@ -106,8 +118,8 @@ def test_the_endpoint_answers_400_to_garbage_and_truncated_chunks(tmp_path, tls)
     context = running(settings(tmp_path), tls)
     client = loop.run_until_complete(context.__aenter__())
     sent = []
-    valid = [ChunkCodec(compress=c).encode(make_chunk(1, packets=3, raw_packets=1))
-             for c in (True, False)]
+    valid = [ChunkCodec(compress=c).encode(make_chunk(1, packets=3, raw_packets=1), version=v)
+             for c in (True, False) for v in VERSIONS]
     try:
         assert loop.run_until_complete(client.register())[0] == 200
 
