@@ -18,16 +18,21 @@ from dataclasses import dataclass
 
 from .batch import PacketBatch
 from .bpf import BpfProgram, combine_filters, compile_filter
+from .bpfgen import AddressSet, fit_exclusion
 from .errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
+from .health import keep_status
 from .interfaces import Interface, InterfaceEvent, InterfaceWatch
 from .logsetup import level
-from .protocols import CaptureBackend, CaptureSource, CaptureStats, Chunk, PacketFilter, Transport
+from .protocols import (CaptureBackend, CaptureSource, CaptureStats, Chunk, InterfaceCounters,
+                        PacketFilter, Transport)
 from .startup import Prepared
 
 log = logging.getLogger("ossensor.sensor")
 
 SHUTDOWN_GRACE_SECONDS = 4.0
-_QUEUE_CHUNKS = 64
+# Chunks cut and waiting for the transport (which keeps its own bounded queue): a few, so
+# that memory stays bounded at full rate.
+_QUEUE_CHUNKS = 4
 
 
 @dataclass
@@ -48,7 +53,8 @@ class Sensor:
             raise PluginError(f"capture plugin {self.config.capture_backend!r} returned no backend")
         self.backend: CaptureBackend = backend
         self.filters: list[PacketFilter] = [
-            f for f in hook.ossensor_packet_filter(config=self.config) if f is not None]
+            # pluggy calls the last registered first: reversed, they run in OSSENSOR_PLUGINS order
+            f for f in reversed(hook.ossensor_packet_filter(config=self.config)) if f is not None]
         encoder = hook.ossensor_chunk_encoder(config=self.config)
         transport = hook.ossensor_transport(config=self.config, encoder=encoder)
         if transport is None:
@@ -56,6 +62,8 @@ class Sensor:
         self.transport: Transport = transport
         self.captures: dict[int, _Capture] = {}
         self.vsensor_filter = ""
+        self.vsensor_peers: AddressSet | None = None
+        self.filter_notes: dict[str, None] = {}  # why the peer exclusion is left out, if it is
         self.closed_stats: dict[str, CaptureStats] = {}
         self.pending: list[PacketBatch] = []
         self.pending_bytes = 0
@@ -74,22 +82,39 @@ class Sensor:
         return combine_filters(self.vsensor_filter, self.prepared.kernel_filter)
 
     def program(self, linktype: int) -> BpfProgram:
+        """libpcap's program for the expressions, behind the generated peer exclusion (when the
+        vSensor sent one and it fits; otherwise without it, noted in ``filter_note``)."""
         program = compile_filter(self.kernel_filter(), linktype)
         program.check_kernel_limit()
+        if self.vsensor_peers is None or not len(self.vsensor_peers):
+            return program
+        # Never a blind sensor: what does not fit is left out, and stored twice instead.
+        program, note = fit_exclusion(self.vsensor_peers, program)
+        if note and f"link type {linktype}: {note}" not in self.filter_notes:
+            self.filter_notes[f"link type {linktype}: {note}"] = None
+            log.warning("link type %d: %s; that traffic with other sensors is stored twice",
+                        linktype, note)
         return program
 
-    def set_vsensor_filter(self, expression: str) -> None:
-        """Compile for every link type in use first, then swap: all or nothing."""
-        previous, self.vsensor_filter = self.vsensor_filter, expression.strip()
+    def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
+        """Compile for every link type in use first, then swap: all or nothing. ``peers``: the
+        ranges whose traffic other sensors store (``bpfgen``). Returns a note for the vSensor
+        ("" when the whole filter is in place)."""
+        previous = self.vsensor_filter, self.vsensor_peers
+        self.vsensor_filter, self.vsensor_peers = expression.strip(), peers
+        self.filter_notes = {}
         try:
             programs = {c.source.linktype: self.program(c.source.linktype)
                         for c in self.captures.values()}
         except FilterError:
-            self.vsensor_filter = previous
+            self.vsensor_filter, self.vsensor_peers = previous
             raise
         for capture in self.captures.values():
             capture.source.set_filter(programs[capture.source.linktype])
-        log.info("kernel filter is now %r", self.kernel_filter())
+        log.info("kernel filter is now %r%s", self.kernel_filter(),
+                 f" behind the peer exclusion ({peers.summary()}, id {peers.digest()})"
+                 if peers is not None and len(peers) else "")
+        return "; ".join(self.filter_notes)
 
     def capture_stats(self) -> dict[str, CaptureStats]:
         return self.all_stats()
@@ -188,7 +213,17 @@ class Sensor:
         if not self.pending:
             return
         self.sequence += 1
-        chunk = Chunk(self.config.name, self.sequence, tuple(self.pending), time.time_ns())
+        # The interface table (chunk format v2): every capture's kernel counters now, so a
+        # vSensor sees drops with the packets, between heartbeats. The transport adds the
+        # instance id, which is its own.
+        stats = self.all_stats()
+        table = tuple(InterfaceCounters(c.source.interface.name, c.source.interface.index,
+                                        c.source.linktype, stats[name].packets,
+                                        stats[name].drops)
+                      for c in self.captures.values()
+                      if (name := c.source.interface.name) in stats)
+        chunk = Chunk(self.config.name, self.sequence, tuple(self.pending), time.time_ns(),
+                      interfaces=table)
         self.pending, self.pending_bytes = [], 0
         log.log(level(4), "chunk %d: %d packets, %d record bytes, %d batches from %s",
                 chunk.sequence, chunk.packets, chunk.record_bytes, len(chunk.batches),
@@ -266,6 +301,15 @@ class Sensor:
 
     async def run(self, stop: asyncio.Event) -> None:
         hook = self.prepared.plugins.hook
+        # Asked once, before start-up: the antigena plugin hands these to the actions it gets.
+        enforcers = [e for e in hook.ossensor_response_enforcer(config=self.config)
+                     if e is not None]
+        metrics = None
+        if self.config.metrics_address:  # before anything starts: a busy port stops start-up
+            from .metrics import MetricsServer
+
+            metrics = MetricsServer(self, self.config.metrics_address)
+            await metrics.start()
         hook.ossensor_startup(config=self.config)
         await self.transport.start(self)
         sender = asyncio.create_task(self._send_loop(), name="sender")
@@ -276,9 +320,12 @@ class Sensor:
                         "(NETWORK_DEVICE_ANY=1)")
         background = [asyncio.create_task(coro, name=name) for coro, name in
                       ((self._watch(), "watch"), (self._flush_timer(), "flush"),
-                       (self._stats_timer(), "stats"))]
-        if self.config.antigena_enabled and not [
-                e for e in hook.ossensor_response_enforcer(config=self.config) if e is not None]:
+                       (self._stats_timer(), "stats"), (keep_status(self), "health"))]
+        if self.config.antigena_enabled and ("antigena", "antigena") not in \
+                self.prepared.plugins.loaded:
+            log.warning("ANTIGENA_ENABLED is true but the antigena plugin is not loaded "
+                        "(OSSENSOR_DISABLE_PLUGINS): no response action will be received")
+        elif self.config.antigena_enabled and not enforcers:
             log.warning("ANTIGENA_ENABLED is true but no installed plugin enforces response "
                         "actions: none will be enforced")
         log.info("sensor %s running: backend %s, transport %s, filter %r", self.config.name,
@@ -302,6 +349,8 @@ class Sensor:
                 await self.transport.aclose()
             except TransportError as exc:
                 log.error("transport %s did not close cleanly: %s", self.transport.name, exc)
+            if metrics is not None:
+                await metrics.aclose()
             self.report_stats()
             log.info("stopped: %d chunks, %d packets handed to transport %s", self.chunks_sent,
                      self.packets_sent, self.transport.name)

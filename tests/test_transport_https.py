@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -267,6 +268,7 @@ def test_settings_and_hook_build_the_transport(tmp_path: Path) -> None:
         "tls_verify": "VSENSOR_TLS_VERIFY", "spool_dir": "OSSENSOR_SPOOL_DIR",
         "spool_max_bytes": "OSSENSOR_SPOOL_MAX_BYTES", "shutdown_grace": "OSSENSOR_SHUTDOWN_GRACE",
         "memory_chunks": "OSSENSOR_HTTPS_MEMORY_CHUNKS",
+        "memory_bytes": "OSSENSOR_HTTPS_MEMORY_BYTES",
         "timeout_seconds": "OSSENSOR_HTTPS_TIMEOUT_SECONDS"}
     resolved = resolve_settings(group.settings, env, group.plugin, problems)
     assert not problems
@@ -375,7 +377,9 @@ def test_chunks_arrive_in_order_and_every_signature_verifies(ca, ca_file, caplog
     assert registration == {"sensor": SENSOR, "versions": list(PROTOCOL_VERSIONS),
                             "software": registration["software"],
                             "instance": sender.instance, "addresses": ["192.0.2.10"],
-                            "interfaces": ["eth0", "cali12"], "primary_address": HOST}
+                            "interfaces": ["eth0", "cali12"], "primary_address": HOST,
+                            "workloads": registration["workloads"],
+                            "features": ["peer-ranges"]}
     assert registration["software"].startswith("ossensor ")
     assert len(sender.instance) == 32 and int(sender.instance, 16) >= 0
     assert set(server.instances) == {sender.instance} and len(server.instances) == 30
@@ -454,7 +458,8 @@ def test_503_with_retry_after_then_success(ca, ca_file, caplog) -> None:
     assert server.sequences == [1, 2]
     assert [s for _, s in server.attempts] == [1, 1, 1, 1, 1, 2]
     assert server.attempts[1][0] - server.attempts[0][0] >= 0.9, "Retry-After was not honoured"
-    assert len(set(server.nonces_seen)) == len(server.nonces_seen) == 1 + 6
+    # Registration, six chunk attempts, the goodbye heartbeat at aclose.
+    assert len(set(server.nonces_seen)) == len(server.nonces_seen) == 1 + 6 + 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     # One message per change of state (503, 507, 500), none for the repeated 507.
     assert len(errors) == 3, errors
@@ -871,7 +876,7 @@ def test_end_to_end_with_the_reference_vsensor(ca, ca_file, tmp_path) -> None:
     sender = asyncio.run(scenario())
     assert sender.packets_sent == 18 and sender.chunks_dropped == 0
     assert control.filters, "the vSensor's filter was applied"
-    files = [p for p in (data / SENSOR).rglob("*") if p.is_file()]
+    files = [p for p in (data / SENSOR).rglob("*") if p.is_file() and p.name[0] != "."]
     assert files and not any(p.name.endswith(".part") for p in files)
     if sys.platform and __import__("shutil").which("tshark"):
         import subprocess
@@ -917,7 +922,7 @@ def test_end_to_end_chunks_after_a_sensor_restart_are_stored(ca, ca_file, tmp_pa
             duplicates = sender.chunks_duplicate
         return duplicates
 
-    assert asyncio.run(scenario()) == 0
+    assert asyncio.run(scenario()) == 0  # the second run took the name over at once (goodbye)
 
 
 def test_end_to_end_reference_vsensor_restart_means_register_again(ca, ca_file,
@@ -948,3 +953,186 @@ def test_end_to_end_reference_vsensor_restart_means_register_again(ca, ca_file,
 
     sender = asyncio.run(scenario())
     assert sender.chunks_dropped == 0 and sender.packets_sent == 6
+
+
+class TcpProxy:
+    """A TCP relay standing in for a load balancer: counts connections and bytes relayed."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections = 0
+        self.bytes_up = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._relay, HOST, 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(HOST, self.target_port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                       upward: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    if upward:
+                        self.bytes_up += len(data)
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+
+def test_registration_through_a_load_balancer_then_direct(ca, ca_file, tmp_path, caplog) -> None:
+    """The vSensor answers the registration (through the proxy) with its own address: chunks
+    and heartbeats then go there directly; when that address fails, back through the proxy."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    VSensorSettings, create_app = _vsensor_app()
+    vsensor_port = free_port()
+
+    def random_chunk(sequence: int) -> Chunk:  # incompressible: about 50 KB on the wire
+        frames = [(time.time_ns(), 1000, os.urandom(1000)) for _ in range(50)]
+        return Chunk(SENSOR, sequence, (PacketBatch.from_frames("eth0", 2, 1, frames),),
+                     time.time_ns())
+
+    async def scenario() -> tuple[HttpsTransport, TcpProxy, int]:
+        app = create_app(VSensorSettings(data_dir=tmp_path / "data", keys=[KEY],
+                                         heartbeat_seconds=0.2,
+                                         direct=(HOST, vsensor_port)))
+        proxy = TcpProxy(vsensor_port)
+        async with serve(app, server_context(ca), vsensor_port), proxy as proxy_port:
+            sender = transport(proxy_port, ca_file)
+            await sender.start(FakeControl())
+            for sequence in range(1, 11):
+                await sender.send(random_chunk(sequence))
+            await wait_until(lambda: sender.chunks_sent == 10)
+            direct_phase = proxy.bytes_up
+            await asyncio.sleep(0.5)  # heartbeats go direct too
+            assert proxy.bytes_up == direct_phase
+            await sender.aclose()
+            # A direct address that does not answer: the sensor goes back to the proxy.
+            app2 = create_app(VSensorSettings(data_dir=tmp_path / "data2", keys=[KEY],
+                                              direct=(HOST, free_port())))
+            second_port = free_port()
+            async with serve(app2, server_context(ca), second_port), \
+                    TcpProxy(second_port) as proxy2_port:
+                fallback = transport(proxy2_port, ca_file)
+                await fallback.start(FakeControl())
+                await fallback.send(make_chunk(1))
+                await wait_until(lambda: fallback.chunks_sent == 1, timeout=20)
+                await fallback.aclose()
+        return sender, proxy, direct_phase
+
+    sender, proxy, direct_phase = asyncio.run(scenario())
+    assert sender.chunks_sent == 10
+    # Through the proxy: the registration only, far less than one of the ten chunks.
+    assert 0 < direct_phase < 50_000, direct_phase
+    assert "talking to https://127.0.0.1:%d" % vsensor_port in caplog.text
+    assert "direct address" in caplog.text and "failed" in caplog.text
+
+
+# Chunk format versions (rolling upgrade) --------------------------------------------------------
+
+def record_chunk_versions(app: web.Application) -> list[int]:
+    """The ``ossensor-chunk`` version byte of every chunk POST that reaches ``app``."""
+    versions: list[int] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == PATH_CHUNKS:
+            versions.append((await request.read())[4])  # read() keeps the body for the handler
+        return await handler(request)
+
+    app.middlewares.append(record)
+    return versions
+
+
+def table_chunk(sequence: int) -> Chunk:
+    from ossensor_core.protocols import InterfaceCounters
+    return dataclasses.replace(make_chunk(sequence), interfaces=(
+        InterfaceCounters("eth0", 2, 1, 100 * sequence, sequence),))
+
+
+def test_chunk_format_v1_to_a_vsensor_that_does_not_list_v2(ca, ca_file) -> None:
+    server = FakeVSensor()  # answers registrations without "chunk_versions", as before v2
+    app = server.app()
+    versions = record_chunk_versions(app)
+
+    async def scenario() -> HttpsTransport:
+        async with serve(app, server_context(ca)) as port:
+            sender = transport(port, ca_file)
+            await sender.start(FakeControl())
+            await wait_until(lambda: sender.registered)
+            for sequence in (1, 2):
+                await sender.send(table_chunk(sequence))
+            await wait_until(lambda: sender.chunks_sent == 2)
+            await sender.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert sender.chunk_version == 1 and versions == [1, 1]
+    assert [(c.instance, c.interfaces) for c in server.stored] == [("", ())] * 2
+
+
+def test_chunk_format_v2_to_the_reference_vsensor_after_registration(ca, ca_file,
+                                                                     tmp_path) -> None:
+    """Before registration chunks are encoded as v1 (every vSensor reads it), after it as v2
+    with the transport's instance and the interface table, whose counters the vSensor shows
+    without a heartbeat."""
+    VSensorSettings, create_app = _vsensor_app()
+    port = free_port()
+    app = create_app(VSensorSettings(data_dir=tmp_path / "data", keys=[KEY],
+                                     heartbeat_seconds=3600.0, vsensor_ports=[port]))
+    versions = record_chunk_versions(app)
+
+    async def scenario() -> tuple[HttpsTransport, dict[str, dict[str, int]]]:
+        sender = transport(port, ca_file, spool_dir=str(tmp_path / "spool"))
+        await sender.start(FakeControl())
+        await sender.send(table_chunk(1))  # the vSensor is not up: encoded as v1
+        async with serve(app, server_context(ca), port):
+            await wait_until(lambda: sender.chunks_sent == 1)
+            await sender.send(table_chunk(2))
+            await wait_until(lambda: sender.chunks_sent == 2)
+            from ossensor_vsensor.app import VSENSOR
+            kernel = dict(app[VSENSOR].sensors[SENSOR].kernel)
+            await sender.aclose()
+        return sender, kernel
+
+    sender, kernel = asyncio.run(scenario())
+    assert sender.chunk_version == 2 and versions == [1, 2]
+    assert sender.chunks_dropped == 0 and sender.packets_sent == 6
+    assert kernel == {"eth0": {"packets": 200, "drops": 2}}  # from chunk 2, no heartbeat yet
+
+
+def test_chunks_encoded_for_a_newer_vsensor_are_sent_in_the_older_format(ca, ca_file) -> None:
+    """A vSensor rolled back while v2 chunks waited: they go out as v1, nothing is dropped."""
+    server = FakeVSensor()
+    app = server.app()
+    versions = record_chunk_versions(app)
+
+    async def scenario() -> HttpsTransport:
+        async with serve(app, server_context(ca)) as port:
+            sender = transport(port, ca_file)
+            sender.chunk_version = 2  # as registered with a newer vSensor earlier
+            payload, _ = sender._encode(make_chunk(1))
+            assert payload[4] == 2
+            await sender.start(FakeControl())  # this vSensor does not list chunk_versions
+            await wait_until(lambda: sender.registered)
+            assert sender.chunk_version == 1
+            sender._order += 1
+            sender._memory.append(transport_https._Entry(sender._order, 1, 3, len(payload),
+                                                          payload))
+            sender._wakeup.set()
+            await wait_until(lambda: sender.chunks_sent == 1)
+            await sender.aclose()
+        return sender
+
+    sender = asyncio.run(scenario())
+    assert server.sequences == [1] and sender.chunks_dropped == 0 and versions == [1]
+    assert server.stored[0].batches[0].data == make_chunk(1).batches[0].data

@@ -5,7 +5,8 @@ the vSensor answers), applies the filter it hands out, sends heartbeats and POST
 chunks in order, each attempt signed afresh (new nonce and timestamp). The sensor keeps
 capturing while the vSensor is away:
 
-* ``send`` encodes a chunk once and queues it in memory (``memory_chunks``). When memory is full
+* ``send`` encodes a chunk once (on a worker thread: zstd and the body digest release the GIL)
+  and queues it in memory (``memory_chunks``, ``memory_bytes``). When memory is full
   the oldest chunk moves to the spool folder (``spool_dir``, one file per chunk written under a
   temporary name and renamed). Without a spool folder ``send`` waits for room (back-pressure):
   an accepted chunk is never dropped to make room.
@@ -17,10 +18,17 @@ capturing while the vSensor is away:
   the core's own wait and a margin) runs out, then spools what is left; the next run sends
   spooled chunks first, oldest first. It returns at once when nothing is pending.
 
+Chunks go out on their own blocking keep-alive connection, driven from one worker thread
+(``bulk.py`` says why: asyncio's TLS costs about twice the CPU per byte); registration and
+heartbeats use the aiohttp session.
+
 Registration sends an instance id (``instance``: a uuid4 kept in the spool folder as
 ``instance-id``, or one per process without a spool folder) and the primary address (the source
 address this host uses towards the vSensor); every chunk request carries the id in
 ``X-Ossensor-Instance``. A vSensor that ignores unknown fields and headers is unaffected.
+Chunks are encoded as ``ossensor-chunk`` v1 until a registration answer lists a higher version
+the encoder writes in ``chunk_versions`` (a rolling upgrade); v2 chunks carry the instance id and
+the interface table with the kernel counters.
 
 Answers: 200 (also ``{"duplicate": true}``) drops our copy; 400 is logged, counted and dropped
 (retrying cannot help); 409 (the vSensor does not know us, e.g. after it restarted) registers
@@ -38,7 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -56,20 +66,24 @@ from typing import Any
 import aiohttp
 
 from ossensor_core import __version__
+from ossensor_core.bpfgen import AddressSet
 from ossensor_core.config import SensorConfig
-from ossensor_core.errors import ConfigError, FilterError, TransportError
+from ossensor_core.errors import ConfigError, FilterError, InterfaceError, TransportError
 from ossensor_core.logsetup import level
 from ossensor_core.plugin import hookimpl
-from ossensor_core.protocol import (H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER,
-                                    PROTOCOL_VERSIONS, sign)
+from ossensor_core.protocol import (DIGESTS, H_INSTANCE, H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT,
+                                    PATH_REGISTER, PROTOCOL_VERSIONS, SHA256, content_digest,
+                                    sign)
 from ossensor_core.protocols import Chunk, ChunkEncoder, SensorControl
 from ossensor_core.sensor import SHUTDOWN_GRACE_SECONDS
+
+from .bulk import BulkAnswer, BulkConnection, BulkError, client_context
 from ossensor_core.settings import Setting, SettingsGroup
+from ossensor_core.workloads import find_workload_ranges
 
 log = logging.getLogger(__name__)
 
 H_SEQUENCE = "X-Ossensor-Chunk-Sequence"
-H_INSTANCE = "X-Ossensor-Instance"
 INSTANCE_FILE = "instance-id"
 ENV_CA_FILE = "VSENSOR_CA_FILE"
 ENV_FINGERPRINT = "VSENSOR_TLS_FINGERPRINT"
@@ -80,9 +94,10 @@ ENV_SHUTDOWN_GRACE = "OSSENSOR_SHUTDOWN_GRACE"
 #: Kept free at the end of the shutdown grace for spooling, closing and the process exit.
 SHUTDOWN_MARGIN_SECONDS = 2.0
 SPOOL_SUFFIX = ".chunk"
+DIRECT_RETRY_SECONDS = 300.0  # a failed direct address is not used again for this long
 TEMP_SUFFIX = ".tmp"
 FILE_MODE = 0o600  # captured payloads are sensitive
-_SPOOL_NAME = re.compile(r"^(\d{20})-(\d{12})-(\d+)\.chunk$")
+_SPOOL_NAME = re.compile(r"^(\d{20})-(\d{1,20})-(\d+)\.chunk$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 _INSTANCE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -110,6 +125,9 @@ def ossensor_settings() -> SettingsGroup:
         Setting("memory_chunks", int, 64,
                 "Chunks kept in memory before they move to the spool (or before back-pressure).",
                 minimum=1),
+        Setting("memory_bytes", int, 16 << 20,
+                "Encoded bytes kept in memory before chunks move to the spool (or before "
+                "back-pressure); the newest chunk is always taken.", minimum=1 << 20),
         Setting("timeout_seconds", float, 10.0, "Time-out of one HTTP request.", positive=True),
         Setting("shutdown_grace", float, 25.0,
                 "Seconds between SIGTERM and the end of the process: chunks are sent until "
@@ -123,6 +141,24 @@ def normalise_fingerprint(text: str) -> str:
     if not _FINGERPRINT.match(value):
         raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
     return value
+
+
+def tls_setting(ca_file: str, fingerprint: str,
+                tls_verify: bool) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
+    """How the transport checks the vSensor's certificate (aiohttp's ``ssl`` argument): the
+    pinned fingerprint, else no verification (False), else a TLS 1.2+ context trusting
+    ``ca_file`` or the system CAs. ``ossensor diagnose`` uses the same to test the handshake.
+    Raises TransportError when the CA file cannot be read."""
+    if fingerprint:  # a pin is explicit: it is checked even with VSENSOR_TLS_VERIFY off
+        return aiohttp.Fingerprint(bytes.fromhex(normalise_fingerprint(fingerprint)))
+    if not tls_verify:
+        return False
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"cannot read the CA file {ca_file!r}: {exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 @hookimpl
@@ -159,6 +195,7 @@ def ossensor_transport(config: SensorConfig, encoder: ChunkEncoder) -> HttpsTran
         ca_file=settings.ca_file, fingerprint=settings.fingerprint,
         tls_verify=settings.tls_verify, spool_dir=settings.spool_dir,
         spool_bytes=settings.spool_max_bytes, memory_chunks=settings.memory_chunks,
+        memory_bytes=settings.memory_bytes,
         timeout_seconds=settings.timeout_seconds, grace_seconds=settings.shutdown_grace)
 
 
@@ -194,6 +231,7 @@ class _Entry:
     size: int
     payload: bytes | None = None
     path: Path | None = field(default=None)
+    digest: tuple[str, str] | None = None  # (algorithm, content_digest(payload)), computed once
 
 
 class _Answer(Exception):
@@ -215,6 +253,7 @@ class HttpsTransport:
     def __init__(self, host: str, port: int, key: str, sensor: str, encoder: ChunkEncoder, *,
                  ca_file: str = "", fingerprint: str = "", tls_verify: bool = True,
                  spool_dir: str = "", spool_bytes: int = 256 << 20, memory_chunks: int = 64,
+                 memory_bytes: int = 16 << 20,
                  timeout_seconds: float = 10.0, grace_seconds: float = 25.0,
                  backoff_min: float = 0.5, backoff_max: float = 30.0) -> None:
         self.host, self.port = host, port
@@ -229,6 +268,7 @@ class HttpsTransport:
         self.spool_dir = Path(spool_dir) if spool_dir else None
         self.spool_bytes = spool_bytes
         self.memory_chunks = memory_chunks
+        self.memory_bytes = memory_bytes
         self.timeout_seconds = timeout_seconds
         self.grace_seconds = grace_seconds
         self.backoff_min = backoff_min
@@ -249,8 +289,15 @@ class HttpsTransport:
         self.primary_address: str | None = None
         self.registered = False
         self.protocol_version: int | None = None
+        # The chunk format version sent: 1 (every vSensor reads it) until the vSensor lists a
+        # higher one that the encoder writes in its registration answer (``chunk_versions``).
+        self.chunk_version = 1
         self.heartbeat_seconds = 10.0
         self.vsensor_filter: str | None = None  # the filter applied last
+        self.peer_ranges: AddressSet | None = None  # with it, the peer exclusion (bpfgen)
+        self.peer_ranges_id: str | None = None  # the vSensor's id of those ranges
+        self.workloads: list[str] = []  # pod CIDRs behind this node, sent at registration
+        self.digest = SHA256  # the body digest signatures use; BLAKE3 once the vSensor takes it
 
         self._memory: deque[_Entry] = deque()
         self._spool: list[_Entry] = []  # sorted by order
@@ -261,9 +308,15 @@ class HttpsTransport:
         self._wakeup = asyncio.Event()  # a chunk was queued, or we are closing
         self._room = asyncio.Event()  # the sender took a chunk out of memory
         self._states: dict[str, str] = {}
-        self._failed_filter: str | None = None
+        self._failed_filter: tuple[str, AddressSet | None] | None = None
         self._registered_body: dict[str, Any] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._bulk: BulkConnection | None = None
+        # The vSensor's own address when registration went through a load balancer that
+        # answered with one (``direct``); None: the configured address for everything.
+        self._direct: tuple[str, int] | None = None
+        self._direct_refused_until = 0.0  # after a failure: back to the load balancer a while
+        self._bulk_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._control: SensorControl | None = None
         self._task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -296,24 +349,18 @@ class HttpsTransport:
         if self.spool_dir is not None:
             await asyncio.to_thread(self._load_spool)
             self.instance = await asyncio.to_thread(self._load_instance)
-        tls: ssl.SSLContext | aiohttp.Fingerprint | bool
-        if self.fingerprint:  # a pin is explicit: it is checked even with VSENSOR_TLS_VERIFY off
-            tls = aiohttp.Fingerprint(bytes.fromhex(self.fingerprint))
-        elif not self.tls_verify:
-            tls = False
+        tls = tls_setting(self.ca_file, self.fingerprint, self.tls_verify)
+        if tls is False:
             log.warning("%s is false: the vSensor's certificate is not verified, so the "
                         "connection to %s is not authenticated (anyone in the path can pose as "
                         "the vSensor and read the captured traffic)", ENV_TLS_VERIFY,
                         self.base_url)
-        else:
-            try:
-                tls = ssl.create_default_context(cafile=self.ca_file or None)
-            except (OSError, ssl.SSLError) as exc:
-                raise TransportError(f"cannot read the CA file {self.ca_file!r}: {exc}") from exc
-            tls.minimum_version = ssl.TLSVersion.TLSv1_2
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=tls, limit=4),
             timeout=aiohttp.ClientTimeout(total=self.timeout_seconds))
+        self._bulk_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="https-chunks")
+        self._new_bulk()
         log.info("sending chunks to the vSensor at %s (%s%s)", self.base_url,
                  f"pinned certificate {self.fingerprint[:16]}..." if self.fingerprint
                  else "certificate not verified" if tls is False
@@ -325,17 +372,95 @@ class HttpsTransport:
     async def send(self, chunk: Chunk) -> None:
         if self._closing:
             raise TransportError("the https transport is closed")
-        payload = self.encoder.encode(chunk)
+        # Encoding (zstd) and hashing release the GIL: on a worker thread they run beside the
+        # capture loop instead of stalling it.
+        payload, digest = await asyncio.to_thread(self._encode, chunk)
         self._order += 1
-        entry = _Entry(self._order, chunk.sequence, chunk.packets, len(payload), payload)
+        entry = _Entry(self._order, chunk.sequence, chunk.packets, len(payload), payload,
+                       digest=digest)
         # Accepted from here on: a cancelled wait below leaves it queued, and aclose keeps it.
         self._memory.append(entry)
         self._wakeup.set()
-        while len(self._memory) > self.memory_chunks and not self._closing:
+        while self._memory_full() and not self._closing:
             if self.spool_dir is not None and await self._spill_oldest():
                 continue
             self._room.clear()
             await self._room.wait()
+
+    def _new_bulk(self) -> None:
+        """A chunk connection to the current target; the old one is closed on its thread."""
+        host, port = self._direct or (self.host, self.port)
+        if self._bulk is not None and self._bulk_thread is not None:
+            self._bulk_thread.submit(self._bulk.close)
+        self._bulk = BulkConnection(host, port, client_context(self.ca_file, self.fingerprint,
+                                                               self.tls_verify),
+                                    self.fingerprint, self.timeout_seconds)
+
+    def _url(self, path: str) -> str:
+        """Registration always goes to the configured address; the rest to the vSensor's
+        direct address once it gave one."""
+        if self._direct is None or path == PATH_REGISTER:
+            return self.base_url + path
+        host, port = self._direct
+        return f"https://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+    def _use_direct(self, direct: Any) -> None:
+        target = None
+        if isinstance(direct, dict) and time.monotonic() >= self._direct_refused_until:
+            host, port = direct.get("host"), direct.get("port")
+            if isinstance(host, str) and host and isinstance(port, int) and 0 < port < 65536 \
+                    and (host, port) != (self.host, self.port):
+                target = (host, port)
+        if target == self._direct:
+            return
+        self._direct = target
+        self._new_bulk()
+        if target is not None:
+            log.info("the vSensor answered through %s with its own address: talking to %s from "
+                     "now on", self.base_url, self._url("").rstrip("/"))
+
+    def _direct_failed(self, failure: _Answer) -> bool:
+        """When the direct address fails, go back to the configured one (and register there
+        again) for five minutes; True when that happened."""
+        if self._direct is None or failure.state not in ("unreachable", "timeout", "tls"):
+            return False
+        log.warning("the vSensor's direct address %s failed (%s); back to %s", self._url(""),
+                    failure, self.base_url)
+        self._direct_refused_until = time.monotonic() + DIRECT_RETRY_SECONDS
+        self._direct = None
+        self._new_bulk()
+        return True
+
+    async def _say_goodbye(self) -> None:
+        """Tell the vSensor this instance stops, so that the next one (a replaced pod) may use
+        the name at once instead of after three heartbeats; best effort, two seconds."""
+        try:
+            await asyncio.wait_for(self._post_json(
+                PATH_HEARTBEAT, {**self._heartbeat_body(), "leaving": True}), 2.0)
+        except (_Answer, TimeoutError) as exc:
+            log.log(level(1), "could not tell the vSensor that this sensor stops: %s", exc)
+
+    def _memory_full(self) -> bool:
+        return len(self._memory) > self.memory_chunks or (
+            len(self._memory) > 1 and sum(e.size for e in self._memory) > self.memory_bytes)
+
+    def _encode(self, chunk: Chunk) -> tuple[bytes, tuple[str, str]]:
+        version = self.chunk_version
+        if version == 1:  # also what an encoder without ``versions`` is asked for
+            payload = self.encoder.encode(chunk)
+        else:
+            # The instance id is ours: stamped here, the body names the same instance as the
+            # X-Ossensor-Instance header of every attempt (the spool keeps both across runs).
+            chunk = dataclasses.replace(chunk, instance=self.instance)
+            payload = self.encoder.encode(chunk, version=version)  # type: ignore[call-arg]
+        algorithm = self.digest
+        return payload, (algorithm, content_digest(payload, algorithm))
+
+    def _reencode(self, payload: bytes) -> bytes:
+        chunk = self.encoder.decode(payload)  # type: ignore[attr-defined]
+        if self.chunk_version == 1:
+            return self.encoder.encode(chunk)
+        return self.encoder.encode(chunk, version=self.chunk_version)  # type: ignore[call-arg]
 
     async def aclose(self) -> None:
         if self._closed:
@@ -373,7 +498,13 @@ class HttpsTransport:
             log.warning("%d chunks (%d bytes) stay in the spool %s for the next run",
                         len(self._spool), self._spool_size, self.spool_dir)
         if self._session is not None:
+            if self.registered:
+                await self._say_goodbye()
             await self._session.close()
+        if self._bulk_thread is not None and self._bulk is not None:
+            # Queued behind a post still in flight (bounded by the timeout), then the thread ends.
+            self._bulk_thread.submit(self._bulk.close)
+            self._bulk_thread.shutdown(wait=False)
         log.info("https transport closed: %d chunks, %d packets, %d bytes sent; %d spooled, "
                  "%d dropped (%d of them because the spool was full)", self.chunks_sent,
                  self.packets_sent, self.bytes_sent, self.chunks_spooled, self.chunks_dropped,
@@ -428,12 +559,25 @@ class HttpsTransport:
         body: dict[str, Any] = {
             "sensor": self.sensor, "versions": list(PROTOCOL_VERSIONS),
             "software": f"ossensor {__version__}", "instance": self.instance,
-            "addresses": addresses, "interfaces": [i.name for i in interfaces]}
+            "addresses": addresses, "interfaces": [i.name for i in interfaces],
+            "workloads": self.workloads, "features": ["peer-ranges"]}
         if self.primary_address is not None:
             body["primary_address"] = self.primary_address
         return body
 
+    async def _find_workloads(self) -> None:
+        """Pod CIDRs behind this node (``ossensor_core.workloads``; netlink, in a thread); none
+        when routes cannot be read (the others then keep our traffic too: duplicates)."""
+        try:
+            self.workloads = await asyncio.to_thread(find_workload_ranges)
+        except InterfaceError as exc:
+            self._report("workloads", "failed", f"{exc}; registering without workload ranges")
+            self.workloads = []
+        else:
+            self._report("workloads", "ok", "workload ranges readable again")
+
     async def _register(self) -> None:
+        await self._find_workloads()
         await self._find_primary_address()
         body = self._register_body()
         answer = await self._post_json(PATH_REGISTER, body)
@@ -442,15 +586,23 @@ class HttpsTransport:
             raise _Answer("version", f"the vSensor picked protocol version {version!r}; this "
                           f"sensor speaks {list(PROTOCOL_VERSIONS)}")
         self.protocol_version = version
+        self._use_direct(answer.get("direct"))
+        digests = answer.get("digests")
+        self.digest = next((d for d in DIGESTS if isinstance(digests, list) and d in digests),
+                           SHA256)
         seconds = answer.get("heartbeat_seconds")
         if isinstance(seconds, (int, float)) and seconds > 0:
             self.heartbeat_seconds = float(seconds)
+        readable = answer.get("chunk_versions")
+        self.chunk_version = max((v for v in getattr(self.encoder, "versions", (1,))
+                                  if isinstance(readable, list) and v in readable), default=1)
         self._registered_body = body
         self.registered = True
         self._report("register", "ok", None)
-        log.info("registered with the vSensor at %s (protocol %d, %d addresses, %d interfaces)",
-                 self.base_url, version, len(body["addresses"]), len(body["interfaces"]))
-        self._apply_filter(answer.get("filter"))
+        log.info("registered with the vSensor at %s (protocol %d, chunk format %d, %d addresses, "
+                 "%d interfaces)", self.base_url, version, self.chunk_version,
+                 len(body["addresses"]), len(body["interfaces"]))
+        self._apply_filter(answer.get("filter"), answer.get("peer_ranges"))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -460,18 +612,28 @@ class HttpsTransport:
             except Exception:  # a bug must not end heartbeats (and filter updates) for good
                 log.exception("heartbeat failed")
 
+    def _heartbeat_body(self) -> dict[str, Any]:
+        stats = self._control.capture_stats() if self._control else {}
+        body: dict[str, Any] = {
+            "interfaces": {name: {"packets": s.packets, "drops": s.drops}
+                           for name, s in stats.items()},
+            "dropped": {"chunks": self.spool_full_chunks, "packets": self.spool_full_packets}}
+        note = "; ".join(getattr(self._control, "filter_notes", None) or ())
+        if note:  # e.g. the peer exclusion did not fit: shown on the vSensor's status page
+            body["filter_note"] = note
+        if self.peer_ranges_id is not None:
+            body["peer_ranges_id"] = self.peer_ranges_id
+        return body
+
     async def _heartbeat_once(self) -> None:
         """One heartbeat (or a new registration when our interfaces changed)."""
+        await self._find_workloads()
         if self._register_body() != self._registered_body:
             # Interfaces or addresses changed: the vSensor's filters for the peers need them.
             with contextlib.suppress(_Answer):
                 await self._register()
             return
-        stats = self._control.capture_stats() if self._control else {}
-        body = {"interfaces": {name: {"packets": s.packets, "drops": s.drops}
-                               for name, s in stats.items()},
-                "dropped": {"chunks": self.spool_full_chunks,
-                            "packets": self.spool_full_packets}}
+        body = self._heartbeat_body()
         dropped = (self.spool_full_chunks, self.spool_full_packets)
         if dropped != self._reported_drops:
             self._reported_drops = dropped
@@ -482,29 +644,55 @@ class HttpsTransport:
         except _Answer as failure:
             self._report("heartbeat", failure.state, f"heartbeat to the vSensor at "
                          f"{self.base_url} failed: {failure}")
+            if self._direct_failed(failure):
+                with contextlib.suppress(_Answer):
+                    await self._register()
+                return
             if failure.status in (404, 409):  # the vSensor no longer knows us
                 with contextlib.suppress(_Answer):
                     await self._register()
             return
         self._report("heartbeat", "ok", f"heartbeats to {self.base_url} work again")
-        self._apply_filter(answer.get("filter"))
+        self._apply_filter(answer.get("filter"), answer.get("peer_ranges"))
 
-    def _apply_filter(self, expression: Any) -> None:
+    def _apply_filter(self, expression: Any, peer_ranges: Any = None) -> None:
+        """Apply the vSensor's expression and, when it sends them, its peer ranges (sent again
+        only when their ``id`` changes); the previous filter stays when the new one fails."""
         if not isinstance(expression, str) or self._control is None:
             return
         expression = expression.strip()
-        if expression == self.vsensor_filter or expression == self._failed_filter:
+        peers, peers_id = None, None
+        if isinstance(peer_ranges, dict):
+            peers_id = peer_ranges.get("id")
+            if "ranges" in peer_ranges:
+                try:
+                    peers = AddressSet.parse(peer_ranges["ranges"])
+                except (TypeError, ValueError) as exc:
+                    log.error("the vSensor's peer ranges are malformed (keeping the current "
+                              "filter): %s", exc)
+                    return
+            elif peers_id == self.peer_ranges_id:
+                peers = self.peer_ranges
+            else:  # a new id without its ranges: keep ours, ask again next time
+                peers, peers_id = self.peer_ranges, None
+        wanted = (expression, peers)
+        if wanted == (self.vsensor_filter, self.peer_ranges) or wanted == self._failed_filter:
+            self.peer_ranges_id = peers_id
             return
         try:
-            self._control.set_vsensor_filter(expression)
+            if peers is None or not len(peers):
+                self._control.set_vsensor_filter(expression)
+            else:
+                self._control.set_vsensor_filter(expression, peers)
         except FilterError as exc:
-            self._failed_filter = expression
+            self._failed_filter = wanted
             log.error("cannot apply the vSensor's filter %r (keeping %r): %s", expression,
                       self.vsensor_filter or "", exc)
             return
         self._failed_filter = None
-        self.vsensor_filter = expression
-        log.info("applied the vSensor's filter %r", expression)
+        self.vsensor_filter, self.peer_ranges, self.peer_ranges_id = expression, peers, peers_id
+        log.info("applied the vSensor's filter %r%s", expression,
+                 f" and peer exclusion {peers!r}" if peers is not None else "")
 
     async def _send_forever(self) -> None:
         backoff = Backoff(self.backoff_min, self.backoff_max)
@@ -521,6 +709,9 @@ class HttpsTransport:
                 delivered = await self._deliver(entry)
             except _Answer as answer:
                 self._put_back(entry)
+                if self._direct_failed(answer):
+                    await self._register_until_done()
+                    continue
                 if answer.status == 409:  # the vSensor forgot us (it restarted): register again
                     self._report("chunks", answer.state, f"the vSensor at {self.base_url} does "
                                  f"not know this sensor ({answer}); registering again, "
@@ -587,9 +778,15 @@ class HttpsTransport:
                           exc.strerror or exc, entry.packets)
                 self._count_drop(entry)
                 return False
+        digest = entry.digest
+        if len(payload) > 4 and payload[4] > self.chunk_version \
+                and hasattr(self.encoder, "decode"):
+            # Encoded for a vSensor that read a newer format; this one (a rollback) does not.
+            payload = await asyncio.to_thread(self._reencode, payload)
+            digest = None
         headers = {"Content-Type": self.media_type, H_SEQUENCE: str(entry.sequence),
                    H_INSTANCE: self.instance}
-        status, text, retry_after = await self._post(PATH_CHUNKS, payload, headers)
+        status, text, retry_after = await self._post_chunk(payload, headers, digest)
         log.log(level(2), "chunk %d: %d packets, %d bytes -> %d", entry.sequence, entry.packets,
                 len(payload), status)
         if status == 200:
@@ -613,16 +810,17 @@ class HttpsTransport:
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    async def _post(self, path: str, body: bytes,
-                    headers: dict[str, str]) -> tuple[int, str, float | None]:
+    async def _post(self, path: str, body: bytes, headers: dict[str, str],
+                    digest: str | None = None) -> tuple[int, str, float | None]:
         """One signed POST (a new nonce and timestamp every time); connection problems are
         raised as _Answer."""
         if self._session is None:
             raise _Answer("closed", "the transport was not started")
         headers = {**headers, H_VERSION: str(self.protocol_version or max(PROTOCOL_VERSIONS)),
-                   **sign(self._key, "POST", path, body, self.sensor)}
+                   H_INSTANCE: self.instance,
+                   **sign(self._key, "POST", path, body, self.sensor, digest=digest)}
         try:
-            async with self._session.post(self.base_url + path, data=body,
+            async with self._session.post(self._url(path), data=body,
                                           headers=headers) as response:
                 text = await response.text(errors="replace")
                 if self._key and self._key in text:  # we never send it; never log it either
@@ -640,6 +838,33 @@ class HttpsTransport:
             raise _Answer("unreachable", f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:
             raise _Answer("unreachable", f"{exc.strerror or exc}") from None
+
+    async def _post_chunk(self, body: bytes, headers: dict[str, str],
+                          digest: tuple[str, str] | None) -> tuple[int, str, float | None]:
+        """One signed chunk POST on the bulk connection's thread (see bulk.py for why)."""
+        if self._bulk is None or self._bulk_thread is None:
+            raise _Answer("closed", "the transport was not started")
+        headers = {**headers, H_VERSION: str(self.protocol_version or max(PROTOCOL_VERSIONS))}
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(self._bulk_thread, self._signed_post, body,
+                                                headers, digest)
+        except BulkError as exc:
+            raise _Answer(exc.state, str(exc)) from None
+        text = answer.text
+        if self._key and self._key in text:  # we never send it; never log it either
+            text = text.replace(self._key, "***")
+        return answer.status, text, _retry_after(answer.retry_after)
+
+    def _signed_post(self, body: bytes, headers: dict[str, str],
+                     digest: tuple[str, str] | None) -> BulkAnswer:
+        """Sign (hashing again only if the vSensor's digests changed) and POST; bulk thread."""
+        assert self._bulk is not None
+        algorithm = self.digest
+        known = digest[1] if digest is not None and digest[0] == algorithm else None
+        headers.update(sign(self._key, "POST", PATH_CHUNKS, body, self.sensor, digest=known,
+                            algorithm=algorithm))
+        return self._bulk.post(PATH_CHUNKS, body, headers)
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         status, text, retry_after = await self._post(
@@ -707,7 +932,7 @@ class HttpsTransport:
 
     def _write_spool(self, entry: _Entry) -> Path:
         assert self.spool_dir is not None and entry.payload is not None
-        name = f"{self._run_id:020d}-{entry.sequence:012d}-{entry.packets}{SPOOL_SUFFIX}"
+        name = f"{self._run_id:020d}-{entry.sequence:020d}-{entry.packets}{SPOOL_SUFFIX}"
         final = self.spool_dir / name
         temporary = self.spool_dir / (name + TEMP_SUFFIX)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
@@ -795,6 +1020,9 @@ class HttpsTransport:
                 continue
             match = _SPOOL_NAME.match(name)
             if not match:
+                if name.endswith(SPOOL_SUFFIX):
+                    log.warning("%s in the spool is not named like a chunk of ours; left alone",
+                                path)
                 continue
             try:
                 size = path.stat().st_size

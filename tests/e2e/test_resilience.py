@@ -6,6 +6,9 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from tests.e2e.cluster import Cluster, VSensor, start_sensor, stored_keys, two_nodes, udp_sender
 from tests.e2e.test_sensor import Sensor
@@ -47,14 +50,22 @@ def restart(vsensor: VSensor, cluster: Cluster, key: str) -> VSensor:
     return again
 
 
+@contextmanager
+def node_a_shipping(base_env: dict[str, str], tmp_path: Path,
+                    interface: str = "up0") -> Iterator[tuple[Cluster, VSensor, Sensor]]:
+    """The two-node cluster, its vSensor, and node A's sensor registered with it."""
+    with two_nodes() as cluster:
+        vsensor = VSensor(cluster.net, tmp_path / "vsensor", base_env["VSENSOR_HMAC_KEY"])
+        sensor = start_sensor(cluster.a, vsensor, base_env, tmp_path, interface=interface)
+        sensor.wait_for_log("registered with the vSensor")
+        yield cluster, vsensor, sensor
+
+
 @needs_netns
 def test_vsensor_killed_mid_stream_and_restarted(base_env, tmp_path):
     key = base_env["VSENSOR_HMAC_KEY"]
-    with two_nodes() as cluster:
+    with node_a_shipping(base_env, tmp_path) as (cluster, vsensor, sensor):
         a, b = cluster.a, cluster.b
-        vsensor = VSensor(cluster.net, tmp_path / "vsensor", key)
-        sensor = start_sensor(a, vsensor, base_env, tmp_path)
-        sensor.wait_for_log("registered with the vSensor")
         sender = udp_sender(b.ns, a.address, 7201, 6000, pace=2)  # about 3 s of traffic
         time.sleep(1.0)
         vsensor.proc.send_signal(signal.SIGKILL)  # no goodbye: files left as .part
@@ -74,12 +85,8 @@ def test_vsensor_killed_mid_stream_and_restarted(base_env, tmp_path):
 def test_link_to_the_vsensor_cut_for_30_seconds(base_env, tmp_path):
     """The sensor captures its pod's interface while its uplink (the way to the vSensor) is
     down for 30 s: chunks wait (memory, then the spool) and all arrive once, in order."""
-    key = base_env["VSENSOR_HMAC_KEY"]
-    with two_nodes() as cluster:
+    with node_a_shipping(base_env, tmp_path, "pv0") as (cluster, vsensor, sensor):
         a = cluster.a
-        vsensor = VSensor(cluster.net, tmp_path / "vsensor", key)
-        sensor = start_sensor(a, vsensor, base_env, tmp_path, interface="pv0")
-        sensor.wait_for_log("registered with the vSensor")
         a.ns.ip("link", "set", "up0", "down")
         try:
             sender = udp_sender(a.ns, a.pod_address, 7202, 8000, pace=1)  # about 8-16 s
@@ -99,11 +106,8 @@ def test_sensor_restarted_sends_what_it_spooled(base_env, tmp_path):
     """The vSensor is away while the sensor captures, then the sensor is stopped (SIGTERM, as
     Kubernetes does): what it could not send is spooled, and sent once by the next run."""
     key = base_env["VSENSOR_HMAC_KEY"]
-    with two_nodes() as cluster:
+    with node_a_shipping(base_env, tmp_path) as (cluster, vsensor, sensor):
         a, b = cluster.a, cluster.b
-        vsensor = VSensor(cluster.net, tmp_path / "vsensor", key)
-        sensor = start_sensor(a, vsensor, base_env, tmp_path)
-        sensor.wait_for_log("registered with the vSensor")
         assert vsensor.stop() == 0
         sender = udp_sender(b.ns, a.address, 7203, 3000, pace=4)
         assert sender.wait(timeout=60) == 0, sender.stderr.read()

@@ -50,7 +50,8 @@ def test_401_answers_carry_a_reason_code_and_the_vsensor_time(tmp_path, tls):
             assert (status, answer["error"]) == (401, "replay")
             assert stored_files(tmp_path / "data") == []
             failures = client.vsensor.metrics.auth_failures
-            assert set(failures) == set(REASON_CODES)
+            # name_in_use needs two live instances: see the test of duplicate names below.
+            assert set(failures) == set(REASON_CODES) - {"name_in_use"}
     run(scenario())
 
 
@@ -99,7 +100,7 @@ def test_an_unregistered_sensor_is_told_to_register_again(tmp_path, tls):
             assert (await client.register())[0] == 200
             assert (await client.send_chunk(make_chunk(3)))[:2] == (200, {"stored": 3})
     run(scenario())
-    assert len(list((data / SENSOR).iterdir())) == 2
+    assert len(stored_files(data)) == 2
     assert not (data / "node-2").exists()
 
 
@@ -114,7 +115,8 @@ def test_a_test_chunk_is_verified_and_decoded_but_not_stored(tmp_path, tls):
             assert stored_files(tmp_path / "data") == []
             state = client.vsensor.sensors[SENSOR]
             assert (state.packets, state.chunks, state.duplicates) == (0, 0, 0)
-            # Verified: a wrong key, a malformed body or an unregistered sensor still fail.
+            # Verified: a wrong key or a malformed body still fail. No registration is needed
+            # (ossensor diagnose sends one before any sensor ran, and only probes registration).
             assert (await client.send_chunk(make_chunk(2), key="wrong",
                                             headers_extra=test))[0] == 401
             status, answer, _ = await client.post(
@@ -122,12 +124,50 @@ def test_a_test_chunk_is_verified_and_decoded_but_not_stored(tmp_path, tls):
                 headers={"X-Ossensor-Chunk-Sequence": "3", **test})
             assert status == 400 and "malformed" in answer["error"]
             assert (await client.send_chunk(make_chunk(4, sensor="node-2"),
-                                            headers_extra=test))[0] == 409
+                                            headers_extra=test))[:2] == (
+                200, {"test": True, "packets": 3})
+            assert stored_files(tmp_path / "data", "node-2") == []
             # The same sequence sent for real afterwards is stored, not a "duplicate".
             assert (await client.send_chunk(chunk))[:2] == (200, {"stored": 5})
             assert (await client.send_chunk(chunk, headers_extra=test))[:2] == (
                 200, {"test": True, "packets": 5})
-            assert state.chunks == 1 and client.vsensor.metrics.chunks["test"] == 2
+            assert state.chunks == 1 and client.vsensor.metrics.chunks["test"] == 3
             await client.shutdown()
         assert len(stored_files(tmp_path / "data")) == 2  # ether and raw, from the real chunk
     run(scenario())
+
+
+def test_two_live_sensors_with_one_name_are_reported_not_merged(tmp_path, tls, caplog):
+    """A second instance (another process) under a live name is refused with 409 name_in_use,
+    shown on the status, and takes the name over once the first falls silent."""
+    first, second = "a" * 32, "b" * 32
+    beat = json.dumps({"interfaces": {}}).encode()
+
+    async def scenario():
+        async with running(settings(tmp_path, heartbeat_seconds=0.3), tls) as client:
+            assert (await client.register(instance=first))[0] == 200
+            assert (await client.send_chunk(make_chunk(1), headers_extra={
+                "X-Ossensor-Instance": first}))[:2] == (200, {"stored": 3})
+            status, body, _ = await client.register(instance=second)
+            assert (status, body["error"]) == (409, "name_in_use")
+            status, body, _ = await client.send_chunk(make_chunk(2), headers_extra={
+                "X-Ossensor-Instance": second})
+            assert (status, body["error"]) == (409, "name_in_use")
+            status, body, _ = await client.post(PATH_HEARTBEAT, beat,
+                                                headers={"X-Ossensor-Instance": second})
+            assert (status, body["error"]) == (409, "name_in_use")
+            shown = client.vsensor.sensors[SENSOR].as_json()
+            assert shown["instance"] == first and shown["name_conflict"]["instance"] == second
+            assert shown["packets"] == 3  # nothing of the second instance was stored
+            # The refused requests did not keep the first instance "alive": after three
+            # heartbeats of silence the second takes the name over.
+            await asyncio.sleep(1.0)
+            assert (await client.register(instance=second))[0] == 200
+            assert (await client.send_chunk(make_chunk(3), headers_extra={
+                "X-Ossensor-Instance": second}))[0] == 200
+            status, body, _ = await client.send_chunk(make_chunk(4), headers_extra={
+                "X-Ossensor-Instance": first})
+            assert (status, body["error"]) == (409, "name_in_use")
+            assert "name_in_use" in (await client.get("/metrics"))[1]
+    run(scenario())
+    assert "two sensors with one name" in caplog.text

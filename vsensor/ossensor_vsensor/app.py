@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import hmac
 import html
 import json
@@ -30,15 +31,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ossensor_core.chunk import ChunkCodec
+from ossensor_core.bpfgen import AddressSet
+from ossensor_core.chunk import VERSIONS as CHUNK_VERSIONS, ChunkCodec
 from ossensor_core.protocols import Chunk
-from ossensor_core.protocol import (DEFAULT_SKEW_SECONDS, H_VERSION, PATH_CHUNKS,
-                                    PATH_HEARTBEAT, PATH_REGISTER, PROTOCOL_VERSIONS, AuthError,
-                                    NonceCache, Verified, negotiate, verify)
+from ossensor_core.protocol import (DEFAULT_SKEW_SECONDS, DIGESTS, H_INSTANCE, H_VERSION,
+                                    PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER, PROTOCOL_VERSIONS,
+                                    AuthError, NonceCache, Verified, negotiate, verify)
 
 from . import __version__
-from .filters import FilterResult, build_filter, parse_address, peer_networks
-from .store import SensorStore, StoreError, enforce_retention
+from . import antigena
+from .filters import (FEATURE_PEER_RANGES, FilterResult, build_filter, claimed_once,
+                      claimed_set, parse_address, peer_set, self_expression)
+from .store import SensorStore, StoreError, enforce_retention, recover
 
 log = logging.getLogger("ossensor_vsensor")
 
@@ -74,6 +78,9 @@ class VSensorSettings:
     retain_bytes: int | None = None
     #: How often retention runs (it also runs after every completed file).
     retention_interval: float = 10.0
+    #: ``(host, port)`` that sensors should use once registered, when they register through a
+    #: load balancer in front of several vSensors (None: keep the address they used).
+    direct: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -111,8 +118,19 @@ class SensorState:
     bytes: int = 0
     chunks: int = 0
     duplicates: int = 0
-    #: From the last heartbeat: interface -> {"packets": n, "drops": n} (kernel counters).
+    #: Interface -> {"packets": n, "drops": n} (kernel counters): set by every heartbeat,
+    #: moved forward by the interface table of v2 chunks in between.
     kernel: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Workload ranges (pod CIDRs) behind the sensor, and what it claims with its addresses.
+    workloads: list[str] = field(default_factory=list)
+    claim: AddressSet = field(default_factory=AddressSet)
+    features: frozenset[str] = frozenset()
+    #: The sensor's last word on its filter (e.g. the peer part did not fit), "" when fine.
+    filter_note: str = ""
+    #: The instance id of the process that registered (``X-Ossensor-Instance``), and the last
+    #: other live instance that tried to use the same name (refused, see ``name_in_use``).
+    instance: str = ""
+    conflict: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -120,7 +138,9 @@ class SensorState:
             "addresses": self.addresses, "interfaces": self.interfaces,
             "registered": self.registered, "last_seen": self.last_seen,
             "packets": self.packets, "bytes": self.bytes, "chunks": self.chunks,
-            "duplicates": self.duplicates,
+            "duplicates": self.duplicates, "workloads": self.workloads,
+            "filter_note": self.filter_note, "instance": self.instance,
+            "name_conflict": self.conflict,
             "kernel_packets": sum(v.get("packets", 0) for v in self.kernel.values()),
             "kernel_drops": sum(v.get("drops", 0) for v in self.kernel.values()),
             "kernel": self.kernel,
@@ -148,7 +168,7 @@ def auth_reason(error: AuthError) -> str:
 
 #: The reason codes a 401 or 409 may carry (``docs/protocol.md``).
 REASON_CODES = ("missing_header", "bad_scheme", "bad_timestamp", "clock_skew", "bad_body_hash",
-                "bad_signature", "replay", "unknown_sensor")
+                "bad_signature", "replay", "unknown_sensor", "name_in_use")
 H_SERVER_TIME = "X-Ossensor-Server-Time"
 
 
@@ -195,7 +215,7 @@ class Metrics:
                "Chunks stored per sensor.",
                [({"sensor": s.name}, s.chunks) for s in sensors.values()])
         family("ossensor_vsensor_sensor_kernel_drops", "gauge",
-               "Kernel drops reported by the sensor's last heartbeat.",
+               "Kernel drops reported by the sensor's last heartbeat or chunk.",
                [({"sensor": s.name}, s.as_json()["kernel_drops"]) for s in sensors.values()])
         family("ossensor_vsensor_sensor_last_seen_seconds", "gauge",
                "Unix time of the sensor's last authenticated request.",
@@ -224,6 +244,11 @@ class VSensor:
         self._locks: dict[str, asyncio.Lock] = {}
         self._filter_notes: set[str] = set()
         self._filters: dict[tuple, FilterResult] = {}
+        self._claims_version = 0  # bumped when a claim changes or a sensor expires
+        self._once: tuple[int, AddressSet, str] | None = None
+        self._peers: dict[AddressSet, AddressSet] = {}
+        self._live_checked = 0.0
+        self._live: frozenset[str] = frozenset()
         self._timer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._retention: asyncio.Task[None] | None = None
@@ -257,7 +282,9 @@ class VSensor:
                     text=json.dumps({"supported": list(PROTOCOL_VERSIONS)}),
                     content_type="application/json")
         state = self._state(verified.sensor)
-        state.last_seen = self.now()
+        instance = request.headers.get(H_INSTANCE, "")
+        if not state.instance or not instance or instance == state.instance:
+            state.last_seen = self.now()  # not by another instance under the same name
         return verified, body
 
     def unknown_sensor(self, sensor: str, request: web.Request) -> web.Response | None:
@@ -275,6 +302,31 @@ class VSensor:
         return web.json_response({"error": "unknown_sensor", "server_time": self.now()},
                                  status=409)
 
+    def name_in_use(self, sensor: str, instance: str,
+                    request: web.Request) -> web.Response | None:
+        """409 ``name_in_use`` when another instance (another process, usually another host)
+        holds ``sensor`` and was seen within three heartbeats, else None.
+
+        Two live sensors with one name are reported, never merged: their packets would land in
+        one folder and their filters would fight. The newcomer keeps its chunks and retries; once
+        the other falls silent (a replaced pod), it takes the name over.
+        """
+        state = self.sensors.get(sensor)
+        if state is None or not state.instance or not instance or instance == state.instance:
+            return None
+        window = 3 * self.settings.heartbeat_seconds
+        if state.last_seen is None or self.now() - state.last_seen > window:
+            return None
+        state.conflict = {"instance": instance[:64], "address": str(request.remote),
+                          "at": self.now()}
+        self.metrics.auth_failures["name_in_use"] += 1
+        log.warning("refused %s %s from %s: sensor name %r is in use by instance %s (seen %.0f s "
+                    "ago), this is instance %s: two sensors with one name (OSSENSOR_NAME)",
+                    request.method, request.path, request.remote, sensor[:64],
+                    state.instance[:12], self.now() - state.last_seen, instance[:12])
+        return web.json_response({"error": "name_in_use", "server_time": self.now()},
+                                 status=409)
+
     def _state(self, sensor: str) -> SensorState:
         state = self.sensors.get(sensor)
         if state is None:
@@ -286,20 +338,73 @@ class VSensor:
 
     # Filters -----------------------------------------------------------------------------
 
-    async def filter_for(self, sensor: str, request: web.Request) -> str:
+    def _claimed_once(self) -> tuple[AddressSet, str]:
+        """What exactly one live sensor claims, and its digest (``filters.py``); recomputed
+        when a claim changed (a sweep: about 20 ms for 5,000 sensors).
+
+        Sensors silent for six heartbeats (at least a minute) are left out (checked once a
+        second): that only makes the others keep more (duplicates, never a gap)."""
+        now = self.now()
+        if now - self._live_checked >= 1.0 or self._once is None \
+                or self._once[0] != self._claims_version:
+            self._live_checked = now
+            horizon = now - max(60.0, 6 * self.settings.heartbeat_seconds)
+            live = frozenset(n for n, s in self.sensors.items()
+                             if s.registered is not None and (s.last_seen or 0) >= horizon)
+            if live != self._live:
+                self._live = live
+                self._claims_version += 1
+        if self._once is None or self._once[0] != self._claims_version:
+            once = claimed_once(self.sensors[n].claim for n in self._live)
+            self._once = (self._claims_version, once, once.digest())
+            self._peers.clear()
+        return self._once[1], self._once[2]
+
+    def _peers_of(self, state: SensorState) -> tuple[str, AddressSet]:
+        """The id of the ranges ``state``'s sensor drops as a packet's lower address (cheap:
+        from the digest of the claims and its own claim), and what exactly one sensor claims,
+        from which :meth:`_peer_set` makes the ranges when they have to be sent."""
+        once, digest = self._claimed_once()
+        return hashlib.sha256(f"{digest} {state.claim.texts()}".encode()).hexdigest()[:16], once
+
+    def _peer_set(self, state: SensorState, once: AddressSet) -> AddressSet:
+        peers = self._peers.get(state.claim)
+        if peers is None:
+            if len(self._peers) >= FILTER_CACHE_SIZE:
+                self._peers.clear()
+            peers = self._peers[state.claim] = peer_set(state.claim, once)
+        return peers
+
+    def _own_endpoint(self, request: web.Request) -> tuple[tuple[str, int] | None, set[int]]:
+        """The address a request came to and the ports sensors use: their traffic to the
+        vSensor, which their filters leave out."""
         local = _local_address(request)
         ports = set(self.settings.vsensor_ports)
         if local and local[1]:
             ports.add(local[1])
+        return local, ports
+
+    async def filter_for(self, sensor: str, request: web.Request,
+                         known_id: str | None = None) -> dict[str, Any]:
+        """The filter fields of a registration or heartbeat answer (``docs/protocol.md``)."""
+        local, ports = self._own_endpoint(request)
         state = self.sensors[sensor]
-        others = [a for name, s in self.sensors.items() if name != sensor for a in s.addresses]
-        nets = peer_networks(state.addresses, others)
-        key = (local[0] if local else None, tuple(sorted(ports)), tuple(nets))
+        peers_id, once = self._peers_of(state)
+        if FEATURE_PEER_RANGES in state.features:
+            # The sensor generates BPF itself; the ranges are sent (and computed) only when
+            # they changed, so a steady heartbeat costs next to nothing here.
+            ranges: dict[str, Any] = {"id": peers_id, "rule": "lower-address"}
+            if known_id != peers_id:
+                ranges["ranges"] = self._peer_set(state, once).texts()
+            own = self_expression(local[0], ports) if local else ""
+            return {"filter": own, "peer_ranges": ranges}
+        peers = self._peer_set(state, once)
+        key = (local[0] if local else None, tuple(sorted(ports)), peers)
         result = self._filters.get(key)
         if result is None:
             # Compiling hundreds of networks takes seconds: off the event loop, and only when
             # the set of sensors changed (heartbeats reuse the result).
-            result = await asyncio.to_thread(build_filter, key[0], key[1], nets)
+            result = await asyncio.to_thread(build_filter, key[0], key[1], peers)
             if len(self._filters) >= FILTER_CACHE_SIZE:
                 self._filters.clear()
             self._filters[key] = result
@@ -307,9 +412,9 @@ class VSensor:
             if len(self._filter_notes) >= FILTER_CACHE_SIZE:
                 self._filter_notes.clear()
             self._filter_notes.add(result.reason)
-            log.warning("filter for %r leaves out the %d peer networks (duplicates are stored "
-                        "instead): %s", sensor, len(nets), result.reason)
-        return result.expression
+            log.warning("filter for %r leaves out the peer part (%s; duplicates are stored "
+                        "instead): %s", sensor, peers.summary(), result.reason)
+        return {"filter": result.expression}
 
     # Handlers ----------------------------------------------------------------------------
 
@@ -328,6 +433,10 @@ class VSensor:
                 parse_address(address)
             interfaces = [str(i) for i in message.get("interfaces", [])]
             software = str(message.get("software", ""))[:200]
+            workloads = [str(w) for w in message.get("workloads", [])]
+            primary = message.get("primary_address")
+            claim = claimed_set(addresses + ([str(primary)] if primary else []), workloads)
+            features = frozenset(str(f) for f in message.get("features", []))
         except (ValueError, TypeError) as exc:
             return _error(400, f"bad registration: {exc}")
         version = negotiate(offered)
@@ -335,20 +444,52 @@ class VSensor:
             log.warning("sensor %r speaks protocol versions %s, this vSensor %s",
                         verified.sensor, offered, list(PROTOCOL_VERSIONS))
             return web.json_response({"supported": list(PROTOCOL_VERSIONS)}, status=426)
+        instance = str(message.get("instance", ""))[:64]
+        if message.get("probe") is True:
+            return self._probe_answer(verified.sensor, instance, version, request)
+        refused = self.name_in_use(verified.sensor, instance, request)
+        if refused is not None:
+            return refused
         state = self._state(verified.sensor)
+        state.instance = instance
         state.version, state.software = version, software
         state.addresses, state.interfaces = addresses, interfaces
+        if claim != state.claim or state.registered is None:
+            self._claims_version += 1
+        state.workloads, state.claim, state.features = workloads, claim, features
         state.registered = self.now()
-        expression = await self.filter_for(verified.sensor, request)
-        log.info("sensor %r registered from %s (protocol %d, %s, addresses %s)",
-                 verified.sensor, request.remote, version, software, addresses)
-        return web.json_response({"version": version, "filter": expression,
+        filter_fields = await self.filter_for(verified.sensor, request)
+        log.info("sensor %r registered from %s (protocol %d, %s, addresses %s, workloads %s)",
+                 verified.sensor, request.remote, version, software, addresses, workloads)
+        extra = {"direct": {"host": self.settings.direct[0], "port": self.settings.direct[1]}} \
+            if self.settings.direct else {}
+        return web.json_response({"version": version, **filter_fields, **extra,
+                                  "digests": list(DIGESTS),
+                                  "chunk_versions": list(CHUNK_VERSIONS),
                                   "heartbeat_seconds": self.settings.heartbeat_seconds,
                                   "server_time": self.now()})
 
+    def _probe_answer(self, sensor: str, instance: str, version: int,
+                      request: web.Request) -> web.Response:
+        """A registration marked ``"probe": true`` (``ossensor diagnose``): verified and
+        answered, nothing recorded, so a diagnosis never disturbs a running sensor."""
+        local, ports = self._own_endpoint(request)
+        state = self.sensors.get(sensor)
+        live = bool(state and state.registered and state.instance and state.instance != instance
+                    and state.last_seen is not None
+                    and self.now() - state.last_seen <= 3 * self.settings.heartbeat_seconds)
+        log.info("registration probe for %r from %s (protocol %d)", sensor, request.remote,
+                 version)
+        return web.json_response({
+            "version": version, "probe": True, "name_in_use": live,
+            "filter": self_expression(local[0], ports) if local else "",
+            "digests": list(DIGESTS), "heartbeat_seconds": self.settings.heartbeat_seconds,
+            "server_time": self.now()})
+
     async def heartbeat(self, request: web.Request) -> web.Response:
         verified, body = await self.authenticate(request)
-        refused = self.unknown_sensor(verified.sensor, request)
+        refused = self.unknown_sensor(verified.sensor, request) or self.name_in_use(
+            verified.sensor, request.headers.get(H_INSTANCE, ""), request)
         if refused is not None:
             return refused
         try:
@@ -359,17 +500,35 @@ class VSensor:
             kernel = {str(name): {"packets": int(v.get("packets", 0)),
                                   "drops": int(v.get("drops", 0))}
                       for name, v in interfaces.items()}
+            known_id = message.get("peer_ranges_id")
+            note = str(message.get("filter_note") or "")[:500]
         except (ValueError, TypeError, AttributeError) as exc:
             return _error(400, f"bad heartbeat: {exc}")
-        self.sensors[verified.sensor].kernel = kernel
-        return web.json_response({"filter": await self.filter_for(verified.sensor, request)})
+        state = self.sensors[verified.sensor]
+        state.kernel = kernel
+        if isinstance(message, dict) and message.get("leaving") is True:
+            # A sensor stopping cleanly: its name is free for the next instance at once.
+            log.info("sensor %r (instance %s) is stopping", verified.sensor, state.instance[:12])
+            state.last_seen = None
+            state.instance = ""
+            return web.json_response({})
+        if note != state.filter_note:
+            state.filter_note = note
+            if note:
+                log.warning("sensor %r reports about its filter: %s", verified.sensor, note)
+        return web.json_response(await self.filter_for(
+            verified.sensor, request, known_id if isinstance(known_id, str) else None))
 
     async def chunks(self, request: web.Request) -> web.Response:
         verified, body = await self.authenticate(request)
         sensor = verified.sensor
-        refused = self.unknown_sensor(sensor, request)
-        if refused is not None:
-            return refused
+        # A test chunk (``ossensor diagnose``) is verified and decoded, never stored: it needs
+        # no registration, so a diagnosis works without disturbing a running sensor.
+        if request.headers.get(H_TEST, "").strip() != "1":
+            refused = self.unknown_sensor(sensor, request) or self.name_in_use(
+                sensor, request.headers.get(H_INSTANCE, ""), request)
+            if refused is not None:
+                return refused
         try:
             sequence = int(request.headers[H_CHUNK_SEQUENCE])
         except (KeyError, ValueError):
@@ -390,6 +549,15 @@ class VSensor:
             self.metrics.chunks["malformed"] += 1
             return _error(400, f"{H_CHUNK_SEQUENCE} {sequence} differs from the chunk's "
                                f"sequence {chunk.sequence}")
+        # The body's instance (v2) is covered by the signature; the header, on which
+        # name_in_use decided, is not. A chunk whose two disagree is refused.
+        header_instance = request.headers.get(H_INSTANCE, "")
+        if chunk.instance and chunk.instance != header_instance:
+            self.metrics.chunks["malformed"] += 1
+            log.warning("chunk %d from %r names instance %r, the request %r", sequence, sensor,
+                        chunk.instance[:64], header_instance[:64])
+            return _error(400, f"the chunk belongs to instance {chunk.instance[:64]!r}, not "
+                               f"{header_instance[:64]!r} ({H_INSTANCE})")
         if request.headers.get(H_TEST, "").strip() == "1":
             # A sensor checking the whole path (key, clock, TLS, chunk format) before it
             # captures: nothing is stored and the sequence is not remembered.
@@ -397,9 +565,21 @@ class VSensor:
             log.info("test chunk %d from %r: %d packets verified, not stored", sequence, sensor,
                      chunk.packets)
             return web.json_response({"test": True, "packets": chunk.packets})
+        self._note_counters(self.sensors[sensor], chunk)
         # Shielded: should the client go away mid-write, the chunk is still stored and its
         # sequence remembered, so the sensor's retry is answered as a duplicate.
         return await asyncio.shield(self._store_chunk(sensor, chunk))
+
+    @staticmethod
+    def _note_counters(state: SensorState, chunk: Chunk) -> None:
+        """Kernel counters from a v2 chunk's interface table. They only move forward: a chunk
+        that waited in a spool carries older counters than the last heartbeat, which stays
+        authoritative (it also resets them when a capture was reopened)."""
+        for row in chunk.interfaces:
+            known = state.kernel.get(row.name)
+            if known is None or (row.packets >= known.get("packets", 0)
+                                 and row.drops >= known.get("drops", 0)):
+                state.kernel[row.name] = {"packets": row.packets, "drops": row.drops}
 
     async def _store_chunk(self, sensor: str, chunk: Chunk) -> web.Response:
         state = self.sensors[sensor]
@@ -409,9 +589,10 @@ class VSensor:
                               **{"Retry-After": str(RETRY_AFTER_SECONDS)})
             store = self.stores.get(sensor)
             if store is None:
-                store = self.stores[sensor] = SensorStore(
-                    self.settings.data_dir, sensor, self.settings.rotate_bytes,
-                    self.settings.rotate_seconds)
+                store = SensorStore(self.settings.data_dir, sensor, self.settings.rotate_bytes,
+                                    self.settings.rotate_seconds)
+                await asyncio.to_thread(store.load)
+                self.stores[sensor] = store
             if store.seen(chunk.sequence):
                 state.duplicates += 1
                 self.metrics.chunks["duplicate"] += 1
@@ -456,6 +637,7 @@ class VSensor:
         return web.json_response({
             "vsensor": __version__, "server_time": self.now(),
             "sensors": [s.as_json() for s in sorted(self.sensors.values(), key=lambda s: s.name)],
+            "antigena": request.app[antigena.ANTIGENA].status(),
         })
 
     async def status_html(self, request: web.Request) -> web.Response:
@@ -472,7 +654,8 @@ class VSensor:
                                                    "kernel drops"))
         page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>ossensor vSensor"
                 "</title></head><body><h1>ossensor vSensor</h1>"
-                f"<table border=\"1\"><tr>{head}</tr>{''.join(rows)}</table></body></html>")
+                f"<table border=\"1\"><tr>{head}</tr>{''.join(rows)}</table>"
+                f"{antigena.status_rows(request.app[antigena.ANTIGENA])}</body></html>")
         return web.Response(text=page, content_type="text/html")
 
     async def metrics_page(self, request: web.Request) -> web.Response:
@@ -484,9 +667,30 @@ class VSensor:
     # Lifecycle ---------------------------------------------------------------------------
 
     async def start(self, app: web.Application) -> None:
+        await asyncio.to_thread(self._recover)
         self._timer = asyncio.create_task(self._rotate_by_age(), name="vsensor file rotation")
         if self.settings.retain_seconds is not None or self.settings.retain_bytes is not None:
             self._retention = asyncio.create_task(self._retain(), name="vsensor retention")
+
+    def _recover(self) -> None:
+        """Complete what a crashed run left as ``.part`` files, cut back to the last
+        acknowledged chunk (see store.py)."""
+        try:
+            folders = [f for f in self.settings.data_dir.iterdir()
+                       if f.is_dir() and not f.name.startswith(".")]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cannot list %s to recover unfinished files: %s", self.settings.data_dir,
+                      exc.strerror or exc)
+            return
+        for folder in folders:
+            try:
+                for line in recover(folder):
+                    log.warning("recovered %s/%s", folder.name, line)
+            except OSError as exc:
+                log.error("cannot recover the unfinished files of %s: %s", folder,
+                          exc.strerror or exc)
 
     async def close(self, app: web.Application | None = None) -> None:
         """Complete every open file (``.part`` renamed); later chunks get 503."""
@@ -602,6 +806,7 @@ def create_app(settings: VSensorSettings) -> web.Application:
     app.router.add_get("/status", vsensor.status_html)
     app.router.add_get("/status.json", vsensor.status_json)
     app.router.add_get("/metrics", vsensor.metrics_page)
+    antigena.setup(app, vsensor)
     app.on_response_prepare.append(_add_server_time)
     app.on_startup.append(vsensor.start)
     app.on_cleanup.append(vsensor.close)
