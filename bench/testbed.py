@@ -467,6 +467,9 @@ def measure(bed: TestBed, capturer: Capturer, traffic: Traffic) -> dict[str, Any
     capturer.start()
     try:
         helpers = capturer.helper_pids()
+        # Start-up is not part of the figures: let it finish (the sensor registers, imports
+        # what Antigena crafts resets with, ...) before the traffic window opens.
+        wait_idle([capturer.pid, *helpers.values()], minimum=0.5, maximum=30)
         memory = MemorySampler(capturer.pid)
         cpu0, ticks0 = cpu_ns(capturer.pid), cpu_ticks_seconds(capturer.pid)
         helper0 = {k: cpu_ns(p) for k, p in helpers.items()}
