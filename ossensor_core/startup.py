@@ -7,6 +7,7 @@ together in one ConfigError, so a user fixes a deployment in one round.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from .interfaces import (Decision, Interface, InterfaceSelector, Primary, list_i
                          primary_interface)
 from .manager import LoadedPlugins, load_plugins
 from .settings import PluginSettings, SettingsGroup, resolve_settings
+
+log = logging.getLogger("ossensor.startup")
 
 
 @dataclass
@@ -65,9 +68,14 @@ def plugin_settings(plugins: LoadedPlugins, environ: Mapping[str, str],
 def _configure(plugins: LoadedPlugins, config: SensorConfig, problems: list[str]) -> None:
     # Each implementation separately, so that every plugin's problems are reported together.
     for impl in plugins.hook.ossensor_configure.get_hookimpls():
+        if config.trace_hooks:  # called one by one, so pluggy's tracing does not see it
+            log.warning("hook trace: ossensor_configure [hook] of %s", impl.plugin_name)
         try:
             impl.function(config=config)
         except ConfigError as exc:
+            if config.trace_hooks:
+                log.warning("hook trace: ossensor_configure of %s refused: %s",
+                            impl.plugin_name, "; ".join(exc.problems))
             problems.extend(exc.problems)
 
 
