@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .config import SensorConfig
     from .interfaces import Decision, Interface, InterfaceEvent
     from .protocols import (CaptureBackend, CaptureStats, Chunk, ChunkEncoder, PacketFilter,
-                            ResponseEnforcer, Transport)
+                            ResponseEnforcer, SensorControl, Transport)
     from .settings import SettingsGroup
 
 PROJECT = "ossensor"
@@ -107,8 +107,10 @@ def ossensor_response_enforcer(config: SensorConfig) -> ResponseEnforcer | None:
 
 
 @hookspec
-def ossensor_startup(config: SensorConfig) -> None:
-    """The pipeline is assembled; captures are about to open. Called once on every plugin."""
+def ossensor_startup(config: SensorConfig, control: SensorControl) -> None:
+    """The pipeline is assembled; captures are about to open. Called once on every plugin.
+    ``control`` is the running sensor (``SensorControl``): a plugin may keep it, e.g. to ask
+    for the vSensor's filter again when the vSensor says it changed."""
 
 
 @hookspec

@@ -45,7 +45,7 @@ from .errors import CaptureError, ConfigError, FilterError, OssensorError, Plugi
 from .hookspecs import PROJECT
 from .interfaces import Decision, Interface, InterfaceEvent
 from .protocols import (CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder,
-                        PacketFilter, ResponseEnforcer, Transport)
+                        PacketFilter, ResponseEnforcer, SensorControl, Transport)
 from .settings import PluginSettings, Setting, SettingsGroup
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -61,5 +61,6 @@ __all__ = [
     "CaptureSource", "CaptureStats", "Chunk", "ChunkEncoder", "ConfigError", "Decision",
     "FilterError", "Interface", "InterfaceEvent", "OssensorError", "Packet", "PacketBatch",
     "PacketFilter", "PluginError", "PluginSettings", "ResponseEnforcer", "SensorConfig",
+    "SensorControl",
     "Setting", "SettingsGroup", "Transport", "TransportError", "hookimpl",
 ]

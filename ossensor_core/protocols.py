@@ -144,6 +144,11 @@ class SensorControl(Protocol):
     def captured_interfaces(self) -> list[Interface]:
         """The interfaces being captured now."""
 
+    def refresh_filters(self) -> None:
+        """Ask the transport for the vSensor's filter now rather than with its next heartbeat
+        (the vSensor said that the set of sensors changed); a no-op for transports without a
+        vSensor."""
+
 
 @runtime_checkable
 class Transport(Protocol):

@@ -119,6 +119,11 @@ class Sensor:
     def capture_stats(self) -> dict[str, CaptureStats]:
         return self.all_stats()
 
+    def refresh_filters(self) -> None:
+        refresh = getattr(self.transport, "refresh", None)
+        if refresh is not None:
+            refresh()
+
     def captured_interfaces(self) -> list[Interface]:
         return [c.source.interface for c in self.captures.values()]
 
@@ -310,7 +315,7 @@ class Sensor:
 
             metrics = MetricsServer(self, self.config.metrics_address)
             await metrics.start()
-        hook.ossensor_startup(config=self.config)
+        hook.ossensor_startup(config=self.config, control=self)
         await self.transport.start(self)
         sender = asyncio.create_task(self._send_loop(), name="sender")
         for interface in self.prepared.selected:

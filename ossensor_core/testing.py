@@ -228,9 +228,13 @@ class RecordingControl:
 
     sources: list[CaptureSource] = field(default_factory=list)
     vsensor_filters: list[str] = field(default_factory=list)
+    refreshes: int = 0
 
     def set_vsensor_filter(self, expression: str) -> None:
         self.vsensor_filters.append(expression)
+
+    def refresh_filters(self) -> None:
+        self.refreshes += 1
 
     def capture_stats(self) -> dict[str, CaptureStats]:
         return {s.interface.name: s.stats() for s in self.sources}
@@ -324,7 +328,7 @@ class Pipeline:
     async def run(self, sources: Iterable[CaptureSource]) -> list[Chunk]:
         """The whole lifecycle: start-up, each source drained into one chunk, shutdown."""
         self.hook.ossensor_response_enforcer(config=self.config)
-        self.hook.ossensor_startup(config=self.config)
+        self.hook.ossensor_startup(config=self.config, control=self.control)
         await self.transport.start(self.control)
         chunks = []
         try:

@@ -379,7 +379,7 @@ def test_chunks_arrive_in_order_and_every_signature_verifies(ca, ca_file, caplog
                             "instance": sender.instance, "addresses": ["192.0.2.10"],
                             "interfaces": ["eth0", "cali12"], "primary_address": HOST,
                             "workloads": registration["workloads"],
-                            "features": ["peer-ranges"]}
+                            "features": ["peer-ranges", "filter-refresh"]}
     assert registration["software"].startswith("ossensor ")
     assert len(sender.instance) == 32 and int(sender.instance, 16) >= 0
     assert set(server.instances) == {sender.instance} and len(server.instances) == 30
@@ -1136,3 +1136,27 @@ def test_chunks_encoded_for_a_newer_vsensor_are_sent_in_the_older_format(ca, ca_
     sender = asyncio.run(scenario())
     assert server.sequences == [1] and sender.chunks_dropped == 0 and versions == [1]
     assert server.stored[0].batches[0].data == make_chunk(1).batches[0].data
+
+
+def test_refresh_sends_the_next_heartbeat_at_once(ca, ca_file) -> None:
+    """What the Antigena plugin calls when the vSensor says filters changed."""
+    server = FakeVSensor(heartbeat_seconds=60.0)
+    control = FakeControl()
+
+    async def scenario() -> float:
+        async with serve(server.app(), server_context(ca)) as port:
+            sender = transport(port, ca_file)
+            await sender.start(control)
+            await wait_until(lambda: sender.registered)
+            await asyncio.sleep(0.3)
+            assert server.heartbeats == []  # the next one is a minute away
+            server.filter = "not host 198.51.100.9"
+            started = time.monotonic()
+            sender.refresh()
+            await wait_until(lambda: control.filters[-1:] == ["not host 198.51.100.9"])
+            took = time.monotonic() - started
+            await sender.aclose()
+            return took
+
+    assert asyncio.run(scenario()) < 1.0
+    assert server.heartbeats

@@ -21,7 +21,8 @@ import aiohttp
 
 from ossensor_core.config import SensorConfig
 from ossensor_core.errors import ConfigError
-from ossensor_core.plugin import ResponseEnforcer, Setting, SettingsGroup, hookimpl
+from ossensor_core.plugin import (ResponseEnforcer, SensorControl, Setting, SettingsGroup,
+                                  hookimpl)
 
 from .resets import ResetEnforcer
 from .service import Antigena
@@ -90,7 +91,7 @@ class AntigenaPlugin:
         return [*self.enforcers]
 
     @hookimpl
-    def ossensor_startup(self, config: SensorConfig) -> None:
+    def ossensor_startup(self, config: SensorConfig, control: SensorControl) -> None:
         if not config.antigena_enabled:
             return
         settings = config.plugin(NAME)
@@ -104,7 +105,8 @@ class AntigenaPlugin:
                                 key=config.hmac_key, sensor=config.name, tls=tls_for(config),
                                 period=config.antigena_time_period, enforcers=enforcers,
                                 reconnect_max=settings.reconnect_max_seconds,
-                                reports_kept=settings.reports_kept)
+                                reports_kept=settings.reports_kept,
+                                on_filters_changed=control.refresh_filters)
         self.task = asyncio.get_running_loop().create_task(self.service.run(), name="antigena")
         self.task.add_done_callback(_ended)
 

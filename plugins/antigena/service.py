@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +127,8 @@ class Antigena:
     def __init__(self, *, host: str, port: int, key: str, sensor: str,
                  tls: ssl.SSLContext | aiohttp.Fingerprint | bool, period: float,
                  enforcers: Sequence[ResponseEnforcer], reconnect_max: float = 10.0,
-                 reports_kept: int = 1000) -> None:
+                 reports_kept: int = 1000,
+                 on_filters_changed: Callable[[], None] | None = None) -> None:
         self.host, self.port, self.sensor = host, port, sensor
         self._key = key
         self.tls = tls
@@ -146,6 +147,8 @@ class Antigena:
         self.watch = BlockWatch(self._on_frame)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.connected = asyncio.Event()
+        # The vSensor says the set of sensors changed: the transport fetches the new filter.
+        self.on_filters_changed = on_filters_changed
 
     def __repr__(self) -> str:  # never the key
         return f"Antigena({self.url!r}, sensor={self.sensor!r})"
@@ -233,6 +236,11 @@ class Antigena:
             kind = message.get("type") if isinstance(message, dict) else None
         except ValueError:
             self._reject(None, "a message from the vSensor is not JSON")
+            return
+        if kind == "filters":
+            log.log(level(3), "Antigena: the vSensor's filters changed; asking for ours now")
+            if self.on_filters_changed is not None:
+                self.on_filters_changed()
             return
         if kind == "ack":
             sequence = message.get("seq")

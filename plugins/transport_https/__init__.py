@@ -307,6 +307,7 @@ class HttpsTransport:
         self._lock = asyncio.Lock()  # moves between memory and spool vs. taking the next chunk
         self._wakeup = asyncio.Event()  # a chunk was queued, or we are closing
         self._room = asyncio.Event()  # the sender took a chunk out of memory
+        self._refresh = asyncio.Event()  # the vSensor said its filters changed: heartbeat now
         self._states: dict[str, str] = {}
         self._failed_filter: tuple[str, AddressSet | None] | None = None
         self._registered_body: dict[str, Any] | None = None
@@ -560,7 +561,7 @@ class HttpsTransport:
             "sensor": self.sensor, "versions": list(PROTOCOL_VERSIONS),
             "software": f"ossensor {__version__}", "instance": self.instance,
             "addresses": addresses, "interfaces": [i.name for i in interfaces],
-            "workloads": self.workloads, "features": ["peer-ranges"]}
+            "workloads": self.workloads, "features": ["peer-ranges", "filter-refresh"]}
         if self.primary_address is not None:
             body["primary_address"] = self.primary_address
         return body
@@ -604,9 +605,15 @@ class HttpsTransport:
                  len(body["addresses"]), len(body["interfaces"]))
         self._apply_filter(answer.get("filter"), answer.get("peer_ranges"))
 
+    def refresh(self) -> None:
+        """Send the next heartbeat (which brings the vSensor's filter) now."""
+        self._refresh.set()
+
     async def _heartbeats(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh.wait(), self.heartbeat_seconds)
+            self._refresh.clear()
             try:
                 await self._heartbeat_once()
             except Exception:  # a bug must not end heartbeats (and filter updates) for good

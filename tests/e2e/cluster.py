@@ -112,12 +112,13 @@ class VSensor(LoopbackVSensor):
     """The reference vSensor listening on ``host`` (the bridge) rather than loopback."""
 
     def __init__(self, ns: Namespace, data: Path, key: str, host: str = VSENSOR_ADDRESS,
-                 port: int = VSENSOR_PORT) -> None:
+                 port: int = VSENSOR_PORT, heartbeat_seconds: float = 1.0) -> None:
         self.data = data
         self.log = data.parent / "vsensor.log"
         with open(self.log, "w") as log:
             self.proc = ns.popen(*VSENSOR, "--listen", f"{host}:{port}", "--data-dir", str(data),
-                                 "--heartbeat-seconds", "1", "--rotate-seconds", "600",
+                                 "--heartbeat-seconds", str(heartbeat_seconds),
+                                 "--rotate-seconds", "600",
                                  env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                       "VSENSOR_HMAC_KEY": key},
                                  stdout=subprocess.DEVNULL, stderr=log)
@@ -137,7 +138,7 @@ def wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 2
 
 
 def start_sensor(node: Node, vsensor: VSensor, base_env: dict[str, str], tmp_path: Path,
-                 interface: str = "up0") -> Sensor:
+                 interface: str = "up0", **extra: str) -> Sensor:
     """The sensor of ``node``, shipping over HTTPS to ``vsensor``, capturing ``interface``."""
     folder = tmp_path / node.name
     folder.mkdir(exist_ok=True)
@@ -148,6 +149,7 @@ def start_sensor(node: Node, vsensor: VSensor, base_env: dict[str, str], tmp_pat
                      NETWORK_DEVICE_INCLUDELIST=f"^{interface}$",
                      OSSENSOR_CHUNK_SECONDS="0.5")
     env["OSSENSOR_NAME"] = node.name
+    env.update(extra)
     sensor = Sensor(node.ns, env, folder)
     sensor.wait_for_log(f"capturing on {interface}")
     return sensor

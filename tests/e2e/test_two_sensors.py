@@ -126,3 +126,26 @@ def test_a_sensor_joining_mid_stream_loses_nothing(base_env, tmp_path):
     last = {("udp", 7201, 3499): "node-b", ("udp", 7202, 3499): "node-a"}
     for key, owner in last.items():
         assert both[key] == 1 and stored[owner][key] == 1
+
+
+@needs_netns
+def test_a_new_peer_reaches_the_others_over_the_antigena_websocket(base_env, tmp_path):
+    """Heartbeats a minute apart: node A learns node B's ranges within seconds anyway, because
+    the vSensor tells it over the Antigena websocket that its filter changed."""
+    with two_nodes() as cluster:
+        vsensor = VSensor(cluster.net, tmp_path / "vsensor", base_env["VSENSOR_HMAC_KEY"],
+                          heartbeat_seconds=60)
+        sensors = []
+        try:
+            sensors.append(start_sensor(cluster.a, vsensor, base_env, tmp_path,
+                                        ANTIGENA_ENABLED="true"))
+            sensors[0].wait_for_log("Antigena: connected to the vSensor", timeout=30)
+            started = time.monotonic()
+            sensors.append(start_sensor(cluster.b, vsensor, base_env, tmp_path))
+            sensors[0].wait_for_log(EXCLUSION, timeout=15)
+            took = time.monotonic() - started
+        finally:
+            for sensor in sensors:
+                sensor.terminate(timeout=30)
+            vsensor.stop()
+        assert took < 10, f"{took:.1f} s: the change waited for a heartbeat"

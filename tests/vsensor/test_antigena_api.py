@@ -4,6 +4,7 @@ sensors' websocket (actions pushed, sync on reconnect, reports), and the operato
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -235,4 +236,37 @@ def test_operator_cli_block_list_clear(tmp_path):
             assert (await operator(c, "GET"))[1]["actions"] == []
 
     url = ""
+    run(scenario())
+
+
+def test_sensors_are_told_over_the_websocket_when_their_filter_changed(tmp_path, tls):
+    """A new sensor registers: the connected sensors that can act on it (feature
+    filter-refresh) get {"type": "filters"} at once; older sensors and the newcomer do not."""
+    async def register(client, sensor: str, address: str, features: list[str]):
+        body = json.dumps({"sensor": sensor, "versions": [1], "addresses": [address],
+                           "features": features}).encode()
+        status, _, _ = await client.post("/api/v1/register", body, sensor=sensor)
+        assert status == 200
+
+    async def scenario():
+        async with running(settings(tmp_path), tls) as client:
+            await register(client, "node-a", "192.0.2.1", ["peer-ranges", "filter-refresh"])
+            await register(client, "node-old", "192.0.2.3", ["peer-ranges"])
+            new_ws, old_ws = await connect(client, "node-a"), await connect(client, "node-old")
+            for ws in (new_ws, old_ws):
+                assert (await receive(ws))["type"] == "sync"
+            started = time.monotonic()
+            await register(client, "node-b", "192.0.2.2", ["peer-ranges", "filter-refresh"])
+            assert (await receive(new_ws))["type"] == "filters"
+            assert time.monotonic() - started < 1.0
+            with contextlib.suppress(asyncio.TimeoutError):
+                message = await receive(old_ws, timeout=0.5)
+                raise AssertionError(f"a sensor without the feature got {message}")
+            # The same registration again changes nothing: no message.
+            await register(client, "node-b", "192.0.2.2", ["peer-ranges", "filter-refresh"])
+            with contextlib.suppress(asyncio.TimeoutError):
+                message = await receive(new_ws, timeout=0.5)
+                raise AssertionError(f"an unchanged registration sent {message}")
+            await new_ws.close()
+            await old_ws.close()
     run(scenario())

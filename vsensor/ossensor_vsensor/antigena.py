@@ -45,6 +45,8 @@ log = logging.getLogger("ossensor_vsensor.antigena")
 PATH_ACTIONS = "/api/v1/antigena/actions"
 MAX_DURATION_SECONDS = 30 * 86400
 ADMIN_TOKEN_VARIABLE = "VSENSOR_ADMIN_TOKEN"
+#: Sensors whose registration lists this act on a ``{"type": "filters"}`` message.
+FEATURE_FILTER_REFRESH = "filter-refresh"
 _FIELDS = {"src", "dst", "sport", "dport", "duration", "sensor"}
 _REJECTIONS_KEPT = 50
 _SEQUENCES_KEPT = 1000
@@ -225,6 +227,17 @@ class AntigenaHub:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await ws.send_json(message)
 
+    async def filters_changed(self, cause: str) -> None:
+        """Tell every other connected sensor that can act on it (feature ``filter-refresh``)
+        that its filter changed: it asks for it at once instead of with its next heartbeat."""
+        for name, sockets in list(self.sockets.items()):
+            state = self.vsensor.sensors.get(name)
+            if name == cause or state is None or FEATURE_FILTER_REFRESH not in state.features:
+                continue
+            for ws in list(sockets):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_json({"type": "filters"})
+
     # Operator API ------------------------------------------------------------------------
 
     def _check_admin(self, request: web.Request) -> None:
@@ -359,6 +372,7 @@ ANTIGENA = web.AppKey("antigena", AntigenaHub)
 def setup(app: web.Application, vsensor: VSensor) -> AntigenaHub:
     """Add Antigena's routes to the vSensor application."""
     hub = app[ANTIGENA] = AntigenaHub(vsensor)
+    vsensor.antigena = hub
     app.router.add_get(PATH_ANTIGENA, hub.websocket)
     app.router.add_post(PATH_ACTIONS, hub.block)
     app.router.add_get(PATH_ACTIONS, hub.list_actions)

@@ -236,6 +236,9 @@ class VSensor:
 
     def __init__(self, settings: VSensorSettings) -> None:
         self.settings = settings
+        #: The Antigena hub (antigena.setup): tells connected sensors when filters changed.
+        self.antigena: Any = None
+        self._background: set[asyncio.Task[None]] = set()
         self.codec = ChunkCodec()
         self.nonces = NonceCache(settings.skew_seconds)
         self.metrics = Metrics()
@@ -454,8 +457,14 @@ class VSensor:
         state.instance = instance
         state.version, state.software = version, software
         state.addresses, state.interfaces = addresses, interfaces
-        if claim != state.claim or state.registered is None:
+        claims_changed = claim != state.claim or state.registered is None
+        if claims_changed:
             self._claims_version += 1
+            if self.antigena is not None:  # the others' filters change: tell them now
+                task = asyncio.get_running_loop().create_task(
+                    self.antigena.filters_changed(verified.sensor))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         state.workloads, state.claim, state.features = workloads, claim, features
         state.registered = self.now()
         filter_fields = await self.filter_for(verified.sensor, request)
