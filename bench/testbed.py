@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.netns import Namespace, namespaces, run, veth_pair
+from tests.cli import clean_environment
+from tests.netns import Namespace, namespaces, veth_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SENSOR = [sys.executable, "-m", "ossensor_core.cli", "run"]
@@ -297,7 +298,7 @@ class SensorCapturer(Capturer):
         self.vsensor = self.bed.rx.popen(
             *VSENSOR, "--listen", f"127.0.0.1:{VSENSOR_PORT}", "--data-dir", str(data),
             "--heartbeat-seconds", "2", "--rotate-seconds", "3600",
-            env=clean_env(VSENSOR_HMAC_KEY=BENCH_KEY), stdout=subprocess.DEVNULL,
+            env=clean_environment(VSENSOR_HMAC_KEY=BENCH_KEY), stdout=subprocess.DEVNULL,
             stderr=open(log, "w"))
         pattern = re.compile(r"fingerprint: ([0-9A-Fa-f:]+)")
         wait_for(lambda: pattern.search(log.read_text()) is not None, 30, self.vsensor, log)
@@ -307,7 +308,7 @@ class SensorCapturer(Capturer):
 
     def start(self) -> None:
         self.log = self.workdir / "sensor.log"
-        env = clean_env(
+        env = clean_environment(
             OSSENSOR_NAME="bench", OSSENSOR_CAPTURE_BACKEND=self.backend,
             OSSENSOR_TRANSPORT=self.transport, NETWORK_DEVICE_INCLUDE=self.bed.rx_if,
             VSENSOR_HOSTNAME="127.0.0.1", VSENSOR_PORT=str(VSENSOR_PORT),
@@ -352,15 +353,6 @@ class SensorCapturer(Capturer):
 
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def clean_env(**values: str) -> dict[str, str]:
-    """The environment without the caller's sensor variables, plus ``values``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OSSENSOR_", "VSENSOR_", "NETWORK_DEVICE_", "ANTIGENA_"))
-           and k != "BPF"}
-    env.update(values)
-    return env
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, proc: subprocess.Popen,

@@ -17,12 +17,19 @@ COMMAND = [sys.executable, "-m", "ossensor_core.cli"]
 TEST_KEY = "Kx9secretHMACkey42"
 
 
-def sensor_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    """A minimal valid sensor environment, free of the caller's sensor variables; the config
-    file and the output go into ``tmp_path``, never /etc."""
+def clean_environment(**values: str) -> dict[str, str]:
+    """The caller's environment without its sensor variables, plus ``values``."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OSSENSOR_", "VSENSOR_", "NETWORK_DEVICE_", "ANTIGENA_"))
            and k != "BPF"}
+    env.update(values)
+    return env
+
+
+def sensor_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """A minimal valid sensor environment, free of the caller's sensor variables; the config
+    file and the output go into ``tmp_path``, never /etc."""
+    env = clean_environment()
     env.update({
         "VSENSOR_HOSTNAME": "vsensor.test",
         "VSENSOR_HMAC_KEY": TEST_KEY,

@@ -829,9 +829,7 @@ class HttpsTransport:
         try:
             async with self._session.post(self._url(path), data=body,
                                           headers=headers) as response:
-                text = await response.text(errors="replace")
-                if self._key and self._key in text:  # we never send it; never log it either
-                    text = text.replace(self._key, "***")
+                text = self._without_key(await response.text(errors="replace"))
                 return response.status, text, _retry_after(response.headers.get("Retry-After"))
         except aiohttp.ServerFingerprintMismatch:
             raise _Answer("tls", "the vSensor's certificate does not match the pinned "
@@ -858,10 +856,11 @@ class HttpsTransport:
                                                 headers, digest)
         except BulkError as exc:
             raise _Answer(exc.state, str(exc)) from None
-        text = answer.text
-        if self._key and self._key in text:  # we never send it; never log it either
-            text = text.replace(self._key, "***")
-        return answer.status, text, _retry_after(answer.retry_after)
+        return answer.status, self._without_key(answer.text), _retry_after(answer.retry_after)
+
+    def _without_key(self, text: str) -> str:
+        """An answer's text, safe to log: we never send the key, and never log it either."""
+        return text.replace(self._key, "***") if self._key and self._key in text else text
 
     def _signed_post(self, body: bytes, headers: dict[str, str],
                      digest: tuple[str, str] | None) -> BulkAnswer:

@@ -315,10 +315,7 @@ class VSensor:
         the other falls silent (a replaced pod), it takes the name over.
         """
         state = self.sensors.get(sensor)
-        if state is None or not state.instance or not instance or instance == state.instance:
-            return None
-        window = 3 * self.settings.heartbeat_seconds
-        if state.last_seen is None or self.now() - state.last_seen > window:
+        if not instance or state is None or not self._held_by_another(state, instance):
             return None
         state.conflict = {"instance": instance[:64], "address": str(request.remote),
                           "at": self.now()}
@@ -329,6 +326,13 @@ class VSensor:
                     state.instance[:12], self.now() - state.last_seen, instance[:12])
         return web.json_response({"error": "name_in_use", "server_time": self.now()},
                                  status=409)
+
+    def _held_by_another(self, state: SensorState, instance: str) -> bool:
+        """Whether an instance other than ``instance`` holds the name and was seen within three
+        heartbeats."""
+        return bool(state.instance and instance != state.instance
+                    and state.last_seen is not None
+                    and self.now() - state.last_seen <= 3 * self.settings.heartbeat_seconds)
 
     def _state(self, sensor: str) -> SensorState:
         state = self.sensors.get(sensor)
@@ -484,9 +488,7 @@ class VSensor:
         answered, nothing recorded, so a diagnosis never disturbs a running sensor."""
         local, ports = self._own_endpoint(request)
         state = self.sensors.get(sensor)
-        live = bool(state and state.registered and state.instance and state.instance != instance
-                    and state.last_seen is not None
-                    and self.now() - state.last_seen <= 3 * self.settings.heartbeat_seconds)
+        live = bool(state and state.registered and self._held_by_another(state, instance))
         log.info("registration probe for %r from %s (protocol %d)", sensor, request.remote,
                  version)
         return web.json_response({
