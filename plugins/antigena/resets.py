@@ -13,13 +13,12 @@ answers with an exact reset. So every segment seen yields two resets, computed f
 A remote end's reset leaves by the interface on which the segment was seen (AF_PACKET, the
 Ethernet header taken from the segment, swapped when it goes back to the sender); a frame sent
 out of an interface never comes back into this host, so an end that has an address here gets its
-reset through a raw IP socket instead. scapy crafts the packets (only ``scapy.layers`` modules
-are imported, not ``scapy.all``).
+reset through a raw IP socket instead. ``craft`` builds the packets (struct and a checksum; no
+packet library is imported).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import time
@@ -31,6 +30,7 @@ from ossensor_core.logsetup import level
 
 from .actions import (TCP_ACK, TCP_RST, TCP_SYN, Action, Segment, first_match,
                       parse_ethernet, parse_proc_tcp)
+from .craft import ether_frame, tcp_segment
 
 log = logging.getLogger("ossensor_plugins.antigena")
 
@@ -86,23 +86,14 @@ class ResetEnforcer:
 
     def __init__(self, resets_per_second: float,
                  is_local: Callable[[str], bool] = is_host_address) -> None:
-        self._layers: tuple | None = None
         self.bucket = TokenBucket(resets_per_second)
         self._is_local = is_local
         self._local: dict[str, tuple[bool, float]] = {}
         self._sockets: dict[int, socket.socket] = {}
         self.resets: Counter[str] = Counter()  # by action id, taken by the reports
+        self.resets_sent = 0  # since the start, for the metrics
+        self.probes_sent = 0
         self.rate_limited = 0
-
-    def prepare(self) -> None:
-        """Import what crafting needs, only ``scapy.layers`` (about 30 MB and 0.3 s; ``scapy.all``
-        takes twice that). The service calls this on a worker thread at start-up."""
-        if self._layers is None:
-            from scapy.layers.inet import IP, TCP
-            from scapy.layers.inet6 import IPv6
-            from scapy.layers.l2 import Ether
-
-            self._layers = (IP, IPv6, TCP, Ether)
 
     def is_local(self, address: str) -> bool:
         """Cached for a few seconds: addresses come and go, but not per segment."""
@@ -146,23 +137,19 @@ class ResetEnforcer:
 
     def reset_both(self, segment: Segment, interface: str) -> int:
         """Reset the segment's receiver and its sender; returns how many resets went out."""
-        self.prepare()
-        tcp_layer = self._layers[2]
         has_ack = bool(segment.flags & TCP_ACK)
         bare_syn = segment.flags & TCP_SYN and not has_ack
         (sender, sport), (receiver, dport) = segment.endpoints()
         sent = 0
         # To the receiver, as if from the sender.
         sent += self._send(receiver, segment, interface, towards_sender=False,
-                           tcp=tcp_layer(sport=sport, dport=dport,
-                                         flags="RA" if has_ack else "R",
-                                         seq=segment.next_seq, ack=segment.ack if has_ack else 0,
-                                         window=0))
+                           tcp=(sport, dport, TCP_RST | TCP_ACK if has_ack else TCP_RST,
+                                segment.next_seq, segment.ack if has_ack else 0))
         # To the sender, as if from the receiver.
         sent += self._send(sender, segment, interface, towards_sender=True,
-                           tcp=tcp_layer(sport=dport, dport=sport, flags="RA",
-                                         seq=0 if bare_syn else segment.ack,
-                                         ack=segment.next_seq, window=0))
+                           tcp=(dport, sport, TCP_RST | TCP_ACK,
+                                0 if bare_syn else segment.ack, segment.next_seq))
+        self.resets_sent += sent
         if log.isEnabledFor(level(3)):
             log.log(level(3), "Antigena: reset %s:%d <-> %s:%d (seen on %s, seq %d ack %d, "
                     "%d bytes, flags 0x%02x): %d resets", sender, sport, receiver, dport,
@@ -170,23 +157,20 @@ class ResetEnforcer:
         return sent
 
     def _send(self, target: str, segment: Segment, interface: str, towards_sender: bool,
-              tcp) -> int:
+              tcp: tuple[int, int, int, int, int]) -> int:
+        """One reset to ``target``; ``tcp``: source port, destination port, flags, seq, ack."""
         source = str(segment.dst if towards_sender else segment.src)
-        version = ipaddress.ip_address(target).version
-        ip_layer, ip6_layer, _, ether_layer = self._layers
-        ip = (ip_layer(src=source, dst=target, ttl=64) if version == 4
-              else ip6_layer(src=source, dst=target, hlim=64))
-        packet = ip / tcp
+        packet = tcp_segment(source, target, *tcp)
         try:
             if self.is_local(target):
-                family = socket.AF_INET if version == 4 else socket.AF_INET6
-                self._socket(family).sendto(bytes(packet), (target, 0))
+                family = socket.AF_INET6 if ":" in target else socket.AF_INET
+                self._socket(family).sendto(packet, (target, 0))
             else:
                 # Back to the sender: the seen frame's addresses swapped; onwards: as seen.
                 dst_mac, src_mac = ((segment.eth_src, segment.eth_dst) if towards_sender
                                     else (segment.eth_dst, segment.eth_src))
-                frame = ether_layer(dst=dst_mac.hex(":"), src=src_mac.hex(":")) / packet
-                self._socket(socket.AF_PACKET).sendto(bytes(frame), (interface, 0))
+                self._socket(socket.AF_PACKET).sendto(ether_frame(dst_mac, src_mac, packet),
+                                                      (interface, 0))
         except OSError as exc:
             log.warning("Antigena: cannot send a reset to %s via %s: %s", target,
                         "the local stack" if self.is_local(target) else interface, exc)
@@ -203,8 +187,6 @@ class ResetEnforcer:
         with an ACK that carries its exact numbers, which the watch then sees and resets.
         Returns how many probes went out.
         """
-        self.prepare()
-        ip_layer, ip6_layer, tcp_layer, _ = self._layers
         sent = 0
         for local, lport, remote, rport in established_connections():
             if (str(local), lport) in spared or (str(remote), rport) in spared or \
@@ -214,17 +196,15 @@ class ResetEnforcer:
                 break
             # Half the sequence space away from anything recent: outside any window.
             seq = (int(time.monotonic() * 1e6) + 0x7FFFFFFF) & 0xFFFFFFFF
-            ip = (ip_layer(src=str(remote), dst=str(local)) if local.version == 4
-                  else ip6_layer(src=str(remote), dst=str(local)))
-            packet = ip / tcp_layer(sport=rport, dport=lport, flags="A", seq=seq, ack=seq,
-                                    window=0)
+            packet = tcp_segment(str(remote), str(local), rport, lport, TCP_ACK, seq, seq)
             family = socket.AF_INET if local.version == 4 else socket.AF_INET6
             try:
-                self._socket(family).sendto(bytes(packet), (str(local), 0))
+                self._socket(family).sendto(packet, (str(local), 0))
             except OSError as exc:
                 log.warning("Antigena: cannot probe %s:%d: %s", local, lport, exc)
                 continue
             sent += 1
+            self.probes_sent += 1
             log.log(level(3), "Antigena: probed idle connection %s:%d <-> %s:%d", local, lport,
                     remote, rport)
         return sent

@@ -139,6 +139,7 @@ class Antigena:
         self.actions: dict[str, Action] = {}
         self.counts: dict[str, ActionCounts] = {}
         self.rejected: list[dict[str, Any]] = []
+        self.actions_received = 0  # action messages taken, and new actions in syncs (metrics)
         self.pending: deque[dict[str, Any]] = deque(maxlen=reports_kept)
         self.sequence = time.time_ns()
         self.clock_offset = 0.0
@@ -262,6 +263,7 @@ class Antigena:
                 if action is not None:
                     kept[action.id] = action
             gone = set(self.actions) - set(kept)
+            self.actions_received += len(set(kept) - set(self.actions))
             self.actions = kept
             log.log(level(3), "Antigena: %d actions in force after sync%s", len(kept),
                     f" ({len(gone)} ended while away)" if gone else "")
@@ -271,6 +273,7 @@ class Antigena:
                 return
             again = action.id in self.actions
             self.actions[action.id] = action
+            self.actions_received += 1
             log.log(level(3), "Antigena: action %s %s: block %s until %s", action.id,
                     "updated" if again else "received", action.describe(),
                     time.strftime("%H:%M:%S", time.gmtime(action.expiry)))
@@ -302,7 +305,7 @@ class Antigena:
                     log.exception("Antigena: probing idle connections failed")
 
     async def _prepare_enforcers(self) -> None:
-        """Let enforcers load what they need (scapy) off the event loop; idempotent."""
+        """Let enforcers load what they need (a library, a table) off the event loop; idempotent."""
         for enforcer in self.enforcers:
             prepare = getattr(enforcer, "prepare", None)
             if callable(prepare):
