@@ -1,9 +1,8 @@
 """Prometheus metrics of a running sensor (``OSSENSOR_METRICS_ADDRESS``, off when empty).
 
 Values are read from the sensor when scraped, never counted per packet: the kernel's capture
-counters, the core's chunk counters, the transport's counters (whatever of ``chunks_sent``,
-``packets_sent``, ``bytes_sent``, ``chunks_spooled``, ``chunks_dropped``, ``queued_chunks``,
-``registered`` it has), the filter in force and the Antigena plugin's actions. The endpoint is
+counters, the core's chunk counters, the transport's counters (whichever of the attributes in
+``_TRANSPORT_FIELDS`` and ``registered`` it has), the filter in force and the Antigena plugin's actions. The endpoint is
 served on the sensor's event loop (aiohttp), so scraping never races the capture tasks that read
 the same counters. On a host network keep it on loopback (``127.0.0.1:9853``, the deploy/
 default): the node's other pods cannot reach it, a node-local agent or an exec can.
@@ -43,8 +42,16 @@ _TRANSPORT_FIELDS: tuple[tuple[str, str, str, bool], ...] = (
     ("packets_dropped", "ossensor_transport_packets_dropped", "Packets in lost chunks.", True),
     ("reregistrations", "ossensor_transport_reregistrations",
      "Registrations repeated because the vSensor forgot this sensor.", True),
+    ("chunk_retries", "ossensor_transport_chunk_retries",
+     "Chunk deliveries that failed and were tried again later.", True),
     ("queued_chunks", "ossensor_transport_queued_chunks",
      "Chunks accepted and not delivered yet (memory and spool).", False),
+    ("memory_queued_bytes", "ossensor_transport_memory_bytes",
+     "Encoded bytes of the chunks waiting in memory.", False),
+    ("spooled_chunks", "ossensor_transport_spool_chunks",
+     "Chunks waiting in the spool folder.", False),
+    ("spooled_bytes", "ossensor_transport_spool_bytes",
+     "Bytes of the chunks waiting in the spool folder.", False),
 )
 
 
@@ -127,9 +134,18 @@ class SensorCollector(Collector):
         yield GaugeMetricFamily("ossensor_antigena_connected",
                                 "1 while the Antigena websocket to the vSensor is open.",
                                 value=int(getattr(service, "ws", None) is not None))
-        limited = sum(getattr(e, "rate_limited", 0) for e in getattr(service, "enforcers", []))
-        yield CounterMetricFamily("ossensor_antigena_resets_rate_limited",
-                                  "Resets not sent because of the rate limit.", value=limited)
+        enforcers = getattr(service, "enforcers", [])
+        yield CounterMetricFamily("ossensor_antigena_actions_received",
+                                  "Antigena actions received (new or changed) since the start.",
+                                  value=getattr(service, "actions_received", 0))
+        for attribute, name, help_text in (
+                ("resets_sent", "ossensor_antigena_resets", "TCP resets sent."),
+                ("probes_sent", "ossensor_antigena_probes",
+                 "Idle blocked connections of this host probed for their sequence numbers."),
+                ("rate_limited", "ossensor_antigena_resets_rate_limited",
+                 "Resets not sent because of the rate limit.")):
+            yield CounterMetricFamily(name, help_text,
+                                      value=sum(getattr(e, attribute, 0) for e in enforcers))
 
 
 class MetricsServer:

@@ -466,6 +466,7 @@ def test_503_with_retry_after_then_success(ca, ca_file, caplog) -> None:
     assert "HTTP 503" in errors[0] and "HTTP 507" in errors[1] and "HTTP 500" in errors[2]
     assert "takes chunks again" in caplog.text
     assert sender.chunks_sent == 2 and sender.chunks_dropped == 0
+    assert sender.chunk_retries == 4  # the metric ossensor_transport_chunk_retries_total
 
 
 def test_dropped_connection_and_slow_answer_are_retried(ca, ca_file, caplog) -> None:
@@ -682,6 +683,10 @@ def test_spool_survives_a_restart_and_is_sent_first(ca, ca_file, tmp_path) -> No
         for sequence in range(1, 7):
             await sender.send(make_chunk(sequence))
         assert len(spooled(spool)) == 4, "the oldest chunks beyond memory_chunks spill"
+        # The depths the metrics show (ossensor_transport_spool_chunks and _bytes, _memory_bytes).
+        assert sender.spooled_chunks == 4 and sender.queued_chunks == 6
+        assert sender.spooled_bytes == sum(p.stat().st_size for p in spool.glob("*.chunk"))
+        assert sender.memory_queued_bytes == sum(len(e.payload) for e in sender._memory) > 0
         await sender.aclose()
         return sender
 

@@ -285,6 +285,7 @@ class HttpsTransport:
         self.spool_full_chunks = 0  # included in chunks_dropped: the spool limit dropped them
         self.spool_full_packets = 0
         self.reregistrations = 0  # after a 409 (the vSensor forgot us)
+        self.chunk_retries = 0  # deliveries that failed and will be tried again
         self.instance = uuid.uuid4().hex  # replaced by the spool folder's, when there is one
         self.primary_address: str | None = None
         self.registered = False
@@ -334,6 +335,21 @@ class HttpsTransport:
     def queued_chunks(self) -> int:
         """Chunks accepted and not yet delivered (memory and spool)."""
         return len(self._memory) + len(self._spool)
+
+    @property
+    def spooled_chunks(self) -> int:
+        """Chunks in the spool folder now."""
+        return len(self._spool)
+
+    @property
+    def spooled_bytes(self) -> int:
+        """Bytes of the chunks in the spool folder now."""
+        return self._spool_size
+
+    @property
+    def memory_queued_bytes(self) -> int:
+        """Encoded bytes of the chunks queued in memory now."""
+        return sum(entry.size for entry in self._memory)
 
     @property
     def close_budget(self) -> float:
@@ -716,6 +732,7 @@ class HttpsTransport:
                 delivered = await self._deliver(entry)
             except _Answer as answer:
                 self._put_back(entry)
+                self.chunk_retries += 1
                 if self._direct_failed(answer):
                     await self._register_until_done()
                     continue

@@ -16,6 +16,7 @@ import pytest
 
 from tests.cli import TEST_KEY, ossensor
 from tests.e2e.test_sensor import Sensor, sensor_env
+from tests.e2e.test_health import METRICS, scrape
 from tests.e2e.traffic import Tcpdump
 from tests.netns import Namespace, veth_pair
 from tests.test_plugin_loading import make_distribution
@@ -210,6 +211,7 @@ def test_block_resets_both_ends_reports_and_ends(lab, base_env, tmp_path):
         "record": "tests.plugins.enforcer_record"}})
     record = tmp_path / "record.txt"
     sensor = start_sensor(rx, base_env, tmp_path, vsensor, OSSENSOR_PLUGINS="record",
+                          OSSENSOR_METRICS_ADDRESS=METRICS,
                           OSSENSOR_RECORD_PATH=str(record), PYTHONPATH=os.pathsep.join(
                               [str(site), str(Path(__file__).resolve().parents[2])]))
     servers = [Stream(rx, "server", SERVER, str(port)) for port in (7100, 7200)]
@@ -260,6 +262,13 @@ def test_block_resets_both_ends_reports_and_ends(lab, base_env, tmp_path):
         assert counts["enforcers"]["reset"] >= 2
         assert counts["enforcers"]["record"] == counts["segments"]
         assert f"{action['id']} rx0 1" in record.read_text()
+        # The metrics count since the start what the reports count per period.
+        samples = scrape(rx)
+        assert samples["ossensor_antigena_actions"] == 1
+        assert samples["ossensor_antigena_actions_received_total"] == 1
+        assert samples["ossensor_antigena_resets_total"] >= counts["resets"]
+        assert samples["ossensor_antigena_probes_total"] >= 1
+        assert samples["ossensor_antigena_resets_rate_limited_total"] == 0
 
         # Cleared: new connections work again.
         assert vsensor.antigena("clear", action["id"]).stdout.strip() == \

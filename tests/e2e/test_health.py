@@ -175,8 +175,13 @@ def test_readiness_waits_for_registration_and_metrics_show_the_vsensor(netns_pai
             assert samples["ossensor_transport_bytes_sent_total"] > 0
             assert samples["ossensor_transport_chunks_dropped_total"] == 0
             assert "ossensor_transport_queued_chunks" in samples
+            assert samples["ossensor_transport_chunk_retries_total"] == 0
+            assert samples["ossensor_transport_spool_chunks"] == 0
+            assert samples["ossensor_transport_spool_bytes"] == 0
+            assert "ossensor_transport_memory_bytes" in samples
             assert samples["ossensor_antigena_connected"] == 1
             assert samples["ossensor_antigena_actions"] == 0
+            assert samples["ossensor_antigena_resets_total"] == 0
         finally:
             code, _ = sensor.terminate(timeout=10)
             assert vsensor.stop() == 0
