@@ -14,6 +14,9 @@ else via the bridge (its default route: the uplink). Pod B's range is *lower* th
 pod-to-pod flows belong to node B's sensor and node-to-node flows to node A's (the lower-address
 rule of ``docs/protocol.md``). The sensors capture ``up0`` only, where all traffic between the
 nodes passes once per node.
+
+``nodes(3)`` adds node-c (192.0.2.3, pods 198.51.100.48/28 and 2001:db8:3::/64) on the same
+bridge; :func:`pod` adds a pod to a running node and removes it again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,33 +95,84 @@ def _host(network: str, number: int) -> str:
     return str(ipaddress.ip_network(network)[number])
 
 
+#: Name and pod ranges (IPv4, IPv6) of the nodes, in the order :func:`nodes` makes them.
+NODES = (("node-a", "198.51.100.32/28", "2001:db8:2::/64"),
+         ("node-b", "198.51.100.16/28", "2001:db8:1::/64"),
+         ("node-c", "198.51.100.48/28", "2001:db8:3::/64"))
+
+
 @contextmanager
-def two_nodes() -> Iterator[Cluster]:
-    """The layout above; everything is removed afterwards."""
-    with namespaces(5) as (net, ns_a, ns_b, pod_a, pod_b):
+def nodes(count: int) -> Iterator[tuple[Namespace, list[Node]]]:
+    """The bridge namespace and ``count`` nodes (at most three) as above, node ``n`` at
+    ``192.0.2.n``, each routing every other node's pod range via that node; removed afterwards."""
+    with namespaces(1 + 2 * count) as (net, *created):
         net.ip("link", "add", "br0", "type", "bridge")
         net.ip("addr", "add", f"{VSENSOR_ADDRESS}/24", "dev", "br0")
         net.ip("addr", "add", "2001:db8::fe/64", "dev", "br0", "nodad")
         net.ip("link", "set", "br0", "up")
-        a = _node(net, ns_a, pod_a, "node-a", 1, "198.51.100.32/28", "2001:db8:2::/64")
-        b = _node(net, ns_b, pod_b, "node-b", 2, "198.51.100.16/28", "2001:db8:1::/64")
-        for here, there in ((a, b), (b, a)):
-            here.ns.ip("route", "add", there.pod_range, "via", there.address)
-            here.ns.ip("-6", "route", "add", there.pod_range6, "via", there.address6)
+        made = [_node(net, created[i], created[count + i], name, i + 1, pod_range, pod_range6)
+                for i, (name, pod_range, pod_range6) in enumerate(NODES[:count])]
+        for here in made:
+            for there in made:
+                if there is not here:
+                    here.ns.ip("route", "add", there.pod_range, "via", there.address)
+                    here.ns.ip("-6", "route", "add", there.pod_range6, "via", there.address6)
+        yield net, made
+
+
+@contextmanager
+def two_nodes() -> Iterator[Cluster]:
+    """The layout above; everything is removed afterwards."""
+    with nodes(2) as (net, (a, b)):
         yield Cluster(net, a, b)
+
+
+@dataclass
+class Pod:
+    """A pod added to a running node by :func:`pod`."""
+
+    ns: Namespace
+    address: str
+    veth: str  # the node's end of the pod's veth
+
+
+@contextmanager
+def pod(node: Node, number: int) -> Iterator[Pod]:
+    """A pod at host ``number`` of ``node``'s pod range, wired as Calico wires one: a veth
+    ``cali...`` with no address on the node, a ``/32`` route to the pod through it, proxy ARP
+    answering for the pod's gateway 169.254.1.1. Leaving deletes the pod's namespace, which
+    takes the veth with it, as the kubelet's CNI call does."""
+    address = _host(node.pod_range, number)
+    veth, peer = unique("cali"), unique("pe")
+    with namespaces(1) as (ns,):
+        run(["ip", "link", "add", veth, "netns", node.ns.name, "type", "veth", "peer", "name",
+             peer, "netns", ns.name])
+        ns.ip("link", "set", peer, "name", "eth0")
+        ns.ip("addr", "add", f"{address}/32", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        ns.ip("route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+        ns.ip("route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        # Answered at once, as Calico sets it: the default delays a proxy answer by up to
+        # 0.8 s, while the pod's first datagrams overflow the neighbour queue and are lost.
+        node.ns.exec("sysctl", "-qw", f"net.ipv4.conf.{veth}.proxy_arp=1",
+                     f"net.ipv4.neigh.{veth}.proxy_delay=0")
+        node.ns.ip("link", "set", veth, "up")
+        node.ns.ip("route", "add", f"{address}/32", "dev", veth)
+        yield Pod(ns, address, veth)
 
 
 class VSensor(LoopbackVSensor):
     """The reference vSensor listening on ``host`` (the bridge) rather than loopback."""
 
     def __init__(self, ns: Namespace, data: Path, key: str, host: str = VSENSOR_ADDRESS,
-                 port: int = VSENSOR_PORT, heartbeat_seconds: float = 1.0) -> None:
+                 port: int = VSENSOR_PORT, heartbeat_seconds: float = 1.0,
+                 options: Sequence[str] = ()) -> None:
         self.data = data
         self.log = data.parent / "vsensor.log"
         with open(self.log, "w") as log:
             self.proc = ns.popen(*VSENSOR, "--listen", f"{host}:{port}", "--data-dir", str(data),
                                  "--heartbeat-seconds", str(heartbeat_seconds),
-                                 "--rotate-seconds", "600",
+                                 "--rotate-seconds", "600", *options,
                                  env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                       "VSENSOR_HMAC_KEY": key},
                                  stdout=subprocess.DEVNULL, stderr=log)

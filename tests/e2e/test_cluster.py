@@ -1,0 +1,332 @@
+"""A simulated cluster: three nodes, each running the sensor exactly as the DaemonSet does.
+
+Three node namespaces on a bridge with one vSensor (``tests/e2e/cluster.py``). Each sensor gets
+the container of ``deploy/base/sensor-daemonset.yaml``: the image's entry point, the container's
+``args``, every ``env`` entry (``valueFrom`` resolved as the kubelet does), and the capabilities
+of its security context; only what genuinely differs in a test is overridden
+(:func:`overrides`). With the DaemonSet's empty include list and ``NETWORK_DEVICE_ANY=1``
+every interface of a node is captured, also pods that come and go while the sensor runs, so a
+pod's packet crosses its veth and the uplink (or two pod veths) of one node, and two nodes'
+uplinks between nodes: still every datagram sent must be stored exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import yaml
+
+from ossensor_core.bpfgen import AddressSet
+from ossensor_core.settings import parse_bool
+from tests.cli import TEST_KEY
+from tests.deploy.test_manifests import code_variables, helm_template, pods
+from tests.e2e.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Node, VSensor, nodes, pod,
+                               stored_keys, udp_sender)
+from tests.e2e.test_sensor import Sensor
+from tests.netns import Namespace, needs_netns
+
+REPO = Path(__file__).resolve().parents[2]
+DAEMONSET = REPO / "deploy" / "base" / "sensor-daemonset.yaml"
+#: Secret name and key -> value, as the test hands them to the vSensor (deploy/base/secret.yaml).
+SECRETS = {("ossensor-hmac", "key"): TEST_KEY}
+#: The image's ``ENV`` (Dockerfile) that matters outside the image: the entry point is the
+#: console script beside this interpreter, as it is in ``/opt/ossensor/bin`` there.
+IMAGE_ENV = {"PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
+             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+#: CAP_NET_ADMIN (12) and CAP_NET_RAW (13): ``CapEff`` of the running sensor.
+NET_ADMIN_AND_RAW = (1 << 12) | (1 << 13)
+
+
+def entrypoint() -> list[str]:
+    """The image's ``ENTRYPOINT`` (exec form), from the Dockerfile."""
+    (line,) = [line for line in (REPO / "Dockerfile").read_text().splitlines()
+               if line.startswith("ENTRYPOINT ")]
+    return json.loads(line.removeprefix("ENTRYPOINT "))
+
+
+def sensor_container() -> dict[str, Any]:
+    """The DaemonSet's only container."""
+    (daemonset,) = [d for d in yaml.safe_load_all(DAEMONSET.read_text())
+                    if d and d["kind"] == "DaemonSet"]
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def pod_environment(container: dict[str, Any], node_name: str,
+                    secrets: Mapping[tuple[str, str], str] = SECRETS) -> dict[str, str]:
+    """The container's environment as the kubelet sets it on ``node_name``. Anything this test
+    does not know how to resolve fails: a sensor started without it would not be the
+    DaemonSet's."""
+    assert "envFrom" not in container, "envFrom: not resolved by this test"
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        name = item["name"]
+        assert set(item) <= {"name", "value", "valueFrom"}, f"{name}: {item} not understood"
+        source = item.get("valueFrom")
+        if source is None:
+            env[name] = str(item.get("value", ""))
+        elif list(source) == ["fieldRef"] and source["fieldRef"]["fieldPath"] == "spec.nodeName":
+            env[name] = node_name
+        elif list(source) == ["secretKeyRef"] and \
+                (source["secretKeyRef"]["name"], source["secretKeyRef"]["key"]) in secrets:
+            env[name] = secrets[source["secretKeyRef"]["name"], source["secretKeyRef"]["key"]]
+        else:
+            raise AssertionError(f"{name}: valueFrom {source} is not resolved by this test")
+    return env
+
+
+def overrides(folder: Path, ca_file: Path) -> dict[str, str]:
+    """What genuinely differs from a real cluster, in one place."""
+    return {
+        # The test vSensor on the bridge instead of the Service's cluster DNS name.
+        "VSENSOR_HOSTNAME": VSENSOR_ADDRESS,
+        "VSENSOR_PORT": str(VSENSOR_PORT),
+        # A trustme CA that signed the test vSensor's certificate, instead of the Secret volume.
+        "VSENSOR_CA_FILE": str(ca_file),
+        # Folders of the test standing in for the two emptyDir volumes.
+        "OSSENSOR_CONFIG_PATH": str(folder / "etc" / "ossensor.cfg"),
+        "OSSENSOR_SPOOL_DIR": str(folder / "spool"),
+    }
+
+
+def capabilities_wrapper(container: dict[str, Any]) -> list[str]:
+    """``setpriv`` applying the container's security context: every capability dropped but
+    those added, and no privilege escalation (the sensor runs as UID 0, as there)."""
+    security = container["securityContext"]
+    assert security["runAsUser"] == 0 and security["capabilities"]["drop"] == ["ALL"]
+    assert security["allowPrivilegeEscalation"] is False
+    keep = ",".join(["-all", *(f"+{c.lower()}" for c in security["capabilities"]["add"])])
+    return ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set={keep}", "--"]
+
+
+class DaemonSetSensor(Sensor):
+    """The sensor of one node, started from the DaemonSet's container; its log is the
+    container's standard output."""
+
+    def __init__(self, node: Node, tmp_path: Path, ca_file: Path) -> None:
+        container = sensor_container()
+        folder = tmp_path / node.name
+        env = pod_environment(container, node.name)
+        changed = overrides(folder, ca_file)
+        assert set(changed) <= set(env), "an override of something the DaemonSet does not set"
+        env.update(changed)
+        for volume in ("OSSENSOR_SPOOL_DIR", "OSSENSOR_CONFIG_PATH"):
+            path = Path(env[volume])
+            (path if volume == "OSSENSOR_SPOOL_DIR" else path.parent).mkdir(parents=True)
+        self.env = {**IMAGE_ENV, **env}
+        self.node = node
+        self.container = container
+        self.log = folder / "sensor.log"
+        self.pid1 = False
+        command = entrypoint()
+        executable = shutil.which(command[0], path=IMAGE_ENV["PATH"])
+        assert executable, f"{command[0]} is not installed (pip install -e .)"
+        with open(self.log, "w") as log:
+            self.proc = node.ns.popen(*capabilities_wrapper(container), executable,
+                                      *command[1:], *container["args"], env=self.env,
+                                      stdout=log, stderr=subprocess.PIPE, text=True)
+
+    def probe(self, kind: str = "readinessProbe") -> subprocess.CompletedProcess:
+        """The kubelet's exec probe: the container's command, in the node, with its env."""
+        return self.node.ns.exec(*self.container[kind]["exec"]["command"], env=self.env,
+                                 check=False)
+
+    def wait_ready(self, capturing: str = "", absent: str = "", timeout: float = 10) -> None:
+        """Until the readiness probe passes and names (or no longer names) an interface: the
+        status file it reads is rewritten every 2 s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.probe()
+            said = done.stdout + done.stderr
+            if done.returncode == 0 and capturing in said and not (absent and absent in said):
+                return
+            assert time.monotonic() < deadline, f"{self.node.name}: {said}"
+            time.sleep(0.5)
+
+    def metrics(self) -> str:
+        """``/metrics`` at ``OSSENSOR_METRICS_ADDRESS``, fetched inside the node."""
+        url = f"http://{self.env['OSSENSOR_METRICS_ADDRESS']}/metrics"
+        return self.node.ns.exec(sys.executable, "-c", "import sys, urllib.request; "
+                                 f"sys.stdout.write(urllib.request.urlopen({url!r}, "
+                                 "timeout=5).read().decode())").stdout
+
+    def capturing(self) -> int:
+        """``ossensor_capturing_interfaces`` now."""
+        return int(float(re.search(r"^ossensor_capturing_interfaces (\S+)$", self.metrics(),
+                                   re.MULTILINE).group(1)))
+
+    def wait_capturing(self, count: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while (now := self.capturing()) != count:
+            assert time.monotonic() < deadline, f"{self.node.name}: capturing {now}, not {count}"
+            time.sleep(0.1)
+
+
+def claims(node: Node) -> list[str]:
+    """What a node's sensor claims at the vSensor: its addresses and its pod ranges."""
+    return [node.address, node.address6, node.pod_range, node.pod_range6]
+
+
+# -- the container as the test reads it --------------------------------------------------------
+
+
+def test_overrides():
+    """Only the vSensor's address and trust, and the two emptyDir folders, differ from the
+    DaemonSet; every other variable is the manifest's own."""
+    container = sensor_container()
+    env = pod_environment(container, "node-a")
+    changed = overrides(Path("/x"), Path("/x/ca.pem"))
+    assert set(changed) == {"VSENSOR_HOSTNAME", "VSENSOR_PORT", "VSENSOR_CA_FILE",
+                            "OSSENSOR_CONFIG_PATH", "OSSENSOR_SPOOL_DIR"} and \
+        set(changed) <= set(env)
+    assert env["OSSENSOR_NAME"] == "node-a" and env["VSENSOR_HMAC_KEY"] == TEST_KEY
+    assert env["NETWORK_DEVICE_ANY"] == "1" and env["NETWORK_DEVICE_INCLUDELIST"] == ""
+    assert entrypoint() == ["ossensor"] and container["args"] == ["run"]
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": "X", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+    {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+    {"name": "X", "valueFrom": {"secretKeyRef": {"name": "other", "key": "key"}}},
+    {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+    {"name": "X", "value": "1", "unknownField": True},
+])
+def test_an_env_entry_the_test_does_not_understand_fails(entry):
+    container = sensor_container()
+    container["env"].append(entry)
+    with pytest.raises(AssertionError, match="X"):
+        pod_environment(container, "node-a")
+    with pytest.raises(AssertionError, match="envFrom"):
+        pod_environment({**sensor_container(), "envFrom": [{"secretRef": {"name": "s"}}]}, "n")
+
+
+def test_the_chart_runs_the_same_sensor():
+    """The chart's DaemonSet (default values) sets what the kustomization's sets and the code's
+    defaults for the rest, with the same command, capabilities and probes: what the cluster
+    below proves of the one holds for the other."""
+    (_, template), = [v for k, v in pods(helm_template()).items() if k.startswith("DaemonSet/")]
+    (chart,) = template["spec"]["containers"]
+    base = sensor_container()
+    chart_env = pod_environment(chart, "node-a", {("demo-hmac", "key"): TEST_KEY})
+    base_env = pod_environment(base, "node-a")
+    defaults = code_variables()
+    for name, value in chart_env.items():
+        if name == "VSENSOR_HOSTNAME":  # the release's Service; overridden in the cluster
+            continue
+        if name in base_env:
+            assert value == base_env[name], name
+            continue
+        default = defaults[name]
+        parsed = parse_bool(value) if isinstance(default, bool) else \
+            type(default)(value) if isinstance(default, (int, float)) else value
+        assert parsed == default, f"{name}: the chart sets {value!r}, the kustomization nothing"
+    assert set(base_env) <= set(chart_env)
+    for field in ("args", "securityContext", "readinessProbe", "livenessProbe"):
+        assert chart[field] == base[field], field
+
+
+# -- the cluster ---------------------------------------------------------------------------
+
+
+@needs_netns
+def test_three_nodes_pods_come_and_go_every_datagram_stored_once(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    ca_file, cert_file, key_file = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    authority.cert_pem.write_to_path(str(ca_file))
+    issued = authority.issue_cert(VSENSOR_ADDRESS)
+    issued.cert_chain_pems[0].write_to_path(str(cert_file))
+    issued.private_key_pem.write_to_path(str(key_file))
+    flows: list[tuple[int, int, str]] = []  # (port, datagrams, node that stores the flow)
+    with nodes(3) as (net, (a, b, c)):
+        vsensor = VSensor(net, tmp_path / "vsensor", TEST_KEY,
+                          options=["--tls-cert", str(cert_file), "--tls-key", str(key_file)])
+        sensors: list[DaemonSetSensor] = []
+        try:
+            for node in (a, b, c):
+                sensors.append(DaemonSetSensor(node, tmp_path, ca_file))
+            for sensor, node in zip(sensors, (a, b, c)):
+                sensor.wait_for_log("capturing on up0", timeout=30)
+                sensor.wait_for_log("capturing on pv0")
+                # Registered, and the other two nodes' claims are behind the peer exclusion.
+                peers = AddressSet.parse(r for n in (a, b, c) if n is not node for r in claims(n))
+                sensor.wait_for_log(rf"peer exclusion \([^)]*id {peers.digest()}\)", timeout=30)
+                status = Path(f"/proc/{sensor.proc.pid}/status").read_text()
+                effective = int(re.search(r"^CapEff:\s*(\w+)", status, re.MULTILINE)[1], 16)
+                assert effective == NET_ADMIN_AND_RAW, f"{node.name}: CapEff {effective:x}"
+                sensor.wait_ready("capturing on")
+            sensor_c = sensors[2]
+            sensor_c.wait_capturing(2)
+
+            def send(*batch: tuple[Namespace, str, int, int, Node]) -> None:
+                senders = [udp_sender(ns, dst, port, count) for ns, dst, port, count, _ in batch]
+                for sender in senders:
+                    assert sender.wait(timeout=30) == 0, sender.stderr.read()
+                flows.extend((port, count, owner.name) for _, _, port, count, owner in batch)
+
+            # Pod to pod across nodes (IPv4 and IPv6), pod to another node, pod to its own
+            # node, node to node. Owner: the node claiming the lower address (docs/protocol.md).
+            send((a.pod, b.pod_address, 7301, 300, b), (c.pod, a.pod_address, 7302, 300, a),
+                 (b.pod, a.address, 7305, 300, a), (a.ns, c.address, 7306, 300, a),
+                 (a.pod, c.pod_address6, 7307, 300, a), (c.pod, c.address, 7309, 300, c))
+
+            # A pod comes to node C while its sensor runs: captured, then gone again.
+            with pod(c, 3) as first:
+                sensor_c.wait_for_log(f"capturing on {first.veth} ", timeout=5)
+                sensor_c.wait_capturing(3)
+                sensor_c.wait_ready(first.veth)  # the readiness probe names it
+                send((first.ns, c.pod_address, 7303, 300, c),  # pod to pod within the node
+                     (first.ns, a.pod_address, 7304, 300, a),
+                     (b.pod, first.address, 7310, 300, b))
+                time.sleep(0.3)  # the datagrams are in the ring; removal drains it anyway
+            sensor_c.wait_for_log(rf"interface {first.veth} \(index \d+\) went away", timeout=10)
+            assert c.ns.ip("link", "show", first.veth, check=False).returncode != 0
+            sensor_c.wait_capturing(2)
+            assert sensor_c.proc.poll() is None, "the sensor stopped with the pod"
+            sensor_c.wait_ready("capturing on", absent=first.veth)
+            # And another one.
+            with pod(c, 4) as second:
+                sensor_c.wait_for_log(f"capturing on {second.veth} ", timeout=5)
+                sensor_c.wait_capturing(3)
+                send((second.ns, b.pod_address, 7311, 300, b),
+                     (a.ns, second.address, 7312, 300, a))
+                time.sleep(1.0)  # the last ring blocks are handed over (block timeout)
+                counters = sensor_c.metrics()
+            assert re.search(rf'^ossensor_capture_packets_total{{interface="{second.veth}"}} '
+                             r"[1-9]", counters, re.MULTILINE), counters
+        finally:
+            codes = []
+            for sensor in sensors:
+                codes.append((sensor.node.name, sensor.terminate(timeout=30)[0]))
+            assert vsensor.stop() == 0
+        assert all(code == 0 for _, code in codes), codes
+        for sensor in sensors:  # each saw some packet on two of its interfaces
+            assert re.search(r"dedup: \d+ of \d+ packets", sensor.log.read_text()), \
+                sensor.node.name
+        stored = {node.name: stored_keys(vsensor, node.name) for node in (a, b, c)}
+        logs = vsensor.log.read_text() + "".join(s.log.read_text() for s in sensors)
+    assert TEST_KEY not in logs
+    every = sum(stored.values(), Counter())
+    report = []
+    for port, count, owner in flows:
+        seen = Counter(every[("udp", port, n)] for n in range(count))
+        by = {name: sum(1 for k in keys if k[:2] == ("udp", port)) for name, keys in
+              stored.items()}
+        report.append(f"port {port}: {seen[0]} missing, {count - seen[0] - seen[1]} stored "
+                      f"more than once; stored by {by}, owner {owner}")
+    print("\n" + "\n".join(report))
+    assert all(" 0 missing, 0 stored more than once" in line for line in report), \
+        "\n".join(report)
+    for port, _, owner in flows:  # each flow whole in its owner's store
+        assert {n for n, keys in stored.items() if any(k[:2] == ("udp", port) for k in keys)} \
+            == {owner}, port
