@@ -102,6 +102,33 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Thread id -> (name, utime, stime) in clock ticks, for every thread of ``pid``: where
+    the capturer spends its time, and how much of it is in the kernel."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        threads[int(task.name)] = (text[text.index("(") + 1:text.rindex(")")],
+                                   int(fields[11]), int(fields[12]))
+    return threads
+
+
+def thread_split(before: dict[int, tuple[str, int, int]],
+                 after: dict[int, tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """User and system seconds per thread between two ``thread_ticks``, busiest first."""
+    rows = []
+    for tid, (name, user, system) in after.items():
+        _, user0, system0 = before.get(tid, (name, 0, 0))
+        if user + system - user0 - system0:
+            rows.append({"tid": tid, "name": name, "user": (user - user0) / CLOCK_TICK,
+                         "system": (system - system0) / CLOCK_TICK})
+    return sorted(rows, key=lambda r: -(r["user"] + r["system"]))
+
+
 def cpu_ticks_seconds(pid: int) -> float:
     """utime + stime (+ children's) of ``pid`` and its descendants, from /proc/PID/stat."""
     total = 0
@@ -450,7 +477,7 @@ def _profiler(capturer: Capturer, traffic: Traffic) -> subprocess.Popen | None:
     name = f"{traffic.name}-{capturer.name.split()[-1].replace('/', '-')}.txt"
     Path(folder).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "-p", str(capturer.pid), "-r", "250", "-t",
-                             "--native", "-f", "raw", "-o", str(Path(folder) / name)],
+                             "--nonblocking", "-f", "raw", "-o", str(Path(folder) / name)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -464,6 +491,7 @@ def measure(bed: TestBed, capturer: Capturer, traffic: Traffic) -> dict[str, Any
         wait_idle([capturer.pid, *helpers.values()], minimum=0.5, maximum=30)
         memory = MemorySampler(capturer.pid)
         cpu0, ticks0 = cpu_ns(capturer.pid), cpu_ticks_seconds(capturer.pid)
+        threads0 = thread_ticks(capturer.pid)
         helper0 = {k: cpu_ns(p) for k, p in helpers.items()}
         profiler = _profiler(capturer, traffic)
         sent = bed.send(traffic)
@@ -472,6 +500,7 @@ def measure(bed: TestBed, capturer: Capturer, traffic: Traffic) -> dict[str, Any
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=30)
         cpu1, ticks1 = cpu_ns(capturer.pid), cpu_ticks_seconds(capturer.pid)
+        threads = thread_split(threads0, thread_ticks(capturer.pid))
         helper1 = {k: cpu_ns(p) for k, p in helpers.items()}
         memory.stop()
         outcome = capturer.stop()
@@ -492,6 +521,7 @@ def measure(bed: TestBed, capturer: Capturer, traffic: Traffic) -> dict[str, Any
         "peak_ring_rss_mib": round(memory.peak_ring_kib / 1024, 1),
         "peak_rss_outside_ring_mib": round(memory.peak_outside_kib / 1024, 1),
         "send_seconds": sent["send_seconds"], "idle_wait_seconds": round(waited, 2),
+        "threads": threads,
     }
     result.update(outcome.notes)
     return result
