@@ -75,8 +75,9 @@ class Dedup:
         self.window_ns = int(window_seconds * 1e9)
         self.hash_bytes = hash_bytes
         self.max_entries = max_entries
-        # key -> (timestamp_ns, ifindex); insertion order is (nearly) time order.
-        self.seen: dict[int, tuple[int, int]] = {}
+        # key -> timestamp_ns << 32 | ifindex (one int, not a tuple: a full table at the default
+        # max_entries takes 34 MiB instead of 50); insertion order is (nearly) time order.
+        self.seen: dict[int, int] = {}
         self.latest_ns = 0
         self.dropped = 0
         self.packets = 0
@@ -130,12 +131,13 @@ class Dedup:
                 latest = timestamp
             entry = seen.get(key)
             if entry is not None:
-                if entry[1] != ifindex and -window <= timestamp - entry[0] <= window:
+                if entry & 0xFFFFFFFF != ifindex \
+                        and -window <= timestamp - (entry >> 32) <= window:
                     dropped += 1
                     offset += step
                     continue
                 del seen[key]  # re-inserted at the end: the front stays the oldest
-            seen[key] = (timestamp, ifindex)
+            seen[key] = timestamp << 32 | ifindex
             keep(offset)
             offset += step
         self.latest_ns = latest
@@ -157,10 +159,10 @@ class Dedup:
             del seen[key]
 
 
-def _front(seen: dict[int, tuple[int, int]], excess: int, cutoff: int) -> list[int]:
+def _front(seen: dict[int, int], excess: int, cutoff: int) -> list[int]:
     found = []
-    for key, (timestamp, _) in seen.items():
-        if timestamp >= cutoff and len(found) >= excess:
+    for key, entry in seen.items():
+        if entry >> 32 >= cutoff and len(found) >= excess:
             break
         found.append(key)
     return found
