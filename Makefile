@@ -19,7 +19,8 @@ test-image: setup
 demo: setup
 	$(PYTHON) scripts/demo.py
 
-# What capture costs the node, against tcpdump in the same run (about 5 minutes; root).
+# What capture costs the node, against tcpdump in the same run, three rounds (about 13 minutes;
+# root).
 # BENCH_ARGS="--smoke" for a quick check, "--help" for the options.
 BENCH_ARGS ?=
 bench: setup

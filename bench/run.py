@@ -3,9 +3,12 @@
 Every traffic pattern is sent once per capturer, one capturer after the other, on a fresh
 capture each time: ``tcpdump -B 131072 -w FILE`` (the anchor), the sensor with the ``afpacket``
 backend and the HTTPS transport to a local vSensor, the same with the ``file`` transport, and the
-``scapy`` backend. Ratios are against tcpdump in the same run, because the machine is shared.
+``scapy`` backend. Ratios are against tcpdump in the same run, because the machine is shared;
+with ``--rounds N`` the whole sequence runs N times, each ratio is taken against tcpdump of the
+same round, and the targets are judged on the median (one noisy trial moves a single ratio by
+a factor of two on this shared machine).
 
-    python -m bench.run [--smoke] [--json FILE] [--packets N] [--seconds S]
+    python -m bench.run [--smoke] [--rounds N] [--json FILE] [--packets N] [--seconds S]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +38,7 @@ TRIAL_FIELDS = (
     "capturer", "traffic", "kind", "frame_bytes", "rate_pps", "sent", "stored", "kernel_drops",
     "lost", "loss_percent", "cpu_seconds", "cpu_seconds_stat", "cpu_us_per_packet",
     "ratio_to_tcpdump", "helper_cpu_seconds", "peak_rss_mib", "peak_ring_rss_mib",
-    "peak_rss_outside_ring_mib", "send_seconds", "idle_wait_seconds")
+    "peak_rss_outside_ring_mib", "send_seconds", "idle_wait_seconds", "threads", "round")
 
 
 def plan(smoke: bool, unpaced: int, seconds: float, rates: list[int],
@@ -68,11 +72,37 @@ def capturers(bed: TestBed, workdir: Path) -> dict[str, Any]:
 
 
 def add_ratios(trials: list[dict[str, Any]]) -> None:
-    anchors = {t["traffic"]: t["cpu_us_per_packet"] for t in trials if t["capturer"] == "tcpdump"}
+    """Each trial's CPU per packet over tcpdump's, on the same traffic in the same round."""
+    anchors = {(t["traffic"], t["round"]): t["cpu_us_per_packet"] for t in trials
+               if t["capturer"] == "tcpdump"}
     for trial in trials:
-        anchor = anchors.get(trial["traffic"])
+        anchor = anchors.get((trial["traffic"], trial["round"]))
         mine = trial["cpu_us_per_packet"]
         trial["ratio_to_tcpdump"] = round(mine / anchor, 3) if anchor and mine is not None else None
+
+
+def merge_rounds(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per traffic and capturer: the median CPU and ratio over the rounds, the worst
+    loss and memory (with one round, the trials themselves)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for trial in trials:
+        groups.setdefault((trial["traffic"], trial["capturer"]), []).append(trial)
+    merged = []
+    for rounds in groups.values():
+        row = dict(rounds[0])
+        for key in ("cpu_seconds", "cpu_us_per_packet", "ratio_to_tcpdump"):
+            values = [t[key] for t in rounds if t[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        for key in ("kernel_drops", "lost", "loss_percent", "peak_rss_outside_ring_mib",
+                    "peak_ring_rss_mib", "peak_rss_mib"):
+            row[key] = max(t[key] for t in rounds)
+        row["stored"] = min(t["stored"] for t in rounds)
+        row["vsensor_cpu_seconds"] = statistics.median(
+            [t["helper_cpu_seconds"].get("vsensor", 0.0) for t in rounds])
+        row["rounds"] = len(rounds)
+        row["ratios"] = [t["ratio_to_tcpdump"] for t in rounds]
+        merged.append(row)
+    return merged
 
 
 def verdicts(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -110,7 +140,7 @@ def table(trials: list[dict[str, Any]]) -> str:
     rows = [head, "-" * len(head)]
     for t in trials:
         ratio = "" if t["ratio_to_tcpdump"] is None else f"{t['ratio_to_tcpdump']:.2f}"
-        vsensor = t["helper_cpu_seconds"].get("vsensor")
+        vsensor = t.get("vsensor_cpu_seconds", t["helper_cpu_seconds"].get("vsensor"))
         rows.append(
             f"{t['traffic']:<16}{t['capturer']:<26}{t['sent']:>9}{t['stored']:>9}"
             f"{t['kernel_drops']:>7}{t['cpu_seconds']:>8.3f}{t['cpu_us_per_packet'] or 0:>8.3f}"
@@ -137,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(comma-separated names such as udp64@max,tcp@1G)")
     parser.add_argument("--capturers", default="", help="run only these capturers "
                         "(comma-separated: tcpdump,afpacket/https,afpacket/file,scapy/https)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="run everything this many times; targets are judged on medians "
+                        "(default 3, or 1 with --smoke)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -144,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [t for t in ("ip", "tcpdump", "trafgen", "iperf3") if shutil.which(t) is None]
     if missing:
         parser.error(f"missing tools: {', '.join(missing)} (run `make setup`)")
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 3
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     steps = plan(args.smoke, args.packets, args.seconds, rates, args.tcp_bytes, args.tcp_rate)
     if args.only:
@@ -159,30 +196,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with test_bed(workdir) as bed:
             makers = capturers(bed, workdir)
-            for traffic, names in steps:
-                for name in names:
-                    trial_dir = workdir / f"{len(trials):02d}"
-                    trial_dir.mkdir()
-                    capturer: Capturer = makers[name]()
-                    capturer.workdir = trial_dir
-                    print(f"-- {traffic.name}: {capturer.name}", file=sys.stderr, flush=True)
-                    trials.append(measure(bed, capturer, traffic))
-                    if not args.keep:
-                        shutil.rmtree(trial_dir, ignore_errors=True)
+            for number in range(1, args.rounds + 1):
+                for traffic, names in steps:
+                    for name in names:
+                        trial_dir = workdir / f"{len(trials):02d}"
+                        trial_dir.mkdir()
+                        capturer: Capturer = makers[name]()
+                        capturer.workdir = trial_dir
+                        print(f"-- round {number}/{args.rounds} {traffic.name}: "
+                              f"{capturer.name}", file=sys.stderr, flush=True)
+                        trials.append({**measure(bed, capturer, traffic), "round": number})
+                        if not args.keep:
+                            shutil.rmtree(trial_dir, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"working directory kept: {workdir}", file=sys.stderr)
     add_ratios(trials)
-    checks = verdicts(trials)
+    merged = merge_rounds(trials)
+    checks = verdicts(merged)
     filters = filter_costs()
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "seconds": round(time.time() - started, 1), "smoke": args.smoke,
+              "rounds": args.rounds,
               "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-              "trials": trials, "targets": checks, "filters": filters}
+              "trials": trials, "medians": merged, "targets": checks, "filters": filters}
     dump(report, out)
-    print(table(trials))
+    if args.rounds > 1:
+        print(f"medians over {args.rounds} rounds (each ratio against tcpdump of its round):")
+    print(table(merged))
+    if args.rounds > 1:
+        for row in merged:
+            if row["capturer"] != "tcpdump":
+                print(f"  {row['traffic']:<14}{row['capturer']:<26}ratios by round: "
+                      f"{', '.join(f'{r:.2f}' for r in row['ratios'] if r is not None)}")
     print()
     for check in checks:
         print(f"{'ok  ' if check['holds'] else 'MISS'} {check['target']}: {check['measured']}")
