@@ -79,7 +79,7 @@ from ossensor_core.sensor import SHUTDOWN_GRACE_SECONDS
 
 from .bulk import BulkAnswer, BulkConnection, BulkError, client_context
 from ossensor_core.settings import Setting, SettingsGroup
-from ossensor_core.workloads import find_workload_ranges
+from ossensor_core.workloads import WorkloadFinder
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,7 @@ class HttpsTransport:
         self.peer_ranges: AddressSet | None = None  # with it, the peer exclusion (bpfgen)
         self.peer_ranges_id: str | None = None  # the vSensor's id of those ranges
         self.workloads: list[str] = []  # pod CIDRs behind this node, sent at registration
+        self._find_workload_ranges = WorkloadFinder()
         self.digest = SHA256  # the body digest signatures use; BLAKE3 once the vSensor takes it
 
         self._memory: deque[_Entry] = deque()
@@ -586,7 +587,7 @@ class HttpsTransport:
         """Pod CIDRs behind this node (``ossensor_core.workloads``; netlink, in a thread); none
         when routes cannot be read (the others then keep our traffic too: duplicates)."""
         try:
-            self.workloads = await asyncio.to_thread(find_workload_ranges)
+            self.workloads = await asyncio.to_thread(self._find_workload_ranges)
         except InterfaceError as exc:
             self._report("workloads", "failed", f"{exc}; registering without workload ranges")
             self.workloads = []
