@@ -26,6 +26,7 @@ from .logsetup import level
 from .protocols import (CaptureBackend, CaptureSource, CaptureStats, Chunk, InterfaceCounters,
                         PacketFilter, Transport)
 from .startup import Prepared
+from .threads import named_executor
 
 log = logging.getLogger("ossensor.sensor")
 
@@ -306,6 +307,8 @@ class Sensor:
 
     async def run(self, stop: asyncio.Event) -> None:
         hook = self.prepared.plugins.hook
+        # to_thread's pool (chunk encoding, netlink): named, so per-thread CPU is legible.
+        asyncio.get_running_loop().set_default_executor(named_executor("ossensor-pool"))
         # Asked once, before start-up: the antigena plugin hands these to the actions it gets.
         enforcers = [e for e in hook.ossensor_response_enforcer(config=self.config)
                      if e is not None]

@@ -79,6 +79,7 @@ from ossensor_core.sensor import SHUTDOWN_GRACE_SECONDS
 
 from .bulk import BulkAnswer, BulkConnection, BulkError, client_context
 from ossensor_core.settings import Setting, SettingsGroup
+from ossensor_core.threads import named_executor
 from ossensor_core.workloads import WorkloadFinder
 
 log = logging.getLogger(__name__)
@@ -376,8 +377,7 @@ class HttpsTransport:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=tls, limit=4),
             timeout=aiohttp.ClientTimeout(total=self.timeout_seconds))
-        self._bulk_thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="https-chunks")
+        self._bulk_thread = named_executor("https-upload", 1)
         self._new_bulk()
         log.info("sending chunks to the vSensor at %s (%s%s)", self.base_url,
                  f"pinned certificate {self.fingerprint[:16]}..." if self.fingerprint
