@@ -34,6 +34,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ossensor_plugins.antigena.craft import checksum as _checksum
+
 ROOT = Path(__file__).resolve().parents[2]
 SEQ_MAGIC = b"OSSQ"  # numbered datagrams start with this and a big-endian u32 sequence number
 
@@ -191,15 +193,6 @@ def cmd_tcp_send(args: argparse.Namespace) -> int:
         conn.recv(1)  # wait for the peer's close, so the whole exchange is on the wire
     _emit(done=True, sent=args.bytes)
     return 0
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def ipv4_packet(src: str, dst: str, proto: int, payload: bytes, ident: int) -> bytes:
