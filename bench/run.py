@@ -92,7 +92,7 @@ def merge_rounds(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = dict(rounds[0])
         for key in ("cpu_seconds", "cpu_us_per_packet", "ratio_to_tcpdump"):
             values = [t[key] for t in rounds if t[key] is not None]
-            row[key] = statistics.median(values) if values else None
+            row[key] = round(statistics.median(values), 4) if values else None
         for key in ("kernel_drops", "lost", "loss_percent", "peak_rss_outside_ring_mib",
                     "peak_ring_rss_mib", "peak_rss_mib"):
             row[key] = max(t[key] for t in rounds)

@@ -477,7 +477,8 @@ def _profiler(capturer: Capturer, traffic: Traffic) -> subprocess.Popen | None:
     name = f"{traffic.name}-{capturer.name.split()[-1].replace('/', '-')}.txt"
     Path(folder).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "-p", str(capturer.pid), "-r", "250", "-t",
-                             "--nonblocking", "-f", "raw", "-o", str(Path(folder) / name)],
+                             *os.environ.get("BENCH_PROFILE_ARGS", "--nonblocking").split(),
+                             "-f", "raw", "-o", str(Path(folder) / name)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
