@@ -8,7 +8,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from ossensor_core.antigena import BlockAction, IPNetwork
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
@@ -17,17 +18,8 @@ IPPROTO_TCP = 6
 
 
 @dataclass(frozen=True)
-class Action:
-    """Block TCP connections matching ``src``/``dst`` (None: any) and the ports, in either
-    direction, until ``expiry`` (Unix time)."""
-
-    id: str
-    src: IPNetwork | None
-    dst: IPNetwork | None
-    sport: int | None
-    dport: int | None
-    start: float
-    expiry: float
+class Action(BlockAction):
+    """A block action as the sensor enforces it: matching segments and the kernel filter."""
 
     def matches(self, segment: Segment) -> bool:
         """The segment belongs to a blocked connection, whichever end sent it."""
@@ -55,12 +47,6 @@ class Action:
                    f"src port {self.dport}" if self.dport else ""]
         return (f"({' and '.join(p for p in forward if p)}) or "
                 f"({' and '.join(p for p in reverse if p)})")
-
-    def describe(self) -> str:
-        parts = [f"src {self.src}" if self.src else "", f"dst {self.dst}" if self.dst else "",
-                 f"sport {self.sport}" if self.sport else "",
-                 f"dport {self.dport}" if self.dport else ""]
-        return " ".join(p for p in parts if p)
 
 
 def _network(name: str, value: object) -> IPNetwork | None:

@@ -18,11 +18,11 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from ossensor_core.antigena import ActionCounts
 from ossensor_core.batch import LINKTYPE_ETHERNET, PacketBatch
 from ossensor_core.bpf import attach_filter, compile_filter
 from ossensor_core.errors import FilterError
@@ -40,23 +40,6 @@ ARPHRD_ETHER = 1
 RECV_BYTES = 1 << 18
 READ_BURST = 256
 CONNECTIONS_REMEMBERED = 10_000
-
-
-@dataclass
-class ActionCounts:
-    """What one action did since the last report."""
-
-    connections: int = 0
-    segments: int = 0
-    resets: int = 0
-    first_hit: float | None = None
-    last_hit: float | None = None
-    enforcers: dict[str, int] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"connections": self.connections, "segments": self.segments,
-                "resets": self.resets, "first_hit": self.first_hit, "last_hit": self.last_hit,
-                "enforcers": self.enforcers}
 
 
 class BlockWatch:

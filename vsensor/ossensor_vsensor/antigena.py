@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from ossensor_core.antigena import ActionCounts, IPNetwork
+from ossensor_core.antigena import BlockAction as Action
 from ossensor_core.protocol import PATH_ANTIGENA
 
 if TYPE_CHECKING:
@@ -50,39 +52,6 @@ FEATURE_FILTER_REFRESH = "filter-refresh"
 _FIELDS = {"src", "dst", "sport", "dport", "duration", "sensor"}
 _REJECTIONS_KEPT = 50
 _SEQUENCES_KEPT = 1000
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class Action:
-    """Block TCP connections between ``src`` and ``dst`` (either may be None: any), optionally
-    to ``dport`` (and from ``sport``), from ``start`` until ``expiry`` (Unix time)."""
-
-    id: str
-    src: IPNetwork | None
-    dst: IPNetwork | None
-    sport: int | None
-    dport: int | None
-    start: float
-    expiry: float
-    sensor: str | None = None
-
-    def match_key(self) -> tuple:
-        return (self.src, self.dst, self.sport, self.dport, self.sensor)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": "block",
-                "src": str(self.src) if self.src else None,
-                "dst": str(self.dst) if self.dst else None,
-                "sport": self.sport, "dport": self.dport, "protocol": "tcp",
-                "start": self.start, "expiry": self.expiry, "sensor": self.sensor}
-
-    def describe(self) -> str:
-        parts = [f"src {self.src}" if self.src else "", f"dst {self.dst}" if self.dst else "",
-                 f"sport {self.sport}" if self.sport else "",
-                 f"dport {self.dport}" if self.dport else ""]
-        return " ".join(p for p in parts if p) or "everything"
 
 
 def _network(name: str, value: Any) -> IPNetwork | None:
@@ -144,35 +113,6 @@ def parse_block(message: Any, now: float, known_sensors: Sequence[str]) -> Actio
 
 
 @dataclass
-class ActionTotals:
-    """What one sensor reported for one action, summed over its reports."""
-
-    connections: int = 0
-    segments: int = 0
-    resets: int = 0
-    first_hit: float | None = None
-    last_hit: float | None = None
-    enforcers: dict[str, int] = field(default_factory=dict)
-
-    def add(self, report: dict[str, Any]) -> None:
-        self.connections += int(report.get("connections", 0))
-        self.segments += int(report.get("segments", 0))
-        self.resets += int(report.get("resets", 0))
-        for name, count in dict(report.get("enforcers") or {}).items():
-            self.enforcers[str(name)] = self.enforcers.get(str(name), 0) + int(count)
-        first, last = report.get("first_hit"), report.get("last_hit")
-        if isinstance(first, (int, float)):
-            self.first_hit = first if self.first_hit is None else min(self.first_hit, first)
-        if isinstance(last, (int, float)):
-            self.last_hit = last if self.last_hit is None else max(self.last_hit, last)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"connections": self.connections, "segments": self.segments,
-                "resets": self.resets, "first_hit": self.first_hit, "last_hit": self.last_hit,
-                "enforcers": dict(self.enforcers)}
-
-
-@dataclass
 class SensorAntigena:
     """Antigena state of one sensor: its websocket, its reports."""
 
@@ -180,7 +120,7 @@ class SensorAntigena:
     connections: int = 0
     reports: int = 0
     last_report: float | None = None
-    actions: dict[str, ActionTotals] = field(default_factory=dict)
+    actions: dict[str, ActionCounts] = field(default_factory=dict)
     rejections: int = 0
     rejected: deque = field(default_factory=lambda: deque(maxlen=_REJECTIONS_KEPT))
     sequences: deque = field(default_factory=lambda: deque(maxlen=_SEQUENCES_KEPT))
@@ -343,7 +283,7 @@ class AntigenaHub:
             state.sequences.append(sequence)
             for action_id, counts in actions.items():
                 if isinstance(counts, dict):
-                    state.actions.setdefault(str(action_id), ActionTotals()).add(counts)
+                    state.actions.setdefault(str(action_id), ActionCounts()).add(counts)
             for item in rejected:
                 if isinstance(item, dict):
                     state.rejections += 1
