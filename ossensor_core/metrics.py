@@ -80,6 +80,19 @@ def filter_version(sensor: Sensor) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def interface_counters(name: str) -> list[tuple[str, int]]:
+    """(direction, bytes) of interface ``name`` from sysfs; none when it is gone. The packet
+    socket counts packets only, and summing frame lengths would touch every packet."""
+    found = []
+    for direction in ("rx", "tx"):
+        try:
+            with open(f"/sys/class/net/{name}/statistics/{direction}_bytes") as counter:
+                found.append((direction, int(counter.read())))
+        except (OSError, ValueError):
+            return []
+    return found
+
+
 class SensorCollector(Collector):
     """Reads the sensor's counters at scrape time."""
 
@@ -94,11 +107,17 @@ class SensorCollector(Collector):
         drops = CounterMetricFamily("ossensor_capture_kernel_drops",
                                     "Packets the kernel dropped because the sensor was too slow.",
                                     labels=["interface"])
+        interface_bytes = CounterMetricFamily(
+            "ossensor_interface_bytes", "Bytes through a captured interface, before the capture "
+            "filter (the kernel's interface counters).", labels=["interface", "direction"])
         for name, stats in sorted(sensor.all_stats().items()):
             packets.add_metric([name], stats.packets)
             drops.add_metric([name], stats.drops)
+            for direction, value in interface_counters(name):
+                interface_bytes.add_metric([name, direction], value)
         yield packets
         yield drops
+        yield interface_bytes
         yield GaugeMetricFamily("ossensor_capturing_interfaces", "Interfaces captured now.",
                                 value=len(sensor.captures))
         yield CounterMetricFamily("ossensor_chunks", "Chunks the core handed to the transport.",

@@ -74,6 +74,10 @@ def test_health_and_metrics_of_a_running_sensor(netns_pair, base_env, tmp_path: 
             assert samples, scrape(rx)
             assert samples['ossensor_capture_packets_total{interface="rx0"}'] >= 500
             assert samples['ossensor_capture_kernel_drops_total{interface="rx0"}'] == 0
+            # The veth's own byte counters: at least the 500 datagrams' frames came in.
+            received = samples['ossensor_interface_bytes_total{direction="rx",interface="rx0"}']
+            assert received >= 500 * 42
+            assert 'ossensor_interface_bytes_total{direction="tx",interface="rx0"}' in samples
             assert samples["ossensor_capturing_interfaces"] == 1
             assert samples["ossensor_chunks_total"] >= 1
             assert any(re.match(r'ossensor_filter_info\{.*version="[0-9a-f]{16}"', name)
