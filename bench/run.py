@@ -89,14 +89,14 @@ def merge_rounds(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((trial["traffic"], trial["capturer"]), []).append(trial)
     merged = []
     for rounds in groups.values():
-        row = dict(rounds[0])
+        # Counts from the round that lost the most, so that sent and stored belong together.
+        row = dict(max(rounds, key=lambda t: (t["lost"], t["kernel_drops"])))
         for key in ("cpu_seconds", "cpu_us_per_packet", "ratio_to_tcpdump"):
             values = [t[key] for t in rounds if t[key] is not None]
             row[key] = round(statistics.median(values), 4) if values else None
         for key in ("kernel_drops", "lost", "loss_percent", "peak_rss_outside_ring_mib",
                     "peak_ring_rss_mib", "peak_rss_mib"):
             row[key] = max(t[key] for t in rounds)
-        row["stored"] = min(t["stored"] for t in rounds)
         row["vsensor_cpu_seconds"] = statistics.median(
             [t["helper_cpu_seconds"].get("vsensor", 0.0) for t in rounds])
         row["rounds"] = len(rounds)
