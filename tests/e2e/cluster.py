@@ -209,6 +209,21 @@ def start_sensor(node: Node, vsensor: VSensor, base_env: dict[str, str], tmp_pat
     return sensor
 
 
+@contextmanager
+def stopping(vsensor: VSensor, clean: bool = True) -> Iterator[list[Sensor]]:
+    """A list to put the started sensors in; at the end every sensor is stopped (SIGTERM) and
+    then the vSensor, each asserted to exit 0 when ``clean``."""
+    sensors: list[Sensor] = []
+    try:
+        yield sensors
+    finally:
+        for sensor in sensors:
+            code, _ = sensor.terminate(timeout=30)
+            assert code == 0 or not clean, sensor.proc.stderr.read()
+        code = vsensor.stop()
+        assert code == 0 or not clean, f"vSensor exited {code}"
+
+
 def udp_sender(ns: Namespace, dst: str, port: int, count: int, pace: int = 20) -> subprocess.Popen:
     """Numbered datagrams (``traffic udp --seq``) sent in the background; ``pace``: sleep 1 ms
     after that many."""

@@ -12,7 +12,7 @@ import sys
 import time
 
 from tests.e2e.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Cluster, VSensor, start_sensor,
-                               stored_keys, tcp_payload_bytes, two_nodes, udp_sender)
+                               stopping, stored_keys, tcp_payload_bytes, two_nodes, udp_sender)
 from tests.e2e.traffic import Helper, run_helper
 from tests.netns import needs_netns
 
@@ -34,9 +34,8 @@ def test_mutual_traffic_is_stored_exactly_once(base_env, tmp_path):
     with two_nodes() as cluster:
         a, b = cluster.a, cluster.b
         vsensor = VSensor(cluster.net, tmp_path / "vsensor", base_env["VSENSOR_HMAC_KEY"])
-        sensors = []
-        try:
-            sensors = [start_sensor(node, vsensor, base_env, tmp_path) for node in (a, b)]
+        with stopping(vsensor) as sensors:
+            sensors += [start_sensor(node, vsensor, base_env, tmp_path) for node in (a, b)]
             for sensor in sensors:  # each knows the other: both filters are in place
                 sensor.wait_for_log(EXCLUSION, timeout=20)
             status = {s["name"]: s for s in _status(cluster)["sensors"]}
@@ -58,11 +57,6 @@ def test_mutual_traffic_is_stored_exactly_once(base_env, tmp_path):
             a.pod.exec("ping", "-c", "10", "-i", "0.05", "-W", "2", b.pod_address)
             b.ns.exec("ping", "-c", "10", "-i", "0.05", "-W", "2", a.address)
             time.sleep(1.0)  # the last ring blocks are handed over
-        finally:
-            for sensor in sensors:
-                code, _ = sensor.terminate(timeout=10)
-                assert code == 0, sensor.proc.stderr.read()
-            assert vsensor.stop() == 0
         stored = {node.name: stored_keys(vsensor, node.name) for node in (a, b)}
     both = stored["node-a"] + stored["node-b"]
     twice = {k: n for k, n in both.items() if n > 1}
@@ -91,8 +85,7 @@ def test_a_sensor_joining_mid_stream_loses_nothing(base_env, tmp_path):
     with two_nodes() as cluster:
         a, b = cluster.a, cluster.b
         vsensor = VSensor(cluster.net, tmp_path / "vsensor", base_env["VSENSOR_HMAC_KEY"])
-        sensors = []
-        try:
+        with stopping(vsensor) as sensors:
             sensors.append(start_sensor(a, vsensor, base_env, tmp_path))
             sensors[0].wait_for_log("kernel filter is now", timeout=20)  # registered, alone
             # About 4 s of traffic in both kinds of flow: pod to pod (node B will own it, so
@@ -109,11 +102,6 @@ def test_a_sensor_joining_mid_stream_loses_nothing(base_env, tmp_path):
             for sender in senders:
                 assert sender.wait(timeout=60) == 0, sender.stderr.read()
             time.sleep(1.0)
-        finally:
-            for sensor in sensors:
-                code, _ = sensor.terminate(timeout=10)
-                assert code == 0, sensor.proc.stderr.read()
-            assert vsensor.stop() == 0
         stored = {node.name: stored_keys(vsensor, node.name) for node in (a, b)}
     both = stored["node-a"] + stored["node-b"]
     for port in (7201, 7202):
@@ -135,8 +123,7 @@ def test_a_new_peer_reaches_the_others_over_the_antigena_websocket(base_env, tmp
     with two_nodes() as cluster:
         vsensor = VSensor(cluster.net, tmp_path / "vsensor", base_env["VSENSOR_HMAC_KEY"],
                           heartbeat_seconds=60)
-        sensors = []
-        try:
+        with stopping(vsensor, clean=False) as sensors:
             sensors.append(start_sensor(cluster.a, vsensor, base_env, tmp_path,
                                         ANTIGENA_ENABLED="true"))
             sensors[0].wait_for_log("Antigena: connected to the vSensor", timeout=30)
@@ -144,8 +131,4 @@ def test_a_new_peer_reaches_the_others_over_the_antigena_websocket(base_env, tmp
             sensors.append(start_sensor(cluster.b, vsensor, base_env, tmp_path))
             sensors[0].wait_for_log(EXCLUSION, timeout=15)
             took = time.monotonic() - started
-        finally:
-            for sensor in sensors:
-                sensor.terminate(timeout=30)
-            vsensor.stop()
         assert took < 10, f"{took:.1f} s: the change waited for a heartbeat"
