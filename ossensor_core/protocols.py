@@ -156,6 +156,10 @@ class Transport(Protocol):
 
     ``send`` must not lose an accepted chunk: it retries or spools, and raises TransportError only
     when it cannot keep the chunk at all. ``aclose`` flushes what is pending.
+
+    Optional: ``refresh()`` (no arguments, not a coroutine): ask the vSensor for its filters at
+    once rather than at the next heartbeat. ``SensorControl.refresh_filters`` calls it when a
+    transport has it (the https transport does; the file transport has no vSensor to ask).
     """
 
     name: str
