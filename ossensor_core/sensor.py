@@ -70,6 +70,7 @@ class Sensor:
         self.pending: list[PacketBatch] = []
         self.pending_bytes = 0
         self.pending_since = 0.0
+        self._pending_started = asyncio.Event()  # wakes the flush timer
         # Chunk sequence numbers increase across restarts (they start from the clock), so a
         # vSensor that remembers stored sequences never mistakes a new run's chunks for retries.
         self.sequence = time.time_ns()
@@ -211,6 +212,7 @@ class Sensor:
                         packet.wire_length, packet.data.hex())
         if not self.pending:
             self.pending_since = time.monotonic()
+            self._pending_started.set()
         self.pending.append(batch)
         self.pending_bytes += len(batch.data)
         if self.pending_bytes >= self.config.chunk_bytes:
@@ -238,11 +240,17 @@ class Sensor:
         await self.queue.put(chunk)
 
     async def _flush_timer(self) -> None:
-        period = min(self.config.chunk_seconds / 4, 0.25)
+        """Cut a chunk ``chunk_seconds`` after its first batch: asleep until then, and not
+        woken at all while nothing is pending (a quiet node)."""
         while True:
-            await asyncio.sleep(period)
-            if self.pending and time.monotonic() - self.pending_since >= self.config.chunk_seconds:
-                await self._cut()
+            await self._pending_started.wait()
+            self._pending_started.clear()
+            while self.pending:
+                due = self.pending_since + self.config.chunk_seconds - time.monotonic()
+                if due > 0:
+                    await asyncio.sleep(due)
+                else:
+                    await self._cut()
 
     async def _send_loop(self) -> None:
         while (chunk := await self.queue.get()) is not None:

@@ -131,6 +131,7 @@ class Antigena:
         self.watch = BlockWatch(self._on_frame)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.connected = asyncio.Event()
+        self._actions_changed = asyncio.Event()  # wakes the expiry task
         # The vSensor says the set of sensors changed: the transport fetches the new filter.
         self.on_filters_changed = on_filters_changed
 
@@ -311,6 +312,7 @@ class Antigena:
                               "reason": reason})
 
     def _rebuild(self) -> None:
+        self._actions_changed.set()
         expression = watch_filter(self.actions.values(), self.exempt)
         try:
             self.watch.set_filter(expression)
@@ -359,8 +361,9 @@ class Antigena:
                 counts.resets += enforcer.resets.pop(action.id, 0)
 
     async def _expire_forever(self) -> None:
+        """End actions at their expiry: asleep until the soonest one, or until the actions
+        change (no wake-ups at all while there is none)."""
         while True:
-            await asyncio.sleep(0.25)
             now = self.now()
             expired = [a for a in self.actions.values() if a.expiry <= now]
             for action in expired:
@@ -368,6 +371,11 @@ class Antigena:
                 log.log(level(3), "Antigena: action %s expired", action.id)
             if expired:
                 self._rebuild()
+            self._actions_changed.clear()
+            soonest = min((a.expiry for a in self.actions.values()), default=None)
+            timeout = None if soonest is None else max(soonest - self.now(), 0.0) + 0.01
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._actions_changed.wait(), timeout)
 
     # -- reports ----------------------------------------------------------------------------
 
