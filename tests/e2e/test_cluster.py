@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
