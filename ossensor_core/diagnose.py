@@ -678,29 +678,34 @@ class VSensorProbe:
         return {H_VERSION: str(max(PROTOCOL_VERSIONS)),
                 **sign(self.config.hmac_key, method, path, body, self.config.name)}
 
-    async def _request(self, session: aiohttp.ClientSession, method: str, path: str, body: bytes,
-                       headers: Mapping[str, str]) -> tuple[int, Any, Mapping[str, str], float]:
-        """(status, JSON or text, headers, local time at the middle of the exchange)."""
+    async def _request(self, session: aiohttp.ClientSession, check: str, method: str,
+                       path: str, body: bytes, headers: Mapping[str, str],
+                       ) -> tuple[int, Any, Mapping[str, str], float] | Check:
+        """(status, JSON or text, headers, local time at the middle of the exchange), or the
+        failed ``check`` when nothing answers."""
         started = time.time()
-        async with session.request(method, self.base_url + path, data=body,
-                                   headers=dict(headers)) as r:
-            text = await r.text(errors="replace")
-            middle = (started + time.time()) / 2
-            try:
-                answer: Any = json.loads(text)
-            except ValueError:
-                answer = text
-            return r.status, answer, r.headers, middle
+        try:
+            async with session.request(method, self.base_url + path, data=body,
+                                       headers=dict(headers)) as r:
+                text = await r.text(errors="replace")
+                middle = (started + time.time()) / 2
+                status, answer_headers = r.status, r.headers
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return Check(check, "fail", f"no answer: {exc or type(exc).__name__}",
+                         "check the vSensor's logs")
+        try:
+            answer: Any = json.loads(text)
+        except ValueError:
+            answer = text
+        return status, answer, answer_headers, middle
 
     async def clock(self, session: aiohttp.ClientSession) -> Check:
         """Every answer of the vSensor carries its time: a GET of the registration path is
         answered 405 without counting as an authentication failure there."""
-        try:
-            status, answer, headers, middle = await self._request(session, "GET", PATH_REGISTER,
-                                                                  b"", {})
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return Check("vsensor.clock", "fail", f"no answer: {exc or type(exc).__name__}",
-                         "check the vSensor's logs")
+        exchange = await self._request(session, "vsensor.clock", "GET", PATH_REGISTER, b"", {})
+        if isinstance(exchange, Check):
+            return exchange
+        status, answer, headers, middle = exchange
         server: float | None = None
         try:
             server = float(headers[H_SERVER_TIME])
@@ -752,12 +757,11 @@ class VSensorProbe:
         body = json.dumps(message).encode()
         headers = {"Content-Type": "application/json",
                    **self._headers("POST", PATH_REGISTER, body)}
-        try:
-            status, answer, _, _ = await self._request(session, "POST", PATH_REGISTER, body,
-                                                       headers)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return Check("vsensor.register", "fail", f"no answer: {exc or type(exc).__name__}",
-                         "check the vSensor's logs")
+        exchange = await self._request(session, "vsensor.register", "POST", PATH_REGISTER,
+                                       body, headers)
+        if isinstance(exchange, Check):
+            return exchange
+        status, answer, _, _ = exchange
         reason = answer.get("error") if isinstance(answer, dict) else None
         data = {"status": status, "reason": reason, "sensor": self.config.name}
         if status == 200 and isinstance(answer, dict):
@@ -801,12 +805,11 @@ class VSensorProbe:
         body = codec.encode(Chunk(self.config.name, 0, (), time.time_ns()))
         headers = {"Content-Type": codec.media_type, H_SEQUENCE: "0", H_TEST: "1",
                    **self._headers("POST", PATH_CHUNKS, body)}
-        try:
-            status, answer, _, _ = await self._request(session, "POST", PATH_CHUNKS, body,
-                                                       headers)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return Check("vsensor.test_chunk", "fail", f"no answer: {exc or type(exc).__name__}",
-                         "check the vSensor's logs")
+        exchange = await self._request(session, "vsensor.test_chunk", "POST", PATH_CHUNKS, body,
+                                       headers)
+        if isinstance(exchange, Check):
+            return exchange
+        status, answer, _, _ = exchange
         data = {"status": status, "answer": answer if isinstance(answer, dict) else None}
         if status == 200 and isinstance(answer, dict) and answer.get("test") is True:
             return Check("vsensor.test_chunk", "ok", "a test chunk was verified and "
