@@ -99,9 +99,7 @@ def test_replay_through_the_installed_package(venv, ns, tmp_path, monkeypatch):
         stderr = sensor.proc.stderr.read()
         assert code == 0, stderr
     finally:
-        if sensor.proc.poll() is None:
-            sensor.proc.kill()
-            sensor.proc.wait()
+        sensor.kill()
         ns.ip("link", "set", "pcap0", "up")
     stored = sorted((tmp_path / "out").glob("*.pcapng"))
     assert stored and not list((tmp_path / "out").glob("*.part"))

@@ -103,8 +103,7 @@ def test_sensor_run_with_slice(netns_pair, base_env, tmp_path):
             time.sleep(0.3)
             code, _ = sensor.terminate()
         finally:
-            if sensor.proc.poll() is None:
-                sensor.proc.kill()
+            sensor.kill()
         assert code == 0, sensor.proc.stderr.read()
     stored = [p for path in sorted(sensor.out.glob("*.pcapng"))
               for p in read_capture_file(path)[1]]

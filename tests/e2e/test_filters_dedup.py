@@ -135,8 +135,7 @@ def test_bridged_and_routed_copies_stored_once(node, base_env, tmp_path):
         time.sleep(0.5)
         code, _ = sensor.terminate()
     finally:
-        if sensor.proc.poll() is None:
-            sensor.proc.kill()
+        sensor.kill()
     assert code == 0, sensor.proc.stderr.read()
     log = sensor.log.read_text()
     # Every port saw its copies: pa0 both streams, pb0 the bridged, pc0 the routed one.

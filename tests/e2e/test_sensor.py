@@ -75,9 +75,14 @@ class Sensor:
         try:
             code = self.proc.wait(timeout=timeout + 5)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+            self.kill()
         return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        """SIGKILL the sensor if it still runs (cleanup after a failed test); idempotent."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def packets(self) -> list[bytes]:
         """Every packet stored, read back with tshark-independent code (our pcapng reader)."""
