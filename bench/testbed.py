@@ -102,18 +102,24 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def read_stat(path: Path) -> tuple[str, list[str]] | None:
+    """(name, fields after the name) of a ``/proc/.../stat`` file; None when it is gone. The
+    name is in parentheses and may hold spaces, so the fields start after the last one."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+
+
 def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
     """Thread id -> (name, utime, stime) in clock ticks, for every thread of ``pid``: where
     the capturer spends its time, and how much of it is in the kernel."""
     threads = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            text = (task / "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        threads[int(task.name)] = (text[text.index("(") + 1:text.rindex(")")],
-                                   int(fields[11]), int(fields[12]))
+        if (stat := read_stat(task / "stat")) is not None:
+            name, fields = stat
+            threads[int(task.name)] = (name, int(fields[11]), int(fields[12]))
     return threads
 
 
@@ -133,12 +139,8 @@ def cpu_ticks_seconds(pid: int) -> float:
     """utime + stime (+ children's) of ``pid`` and its descendants, from /proc/PID/stat."""
     total = 0
     for proc in descendants(pid):
-        try:
-            text = Path(f"/proc/{proc}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        if (stat := read_stat(Path(f"/proc/{proc}/stat"))) is not None:
+            total += sum(int(v) for v in stat[1][11:15])  # utime stime cutime cstime
     return total / CLOCK_TICK
 
 
