@@ -6,24 +6,28 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import ctypes.util
+import functools
 import threading
+from collections.abc import Callable
 
 _PR_SET_NAME = 15
-_libc = None
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def name_os_thread(name: str | None = None) -> None:
     """Give the calling thread ``name`` (default: its Python name), cut to the kernel's 15
     bytes; does nothing where prctl is not available."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        except OSError:
-            _libc = False
-    if _libc:
+    prctl = _prctl()
+    if prctl is not None:
         text = (name or threading.current_thread().name).encode()[:15]
-        _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)
+        prctl(_PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)
 
 
 def named_executor(prefix: str,

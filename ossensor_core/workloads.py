@@ -19,7 +19,7 @@ sensors drop traffic that this one never sees, which is why tunnels and gateways
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import InterfaceError
@@ -100,7 +100,8 @@ class WorkloadFinder:
     CPU, reading the two /proc files about a hundredth of that.
     """
 
-    def __init__(self, find=find_workload_ranges, files: Iterable[str] = ROUTE_FILES) -> None:
+    def __init__(self, find: Callable[[], list[str]] = find_workload_ranges,
+                 files: Iterable[str] = ROUTE_FILES) -> None:
         self._find = find
         self._files = tuple(files)
         self._seen: bytes | None = None

@@ -4,6 +4,7 @@ tests/e2e/test_antigena.py."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from hypothesis import given
@@ -49,8 +50,6 @@ def test_checksums_verify_and_the_frame_parses_back():
 
 def test_crafting_imports_no_packet_library():
     """The point of crafting by hand: the sensor does not carry scapy's 30 MiB for it."""
-    import subprocess
-
     code = ("import sys, ossensor_plugins.antigena.service, ossensor_plugins.antigena.resets; "
             "print(any(m == 'scapy' or m.startswith('scapy.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
