@@ -15,8 +15,8 @@ import struct
 import time
 from typing import Any
 
-from ossensor_core.batch import PacketBatch
-from ossensor_core.pcapng import epb_parts
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.wire.pcapng import epb_parts
 from ossensor_plugins.filter_dedup import Dedup
 from ossensor_plugins.filter_slice import Slice
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.cli import clean_environment
-from tests.netns import Namespace, namespaces, veth_pair
+from tests.helpers.cli import clean_environment
+from tests.helpers.netns import Namespace, namespaces, veth_pair
 
 REPO = Path(__file__).resolve().parents[1]
-SENSOR = [sys.executable, "-m", "ossensor_core.cli", "run"]
+SENSOR = [sys.executable, "-m", "ossensor_core.ops.cli", "run"]
 VSENSOR = [sys.executable, "-m", "ossensor_vsensor.cli"]
 BENCH_KEY = "bench-only-hmac-key-7f3a"  # a throwaway key for a namespace that dies with the run
 NOBODY_MAC = "02:00:00:00:00:99"

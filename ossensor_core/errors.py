@@ -52,7 +52,7 @@ class TransportError(OssensorError):
 
 
 class StorageError(OssensorError):
-    """Pcapng files could not be written or completed (see :mod:`ossensor_core.pcapng_files`).
+    """Pcapng files could not be written or completed (see :mod:`ossensor_core.wire.rotating_pcapng`).
 
     ``errno`` and ``reason`` (its strerror) are the OSError's, ``path`` the file concerned (None
     when no file was involved yet); the OSError is the ``__cause__``.

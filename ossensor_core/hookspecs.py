@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .config import SensorConfig
-    from .interfaces import Decision, Interface, InterfaceEvent
-    from .protocols import (CaptureBackend, CaptureStats, Chunk, ChunkEncoder, PacketFilter,
+    from ossensor_core.pipeline.config import SensorConfig
+    from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent
+    from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureStats, Chunk, ChunkEncoder, PacketFilter,
                             ResponseEnforcer, SensorControl, Transport)
-    from .settings import SettingsGroup
+    from ossensor_core.pipeline.settings import SettingsGroup
 
 PROJECT = "ossensor"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -44,8 +44,8 @@ def ossensor_settings() -> SettingsGroup | None:
     """Declare this plugin's settings.
 
     Called once at start-up, before the configuration is parsed, on every loaded plugin.
-    Returns a :class:`~ossensor_core.settings.SettingsGroup` (the plugin's name and its
-    :class:`~ossensor_core.settings.Setting` list) or None. All results are collected; the values
+    Returns a :class:`~ossensor_core.pipeline.settings.SettingsGroup` (the plugin's name and its
+    :class:`~ossensor_core.pipeline.settings.Setting` list) or None. All results are collected; the values
     arrive as ``config.plugin(name)``, read from ``OSSENSOR_<PLUGIN>_<SETTING>``.
     """
 
@@ -65,7 +65,7 @@ def ossensor_interface_decision(config: SensorConfig, interface: Interface,
     """Interface discovery: override the core's include/exclude decision for one interface.
 
     Called for each interface at start-up and for each interface that appears later, never per
-    packet. Return a new :class:`~ossensor_core.interfaces.Decision`, or None to keep the core's.
+    packet. Return a new :class:`~ossensor_core.node.interfaces.Decision`, or None to keep the core's.
     The first non-None result wins.
     """
 
@@ -84,7 +84,7 @@ def ossensor_kernel_filter(config: SensorConfig) -> str | None:
 
 @hookspec
 def ossensor_packet_filter(config: SensorConfig) -> PacketFilter | None:
-    """Filtering, in user space: return a :class:`~ossensor_core.protocols.PacketFilter` or None.
+    """Filtering, in user space: return a :class:`~ossensor_core.pipeline.contracts.PacketFilter` or None.
     All results are applied to each batch in the order of ``OSSENSOR_PLUGINS``."""
 
 

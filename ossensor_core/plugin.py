@@ -38,15 +38,15 @@ from __future__ import annotations
 
 import pluggy
 
-from .batch import Packet, PacketBatch
-from .config import SensorConfig
-from .errors import CaptureError, ConfigError, FilterError, OssensorError, PluginError, \
+from ossensor_core.capture.batch import Packet, PacketBatch
+from ossensor_core.pipeline.config import SensorConfig
+from ossensor_core.errors import CaptureError, ConfigError, FilterError, OssensorError, PluginError, \
     TransportError
-from .hookspecs import PROJECT
-from .interfaces import Decision, Interface, InterfaceEvent
-from .protocols import (CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder,
+from ossensor_core.hookspecs import PROJECT
+from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent
+from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder,
                         PacketFilter, ResponseEnforcer, SensorControl, Transport)
-from .settings import PluginSettings, Setting, SettingsGroup
+from ossensor_core.pipeline.settings import PluginSettings, Setting, SettingsGroup
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

@@ -1,12 +1,12 @@
 """A testing kit for plugin authors (and our own unit tests): no capture, no network, no vSensor.
 
-* :class:`FakeCaptureSource` satisfies :class:`~ossensor_core.protocols.CaptureSource` and hands
+* :class:`FakeCaptureSource` satisfies :class:`~ossensor_core.pipeline.contracts.CaptureSource` and hands
   over packets given as bytes, ``(timestamp_ns, wire_length, frame)`` tuples, or read from a
   pcap/pcapng file (:func:`read_capture_file`); :class:`FakeCaptureBackend` opens them.
-* :class:`RecordingTransport` satisfies :class:`~ossensor_core.protocols.Transport` and keeps
+* :class:`RecordingTransport` satisfies :class:`~ossensor_core.pipeline.contracts.Transport` and keeps
   every chunk it is given.
 * :func:`build_pipeline` registers a list of plugin modules or objects with the core's own
-  defaults, reads a :class:`~ossensor_core.config.SensorConfig` (and the plugins' declared
+  defaults, reads a :class:`~ossensor_core.pipeline.config.SensorConfig` (and the plugins' declared
   settings) from an environment dictionary, and returns a :class:`Pipeline` that runs the same
   stages as the sensor: filters per batch, chunks to the transport, hooks at the same points.
 
@@ -36,18 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .batch import LINKTYPE_ETHERNET, Packet, PacketBatch
-from .bpf import BpfProgram, compile_filter
-from .config import SensorConfig, read_core_config
-from .errors import CaptureError, ConfigError
-from .interfaces import Decision, Interface, InterfaceEvent, InterfaceSelector
-from .manager import LoadedPlugins, new_plugin_manager
-from .protocols import CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder, \
+from ossensor_core.capture.batch import LINKTYPE_ETHERNET, Packet, PacketBatch
+from ossensor_core.capture.bpf import BpfProgram, compile_filter
+from ossensor_core.pipeline.config import SensorConfig, read_core_config
+from ossensor_core.errors import CaptureError, ConfigError
+from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent, InterfaceSelector
+from ossensor_core.pipeline.loading import LoadedPlugins, new_plugin_manager
+from ossensor_core.pipeline.contracts import CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder, \
     PacketFilter, Transport
-from .startup import _configure, decide, kernel_filter, plugin_settings
+from ossensor_core.pipeline.startup import _configure, decide, kernel_filter, plugin_settings
 
 #: A packet as the kit accepts it: a frame (stamped now, wire length = its length), a
-#: ``(timestamp_ns, wire_length, frame)`` tuple, or a :class:`~ossensor_core.batch.Packet`.
+#: ``(timestamp_ns, wire_length, frame)`` tuple, or a :class:`~ossensor_core.capture.batch.Packet`.
 FrameLike = bytes | tuple[int, int, bytes] | Packet
 
 #: The variables :func:`build_pipeline` adds unless the caller gives them: what the core
@@ -67,7 +67,7 @@ _IFF_UP_RUNNING = 0x1 | 0x40
 
 def fake_interface(name: str = "fake0", index: int = 1000, arphrd: int = _ARPHRD_ETHER,
                    up: bool = True) -> Interface:
-    """An :class:`~ossensor_core.interfaces.Interface` that exists only in the test."""
+    """An :class:`~ossensor_core.node.interfaces.Interface` that exists only in the test."""
     return Interface(name, index, arphrd, _IFF_UP_RUNNING if up else 0)
 
 
@@ -106,7 +106,7 @@ def read_capture_file(path: str | Path) -> tuple[int, list[tuple[int, int, bytes
 
 
 class FakeCaptureSource:
-    """A :class:`~ossensor_core.protocols.CaptureSource` that hands over given packets.
+    """A :class:`~ossensor_core.pipeline.contracts.CaptureSource` that hands over given packets.
 
     The packets are cut into batches of ``batch_packets``; :meth:`read` returns every batch not
     yet read, and :meth:`fileno` (one end of a pipe) polls readable exactly while there are some.
@@ -175,7 +175,7 @@ class FakeCaptureSource:
 
 
 class FakeCaptureBackend:
-    """A :class:`~ossensor_core.protocols.CaptureBackend` opening :class:`FakeCaptureSource`
+    """A :class:`~ossensor_core.pipeline.contracts.CaptureBackend` opening :class:`FakeCaptureSource`
     objects with the packets given for each interface name (none for the others)."""
 
     name = "fake"
@@ -195,7 +195,7 @@ class FakeCaptureBackend:
 
 
 class RecordingTransport:
-    """A :class:`~ossensor_core.protocols.Transport` that keeps every chunk in ``chunks``."""
+    """A :class:`~ossensor_core.pipeline.contracts.Transport` that keeps every chunk in ``chunks``."""
 
     name = "recording"
 
@@ -224,7 +224,7 @@ class RecordingTransport:
 
 @dataclass
 class RecordingControl:
-    """The :class:`~ossensor_core.protocols.SensorControl` a transport gets from the kit."""
+    """The :class:`~ossensor_core.pipeline.contracts.SensorControl` a transport gets from the kit."""
 
     sources: list[CaptureSource] = field(default_factory=list)
     vsensor_filters: list[str] = field(default_factory=list)
@@ -359,7 +359,7 @@ def build_pipeline(plugins: Sequence[object], environ: Mapping[str, str] | None 
     ``ossensor_transport``) unless given; without either, a :class:`RecordingTransport`.
     Raises :class:`~ossensor_core.errors.ConfigError` listing every problem, as start-up does.
     """
-    from . import defaults
+    from ossensor_core.pipeline import defaults
 
     environment = {**TEST_ENVIRONMENT, **(environ or {})}
     config, problems = read_core_config(environment)

@@ -2,7 +2,7 @@
 """``make demo``: a reference vSensor and two sensors on two "nodes", real traffic between their
 pods, then what the vSensor stored per sensor, read back with tshark, against tcpdump.
 
-The layout is the test cluster of ``tests/e2e/cluster.py``: five network namespaces made here
+The layout is the test cluster of ``tests/helpers/cluster.py``: five network namespaces made here
 (a bridge with the vSensor on 192.0.2.254, node A and node B on it, a pod behind each node) and
 removed at the end; nothing is captured or sent in the machine's own network namespace. The
 traffic: ping between the pods, DNS queries from pod B to a resolver on node A, an HTTPS
@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.cli import sensor_environment  # noqa: E402  (the repository's own test helpers)
-from tests.e2e.cluster import VSensor, start_sensor, two_nodes, udp_sender  # noqa: E402
+from tests.helpers.cli import sensor_environment  # noqa: E402  (the repository's own test helpers)
+from tests.helpers.cluster import VSensor, start_sensor, two_nodes, udp_sender  # noqa: E402
 
 OUT = REPO / "demo-out"
 WEB_PORT, DNS_PORT, UDP_PORT = 8444, 53, 9000

@@ -4,8 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cli import sensor_environment
-from tests.netns import Namespace, have_netns, namespaces
+from tests.helpers.cli import sensor_environment
+from tests.helpers.netns import Namespace, have_netns, namespaces
 
 
 @pytest.fixture

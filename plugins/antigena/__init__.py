@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from ossensor_core.config import SensorConfig
+from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.errors import ConfigError
 from ossensor_core.plugin import (ResponseEnforcer, SensorControl, Setting, SettingsGroup,
                                   hookimpl)

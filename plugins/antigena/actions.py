@@ -8,7 +8,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ossensor_core.antigena import BlockAction, IPNetwork
+from ossensor_core.wire.antigena import BlockAction, IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -25,8 +25,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
-from ossensor_core.batch import PacketBatch
-from ossensor_core.logsetup import level
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.ops.logsetup import level
 
 from .actions import (TCP_ACK, TCP_RST, TCP_SYN, Action, Segment, first_match,
                       parse_ethernet, parse_proc_tcp)

@@ -22,13 +22,13 @@ from typing import Any
 
 import aiohttp
 
-from ossensor_core.antigena import ActionCounts
-from ossensor_core.batch import LINKTYPE_ETHERNET, PacketBatch
-from ossensor_core.bpf import attach_filter, compile_filter
+from ossensor_core.wire.antigena import ActionCounts
+from ossensor_core.capture.batch import LINKTYPE_ETHERNET, PacketBatch
+from ossensor_core.capture.bpf import attach_filter, compile_filter
 from ossensor_core.errors import FilterError
-from ossensor_core.logsetup import level
-from ossensor_core.protocol import H_VERSION, PATH_ANTIGENA, sign
-from ossensor_core.protocols import ResponseEnforcer
+from ossensor_core.ops.logsetup import level
+from ossensor_core.wire.signing import H_VERSION, PATH_ANTIGENA, sign
+from ossensor_core.pipeline.contracts import ResponseEnforcer
 
 from .actions import TCP_RST, Action, first_match, parse_action, parse_ethernet, watch_filter
 from .resets import ResetEnforcer

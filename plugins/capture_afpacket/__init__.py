@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ossensor_core.batch import PacketBatch
-from ossensor_core.bpf import BpfProgram, attach_filter
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.capture.bpf import BpfProgram, attach_filter
 from ossensor_core.errors import CaptureError, ConfigError, FilterError
-from ossensor_core.interfaces import Interface
+from ossensor_core.node.interfaces import Interface
 from ossensor_core.plugin import CaptureStats, SensorConfig, Setting, SettingsGroup, hookimpl
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _capture_error(interface: str, step: str, exc: OSError) -> CaptureError:
 
 
 class AfPacketSource:
-    """One open TPACKET_V3 capture; see :class:`ossensor_core.protocols.CaptureSource`."""
+    """One open TPACKET_V3 capture; see :class:`ossensor_core.pipeline.contracts.CaptureSource`."""
 
     def __init__(self, interface: Interface, program: BpfProgram, block_size: int,
                  block_count: int, block_timeout_ms: int) -> None:

@@ -4,7 +4,7 @@ Slower than ``afpacket`` (a system call and a few Python objects per packet, no 
 needs nothing beyond scapy and a ``SOCK_RAW`` packet socket, so it is the fallback wherever the
 TPACKET_V3 ring is unavailable or suspect. Packets are never dissected: scapy's ``_recv_raw``
 hands over the bytes (with a VLAN tag put back from ``PACKET_AUXDATA``) and we lay them out as a
-:class:`~ossensor_core.batch.PacketBatch`.
+:class:`~ossensor_core.capture.batch.PacketBatch`.
 
 Settings (``OSSENSOR_SCAPY_*``): ``rcvbuf``, the socket receive buffer, and ``batch_packets``,
 the most packets one :meth:`ScapyCapture.read` returns.
@@ -21,14 +21,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ossensor_core.batch import PacketBatch
-from ossensor_core.bpf import BpfProgram, attach_filter
-from ossensor_core.config import SensorConfig
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.capture.bpf import BpfProgram, attach_filter
+from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.errors import CaptureError, FilterError
-from ossensor_core.interfaces import Interface
+from ossensor_core.node.interfaces import Interface
 from ossensor_core.plugin import hookimpl
-from ossensor_core.protocols import CaptureStats
-from ossensor_core.settings import Setting, SettingsGroup
+from ossensor_core.pipeline.contracts import CaptureStats
+from ossensor_core.pipeline.settings import Setting, SettingsGroup
 
 log = logging.getLogger(__name__)
 

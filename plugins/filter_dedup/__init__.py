@@ -25,16 +25,16 @@ import struct
 from array import array
 from zlib import crc32
 
-from ossensor_core.batch import PacketBatch
-from ossensor_core.config import SensorConfig
-from ossensor_core.logsetup import level
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.pipeline.config import SensorConfig
+from ossensor_core.ops.logsetup import level
 from ossensor_core.plugin import hookimpl
-from ossensor_core.settings import Setting, SettingsGroup
+from ossensor_core.pipeline.settings import Setting, SettingsGroup
 
 log = logging.getLogger(__name__)
 
 #: The first seven fields of ``struct tpacket3_hdr``: next offset, sec, nsec, snaplen, len,
-#: status, mac offset (see ``ossensor_core.batch``).
+#: status, mac offset (see ``ossensor_core.capture.batch``).
 _RECORD = struct.Struct("<IIIIIIH")
 #: How long past the window an entry is kept: batches of two interfaces reach the filter up to
 #: a ring block timeout apart (afpacket's default is 100 ms), more on a busy node.

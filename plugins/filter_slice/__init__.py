@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import struct
 
-from ossensor_core.batch import TPACKET_ALIGNMENT, PacketBatch
-from ossensor_core.config import SensorConfig
+from ossensor_core.capture.batch import TPACKET_ALIGNMENT, PacketBatch
+from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.errors import ConfigError
 from ossensor_core.plugin import hookimpl
-from ossensor_core.settings import Setting, SettingsGroup
+from ossensor_core.pipeline.settings import Setting, SettingsGroup
 
 _SNAPLEN_AT = 12  # byte offset of tp_snaplen in struct tpacket3_hdr
 _LINKTYPE_ETHERNET = 1

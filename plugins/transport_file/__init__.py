@@ -13,7 +13,7 @@ this chunk had added is cut off again, the files stay valid pcapng, and ``send``
 TransportError naming the file and the cause, so the caller knows the chunk was not kept.
 
 The files themselves (names, ``.part`` handling, rotation, cutting a failed chunk off) are
-:class:`ossensor_core.pcapng_files.RotatingPcapngFiles`, shared with the vSensor's store.
+:class:`ossensor_core.wire.rotating_pcapng.RotatingPcapngFiles`, shared with the vSensor's store.
 
 Settings: ``OSSENSOR_OUTPUT_DIR`` (required with ``OSSENSOR_TRANSPORT=file``),
 ``OSSENSOR_FILE_ROTATE_BYTES`` and ``OSSENSOR_FILE_ROTATE_SECONDS``.
@@ -31,12 +31,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ossensor_core.config import SensorConfig
+from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.errors import ConfigError, StorageError, TransportError
-from ossensor_core.pcapng_files import PART_SUFFIX, RotatingPcapngFiles, safe_name
+from ossensor_core.wire.rotating_pcapng import PART_SUFFIX, RotatingPcapngFiles, safe_name
 from ossensor_core.plugin import hookimpl
-from ossensor_core.protocols import SensorControl, Chunk, ChunkEncoder
-from ossensor_core.settings import Setting, SettingsGroup
+from ossensor_core.pipeline.contracts import SensorControl, Chunk, ChunkEncoder
+from ossensor_core.pipeline.settings import Setting, SettingsGroup
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def check_output_dir(directory: str) -> str | None:
 class FileTransport:
     """Writes chunks to rotated pcapng files, one link type per file.
 
-    The files are :class:`~ossensor_core.pcapng_files.RotatingPcapngFiles`; this class adds the
+    The files are :class:`~ossensor_core.wire.rotating_pcapng.RotatingPcapngFiles`; this class adds the
     asyncio side and maps StorageError onto TransportError. Writing runs in a worker thread
     (``asyncio.to_thread``) so that an fsync on rotation never stalls the event loop that reads
     the captures; an asyncio lock keeps chunks in order. ``packets_written``, ``bytes_written``

@@ -66,21 +66,21 @@ from typing import Any
 import aiohttp
 
 from ossensor_core import __version__
-from ossensor_core.bpfgen import AddressSet
-from ossensor_core.config import SensorConfig
+from ossensor_core.capture.peer_exclusion import AddressSet
+from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.errors import ConfigError, FilterError, InterfaceError, TransportError
-from ossensor_core.logsetup import level
+from ossensor_core.ops.logsetup import level
 from ossensor_core.plugin import hookimpl
-from ossensor_core.protocol import (DIGESTS, H_INSTANCE, H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT,
+from ossensor_core.wire.signing import (DIGESTS, H_INSTANCE, H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT,
                                     PATH_REGISTER, PROTOCOL_VERSIONS, SHA256, content_digest,
                                     sign)
-from ossensor_core.protocols import Chunk, ChunkEncoder, SensorControl
-from ossensor_core.sensor import SHUTDOWN_GRACE_SECONDS
+from ossensor_core.pipeline.contracts import Chunk, ChunkEncoder, SensorControl
+from ossensor_core.pipeline.sensor import SHUTDOWN_GRACE_SECONDS
 
 from .bulk import BulkAnswer, BulkConnection, BulkError, client_context
-from ossensor_core.settings import Setting, SettingsGroup
-from ossensor_core.threads import named_executor
-from ossensor_core.workloads import WorkloadFinder
+from ossensor_core.pipeline.settings import Setting, SettingsGroup
+from ossensor_core.ops.threads import named_executor
+from ossensor_core.node.workloads import WorkloadFinder
 
 log = logging.getLogger(__name__)
 
@@ -584,7 +584,7 @@ class HttpsTransport:
         return body
 
     async def _find_workloads(self) -> None:
-        """Pod CIDRs behind this node (``ossensor_core.workloads``; netlink, in a thread); none
+        """Pod CIDRs behind this node (``ossensor_core.node.workloads``; netlink, in a thread); none
         when routes cannot be read (the others then keep our traffic too: duplicates)."""
         try:
             self.workloads = await asyncio.to_thread(self._find_workload_ranges)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ossensor_core.config import CORE_SETTINGS
-from ossensor_core.manager import GROUPS, installed_plugins
+from ossensor_core.pipeline.config import CORE_SETTINGS
+from ossensor_core.pipeline.loading import GROUPS, installed_plugins
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -1,7 +1,7 @@
 """End-to-end tests of the ``afpacket`` capture backend, against tcpdump as the reference.
 
 Each test builds its own namespaces (``netns_pair``: sender, receiver), captures inside them with
-the backend (``tests.e2e.traffic capture``, which writes pcapng) and, where a reference helps,
+the backend (``tests.helpers.traffic capture``, which writes pcapng) and, where a reference helps,
 with tcpdump on the same interface at the same time; then both files are compared frame by frame,
 byte for byte. Traffic never leaves the namespaces and every loop is bounded.
 """
@@ -21,16 +21,16 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from ossensor_core.config import SensorConfig, read_core_config
+from ossensor_core.pipeline.config import SensorConfig, read_core_config
 from ossensor_core.errors import ConfigError
-from ossensor_core.manager import LoadedPlugins, load_one, new_plugin_manager
+from ossensor_core.pipeline.loading import LoadedPlugins, load_one, new_plugin_manager
 from ossensor_core.plugin import CAPTURE_GROUP
-from ossensor_core.protocols import CaptureBackend
-from ossensor_core.startup import plugin_settings
+from ossensor_core.pipeline.contracts import CaptureBackend
+from ossensor_core.pipeline.startup import plugin_settings
 from ossensor_plugins import capture_afpacket
 from ossensor_plugins.capture_afpacket import AfPacketBackend, min_block_size
-from tests.e2e.traffic import (ROOT, SEQ_MAGIC, CaptureProcess, Helper, Tcpdump, run_helper)
-from tests.netns import Namespace, veth_pair
+from tests.helpers.traffic import (ROOT, SEQ_MAGIC, CaptureProcess, Helper, Tcpdump, run_helper)
+from tests.helpers.netns import Namespace, veth_pair
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101
@@ -320,9 +320,9 @@ def test_backend_refuses_a_bad_ring() -> None:
 
 _OPEN = """
 import sys
-from ossensor_core.bpf import compile_filter
+from ossensor_core.capture.bpf import compile_filter
 from ossensor_core.errors import CaptureError
-from ossensor_core.interfaces import Interface
+from ossensor_core.node.interfaces import Interface
 from ossensor_plugins.capture_afpacket import AfPacketBackend
 interface = Interface(sys.argv[1], int(sys.argv[2]), 1, 1)
 try:
@@ -555,8 +555,8 @@ def test_stats_count_what_was_sent(link: Link) -> None:
 
 _DOWN_UP = """
 import json, select, subprocess, sys, time
-from ossensor_core.bpf import compile_filter
-from ossensor_core.interfaces import list_interfaces
+from ossensor_core.capture.bpf import compile_filter
+from ossensor_core.node.interfaces import list_interfaces
 from ossensor_plugins.capture_afpacket import AfPacketBackend
 dev = sys.argv[1]
 interface = next(i for i in list_interfaces() if i.name == dev)
@@ -564,7 +564,7 @@ source = AfPacketBackend(block_timeout_ms=10).open(interface, compile_filter("ud
 poll = select.poll()
 poll.register(source.fileno(), select.POLLIN)
 def send(count):
-    subprocess.run([sys.executable, "-m", "tests.e2e.traffic", "udp", "--dst", "192.0.2.2",
+    subprocess.run([sys.executable, "-m", "tests.helpers.traffic", "udp", "--dst", "192.0.2.2",
                     "--count", str(count)], check=True, capture_output=True)
 def drain():
     got, deadline = 0, time.monotonic() + 0.5

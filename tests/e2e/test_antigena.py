@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import TEST_KEY, ossensor
+from tests.helpers.cli import TEST_KEY, ossensor
 from tests.e2e.test_sensor import Sensor, sensor_env
 from tests.e2e.test_health import METRICS, scrape
-from tests.e2e.traffic import Tcpdump
-from tests.netns import Namespace, veth_pair
-from tests.test_plugin_loading import make_distribution
+from tests.helpers.traffic import Tcpdump
+from tests.helpers.netns import Namespace, veth_pair
+from tests.core.test_plugin_loading import make_distribution
 
 VSENSOR_CLI = [sys.executable, "-m", "ossensor_vsensor.cli"]
 TOKEN = "e2e-operator-token"
@@ -208,7 +208,7 @@ def test_block_resets_both_ends_reports_and_ends(lab, base_env, tmp_path):
     tx, rx, vsensor = lab
     site = tmp_path / "site"
     make_distribution(site, "ossensor-record", {"ossensor.plugins": {
-        "record": "tests.plugins.enforcer_record"}})
+        "record": "tests.fixtures.plugins.enforcer_record"}})
     record = tmp_path / "record.txt"
     sensor = start_sensor(rx, base_env, tmp_path, vsensor, OSSENSOR_PLUGINS="record",
                           OSSENSOR_METRICS_ADDRESS=METRICS,
@@ -475,7 +475,7 @@ def bridge_lab(base_env, tmp_path):
     """(client ns, server ns, sensor ns, vSensor): the three on ports of a bridge in a fourth
     namespace that floods every frame (ageing time 0, a hub), so the sensor only sees the
     traffic between the two others; the vSensor runs in the sensor's namespace."""
-    from tests.netns import have_netns, namespaces, run, unique
+    from tests.helpers.netns import have_netns, namespaces, run, unique
 
     if not have_netns():
         pytest.skip("needs root and iproute2")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.run import TRIAL_FIELDS
-from tests.netns import needs_netns
+from tests.helpers.netns import needs_netns
 
 REPO = Path(__file__).resolve().parents[2]
 

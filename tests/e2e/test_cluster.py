@@ -1,6 +1,6 @@
 """A simulated cluster: three nodes, each running the sensor exactly as the DaemonSet does.
 
-Three node namespaces on a bridge with one vSensor (``tests/e2e/cluster.py``). Each sensor gets
+Three node namespaces on a bridge with one vSensor (``tests/helpers/cluster.py``). Each sensor gets
 the container of ``deploy/base/sensor-daemonset.yaml``: the image's entry point, the container's
 ``args``, every ``env`` entry (``valueFrom`` resolved as the kubelet does), and the capabilities
 of its security context; only what genuinely differs in a test is overridden
@@ -26,14 +26,14 @@ from typing import Any
 import pytest
 import yaml
 
-from ossensor_core.bpfgen import AddressSet
-from ossensor_core.settings import parse_bool
-from tests.cli import TEST_KEY
+from ossensor_core.capture.peer_exclusion import AddressSet
+from ossensor_core.pipeline.settings import parse_bool
+from tests.helpers.cli import TEST_KEY
 from tests.deploy.test_manifests import code_variables, helm_template, pods
-from tests.e2e.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Node, VSensor, nodes, pod,
+from tests.helpers.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Node, VSensor, nodes, pod,
                                stored_keys, udp_sender)
 from tests.e2e.test_sensor import Sensor
-from tests.netns import Namespace, needs_netns
+from tests.helpers.netns import Namespace, needs_netns
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONSET = REPO / "deploy" / "base" / "sensor-daemonset.yaml"

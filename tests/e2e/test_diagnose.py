@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.cli import COMMAND, TEST_KEY, Result, ossensor, sensor_environment
-from tests.netns import Namespace, have_netns, namespaces
+from tests.helpers.cli import COMMAND, TEST_KEY, Result, ossensor, sensor_environment
+from tests.helpers.netns import Namespace, have_netns, namespaces
 
 VSENSOR = [sys.executable, "-m", "ossensor_vsensor.cli"]
 GOOD, EXPIRED, SKEWED, CLOSED = 8443, 8444, 8445, 8449

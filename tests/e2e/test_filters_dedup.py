@@ -19,8 +19,8 @@ from ossensor_core.testing import FakeCaptureSource, build_pipeline, fake_interf
     read_capture_file
 from ossensor_plugins import filter_dedup
 from tests.e2e.test_sensor import SENDER, Sensor, numbered, sensor_env
-from tests.netns import Namespace, have_netns, namespaces, run, unique
-from tests.test_testing_kit import cost_per_packet, udp6_frame, udp_frame
+from tests.helpers.netns import Namespace, have_netns, namespaces, run, unique
+from tests.core.test_testing_kit import cost_per_packet, udp6_frame, udp_frame
 
 START = 1_700_000_000_000_000_000
 ROUTER_MAC = b"\x02\x00\x00\x00\x00\xfe"

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.cli import TEST_KEY, ossensor
+from tests.helpers.cli import TEST_KEY, ossensor
 from tests.e2e.test_sensor import SENDER, Sensor, sensor_env
-from tests.netns import Namespace, veth_pair
+from tests.helpers.netns import Namespace, veth_pair
 
 METRICS = "127.0.0.1:9853"
 SCRAPE = r"""

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.cli import COMMAND, ossensor
+from tests.helpers.cli import COMMAND, ossensor
 
 # The original's start-up logic in shell: /proc/net/dev minus lo; each exclude pattern removes
 # what grep -E matches; then, if an include list is given, keep what some include pattern matches.
@@ -39,7 +39,7 @@ PATTERN_WORDS = ["^eth", "^veth", "eth1", "[[:digit:]]$", "^(br|docker)", "^cali
 
 @pytest.fixture(scope="module")
 def host(request):
-    from tests.netns import have_netns, namespaces
+    from tests.helpers.netns import have_netns, namespaces
     if not have_netns():
         pytest.skip("needs root and iproute2")
     with namespaces(1) as (ns,):

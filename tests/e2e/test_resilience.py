@@ -1,5 +1,5 @@
 """Nothing lost, nothing stored twice, when the vSensor dies, the link to it is cut, or the sensor
-restarts (the sensor on node A of ``tests/e2e/cluster.py``, the vSensor on the bridge)."""
+restarts (the sensor on node A of ``tests/helpers/cluster.py``, the vSensor on the bridge)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.e2e.cluster import Cluster, VSensor, start_sensor, stored_keys, two_nodes, udp_sender
+from tests.helpers.cluster import Cluster, VSensor, start_sensor, stored_keys, two_nodes, udp_sender
 from tests.e2e.test_sensor import Sensor
-from tests.netns import needs_netns
+from tests.helpers.netns import needs_netns
 
 
 def numbered(keys: Counter, port: int) -> Counter:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import sensor_environment
-from tests.netns import Namespace, veth_pair
+from tests.helpers.cli import sensor_environment
+from tests.helpers.netns import Namespace, veth_pair
 
 pytestmark = pytest.mark.netns
 
@@ -37,9 +37,9 @@ SETTLE = 1.2  # seconds between the last packet and stopping the captures
 # the kernel filter, "stop" (or end of input) stores what was read and prints the counters.
 CAPTURE_SCRIPT = r'''
 import asyncio, json, os, select, sys, time
-from ossensor_core.bpf import compile_filter
-from ossensor_core.protocols import Chunk
-from ossensor_core.startup import prepare
+from ossensor_core.capture.bpf import compile_filter
+from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.pipeline.startup import prepare
 
 prepared = prepare(os.environ, write_config=False)
 config = prepared.config
@@ -366,7 +366,7 @@ def _same_time(a: Frame, b: Frame) -> bool:
 
 
 def _run(ns: Namespace, script: str, *args: str) -> str:
-    """Run a Python snippet in ``ns`` (tests.netns bounds it to 60 s)."""
+    """Run a Python snippet in ``ns`` (tests.helpers.netns bounds it to 60 s)."""
     return ns.exec(sys.executable, "-c", script, *args).stdout
 
 
@@ -479,9 +479,9 @@ def test_raw_ip_on_a_tun_device(netns, tmp_path: Path) -> None:
 
 OPEN_ERRORS = r'''
 import dataclasses, sys
-from ossensor_core.bpf import compile_filter
+from ossensor_core.capture.bpf import compile_filter
 from ossensor_core.errors import CaptureError
-from ossensor_core.interfaces import list_interfaces
+from ossensor_core.node.interfaces import list_interfaces
 from ossensor_plugins.capture_scapy import ScapyBackend
 
 interfaces = {i.name: i for i in list_interfaces()}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import COMMAND
-from tests.netns import Namespace, run, unique, veth_pair
+from tests.helpers.cli import COMMAND
+from tests.helpers.netns import Namespace, run, unique, veth_pair
 
 REPO = Path(__file__).resolve().parents[2]
 

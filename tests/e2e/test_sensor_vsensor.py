@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from tests.e2e.test_sensor import SENDER, Sensor, numbered, sensor_env
-from tests.e2e.traffic import Tcpdump
-from tests.netns import Namespace, veth_pair
+from tests.helpers.traffic import Tcpdump
+from tests.helpers.netns import Namespace, veth_pair
 
 VSENSOR = [sys.executable, "-m", "ossensor_vsensor.cli"]
 

@@ -1,6 +1,6 @@
 """Two sensors on two "nodes" with pods behind them: their mutual traffic is stored exactly once.
 
-See ``tests/e2e/cluster.py`` for the layout. The sensors report their pod ranges (found from
+See ``tests/helpers/cluster.py`` for the layout. The sensors report their pod ranges (found from
 their routes), the vSensor hands each the other's ranges, and each drops the packets whose lower
 address belongs to the other: per flow, so a TCP connection ends up whole in one store.
 """
@@ -11,10 +11,10 @@ import json
 import sys
 import time
 
-from tests.e2e.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Cluster, VSensor, start_sensor,
+from tests.helpers.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Cluster, VSensor, start_sensor,
                                stopping, stored_keys, tcp_payload_bytes, two_nodes, udp_sender)
-from tests.e2e.traffic import Helper, run_helper
-from tests.netns import needs_netns
+from tests.helpers.traffic import Helper, run_helper
+from tests.helpers.netns import needs_netns
 
 #: The other node's addresses and pod ranges, IPv4 and IPv6.
 EXCLUSION = r"behind the peer exclusion \(2 IPv4 and 2 IPv6"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.netns import needs_netns, veth_pair
+from tests.helpers.netns import needs_netns, veth_pair
 
 SCRIPT = r"""
 import json, subprocess, sys
-from ossensor_core.workloads import WorkloadFinder, find_workload_ranges
+from ossensor_core.node.workloads import WorkloadFinder, find_workload_ranges
 
 calls = []
 def counted():

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import TEST_KEY
+from tests.helpers.cli import TEST_KEY
 from tests.e2e.test_sensor import SENDER, numbered
 from tests.e2e.test_sensor_vsensor import VSensor
-from tests.netns import Namespace, unique, veth_pair
+from tests.helpers.netns import Namespace, unique, veth_pair
 
 # Only under `make test-image` (it sets this): the build takes minutes, too long for `make test`.
 pytestmark = pytest.mark.skipif(os.environ.get("OSSENSOR_TEST_IMAGE") != "1",

@@ -1,1 +1,1 @@
-from tests.vsensor.helpers import tls  # noqa: F401  (the TLS fixture)
+from tests.helpers.vsensor import tls  # noqa: F401  (the TLS fixture)

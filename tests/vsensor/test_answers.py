@@ -7,9 +7,9 @@ import asyncio
 import json
 import time
 
-from ossensor_core.protocol import PATH_CHUNKS, PATH_HEARTBEAT, sign
+from ossensor_core.wire.signing import PATH_CHUNKS, PATH_HEARTBEAT, sign
 from ossensor_vsensor.app import H_SERVER_TIME, REASON_CODES
-from tests.vsensor.helpers import KEY, SENSOR, make_chunk, running, settings, stored_files
+from tests.helpers.vsensor import KEY, SENSOR, make_chunk, running, settings, stored_files
 
 
 def run(coro):

@@ -13,9 +13,9 @@ import time
 import aiohttp
 import trustme
 
-from ossensor_core.protocol import H_VERSION, PATH_ANTIGENA, sign
+from ossensor_core.wire.signing import H_VERSION, PATH_ANTIGENA, sign
 from ossensor_vsensor.antigena import PATH_ACTIONS
-from tests.vsensor.helpers import KEY, SENSOR, running, settings
+from tests.helpers.vsensor import KEY, SENSOR, running, settings
 
 TOKEN = "operator-token-7f3a"
 

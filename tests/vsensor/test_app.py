@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from ossensor_core.protocol import PATH_CHUNKS, PATH_HEARTBEAT, sign
-from tests.vsensor.helpers import (KEY, SENSOR, make_chunk, running, settings,
+from ossensor_core.wire.signing import PATH_CHUNKS, PATH_HEARTBEAT, sign
+from tests.helpers.vsensor import (KEY, SENSOR, make_chunk, running, settings,
                                    stored_files)
 
 

@@ -8,10 +8,10 @@ import asyncio
 import dataclasses
 import json
 
-from ossensor_core.chunk import MEDIA_TYPE, ChunkCodec
-from ossensor_core.protocol import H_INSTANCE, PATH_CHUNKS, PATH_HEARTBEAT
-from ossensor_core.protocols import Chunk, InterfaceCounters
-from tests.vsensor.helpers import Client, make_chunk, running, settings, stored_files
+from ossensor_core.wire.chunk import MEDIA_TYPE, ChunkCodec
+from ossensor_core.wire.signing import H_INSTANCE, PATH_CHUNKS, PATH_HEARTBEAT
+from ossensor_core.pipeline.contracts import Chunk, InterfaceCounters
+from tests.helpers.vsensor import Client, make_chunk, running, settings, stored_files
 
 INSTANCE = "5e1f" * 8
 

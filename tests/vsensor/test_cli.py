@@ -15,10 +15,10 @@ import urllib.request
 
 import pytest
 
-from ossensor_core.chunk import ChunkCodec
-from ossensor_core.protocol import PATH_CHUNKS, PATH_REGISTER, sign
+from ossensor_core.wire.chunk import ChunkCodec
+from ossensor_core.wire.signing import PATH_CHUNKS, PATH_REGISTER, sign
 from ossensor_vsensor.cli import main, parse_listen, UsageError
-from tests.vsensor.helpers import KEY, SENSOR, make_chunk, stored_files
+from tests.helpers.vsensor import KEY, SENSOR, make_chunk, stored_files
 
 
 def free_port() -> int:

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from ossensor_core.batch import PacketBatch
-from ossensor_core.protocols import Chunk
-from tests.vsensor.helpers import SENSOR, ether_frame, running, settings, stored_files
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.pipeline.contracts import Chunk
+from tests.helpers.vsensor import SENSOR, ether_frame, running, settings, stored_files
 
 
 def big_chunk(sequence: int) -> Chunk:

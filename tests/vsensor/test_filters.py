@@ -26,15 +26,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ossensor_core.bpf import (BPF_MAXINSNS, LINKTYPE_ETHERNET, LINKTYPE_RAW, BpfProgram,
+from ossensor_core.capture.bpf import (BPF_MAXINSNS, LINKTYPE_ETHERNET, LINKTYPE_RAW, BpfProgram,
                                combine_filters, compile_filter)
-from ossensor_core.bpfgen import AddressSet, exclusion_code, lower_address_excluded, with_exclusion
+from ossensor_core.capture.peer_exclusion import AddressSet, exclusion_code, lower_address_excluded, with_exclusion
 from ossensor_core.errors import FilterError
-from ossensor_core.workloads import Route, workload_ranges
+from ossensor_core.node.workloads import Route, workload_ranges
 from ossensor_vsensor.filters import (build_filter, claimed_once, claimed_set, peer_set,
                                       peers_expression)
-from tests.e2e.traffic import udp4_packet, udp6_packet
-from tests.netns import Namespace, have_netns, namespaces
+from tests.helpers.traffic import udp4_packet, udp6_packet
+from tests.helpers.netns import Namespace, have_netns, namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK = b"OSFT"  # test packets end with MARK and their index
@@ -48,7 +48,7 @@ TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 def _oracle() -> int:
     import fcntl
 
-    from ossensor_core.bpf import attach_filter
+    from ossensor_core.capture.bpf import attach_filter
 
     tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
     fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH22x", b"tn0", IFF_TUN | IFF_NO_PI))
@@ -333,7 +333,7 @@ def test_the_sensor_falls_back_to_the_rest_of_its_filter_when_the_peers_do_not_f
     """Never a blind sensor: without room for the peer part it keeps the rest (duplicates)."""
     from types import SimpleNamespace
 
-    from ossensor_core.sensor import Sensor
+    from ossensor_core.pipeline.sensor import Sensor
 
     sensor = Sensor.__new__(Sensor)  # only the filter state: no captures, no plugins
     sensor.prepared = SimpleNamespace(kernel_filter="not port 53")
@@ -377,9 +377,9 @@ def test_sensors_claim_their_ranges_and_shared_ones_belong_to_nobody():
 
 def test_the_vsensor_sends_peer_ranges_to_sensors_that_ask_and_only_when_they_change(
         tmp_path, tls):
-    from ossensor_core.protocol import PATH_HEARTBEAT, PATH_REGISTER
-    from tests.vsensor.helpers import running
-    from tests.vsensor.helpers import settings as vsettings
+    from ossensor_core.wire.signing import PATH_HEARTBEAT, PATH_REGISTER
+    from tests.helpers.vsensor import running
+    from tests.helpers.vsensor import settings as vsettings
 
     def register(name: str, address: str, pods: str) -> bytes:
         return json.dumps({"sensor": name, "versions": [1], "addresses": [address],
@@ -427,18 +427,18 @@ class RecordingControl:
         return {}
 
     def captured_interfaces(self) -> list:
-        from ossensor_core.interfaces import Interface
+        from ossensor_core.node.interfaces import Interface
         return [Interface("eth0", 2, 1, 0x1, ("192.0.2.10",))]
 
 
 def test_the_transport_applies_peer_ranges_and_reports_its_filter_note(tmp_path, tls):
     """The sensor side of the exchange, against the reference vSensor over TLS: ranges arrive
     once, the id comes back in heartbeats, and the sensor's note reaches the status."""
-    from ossensor_core.chunk import ChunkCodec
-    from ossensor_core.protocol import PATH_REGISTER
+    from ossensor_core.wire.chunk import ChunkCodec
+    from ossensor_core.wire.signing import PATH_REGISTER
     from ossensor_plugins.transport_https import HttpsTransport
-    from tests.vsensor.helpers import KEY, running
-    from tests.vsensor.helpers import settings as vsettings
+    from tests.helpers.vsensor import KEY, running
+    from tests.helpers.vsensor import settings as vsettings
 
     async def scenario():
         async with running(vsettings(tmp_path, heartbeat_seconds=0.1), tls) as client:

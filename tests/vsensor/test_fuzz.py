@@ -12,11 +12,11 @@ import struct
 
 from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
 
-from ossensor_core.batch import PacketBatch
-from ossensor_core.chunk import CODEC_NONE, MAGIC, VERSION, VERSIONS, ChunkCodec
-from ossensor_core.protocol import PATH_CHUNKS
-from ossensor_core.protocols import Chunk, InterfaceCounters
-from tests.vsensor.helpers import SENSOR, running, settings
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.wire.chunk import CODEC_NONE, MAGIC, VERSION, VERSIONS, ChunkCodec
+from ossensor_core.wire.signing import PATH_CHUNKS
+from ossensor_core.pipeline.contracts import Chunk, InterfaceCounters
+from tests.helpers.vsensor import SENSOR, running, settings
 
 MAX_TIMESTAMP_NS = 2**32 * 10**9 - 1  # tpacket3_hdr keeps seconds in a u32
 FUZZ = hsettings(max_examples=300, deadline=None, database=None,
@@ -112,7 +112,7 @@ def test_mutated_chunks_decode_or_raise_value_error(data, chunk, compress, rewra
 
 
 def test_the_endpoint_answers_400_to_garbage_and_truncated_chunks(tmp_path, tls):
-    from tests.vsensor.helpers import make_chunk
+    from tests.helpers.vsensor import make_chunk
     data_dir = tmp_path / "data"
     loop = asyncio.new_event_loop()
     context = running(settings(tmp_path), tls)

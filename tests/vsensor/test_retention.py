@@ -11,7 +11,7 @@ import pytest
 
 from ossensor_vsensor.app import VSensorSettings
 from ossensor_vsensor.store import enforce_retention
-from tests.vsensor.helpers import KEY, SENSOR, make_chunk, running, settings, stored_files
+from tests.helpers.vsensor import KEY, SENSOR, make_chunk, running, settings, stored_files
 
 
 def _file(path, size: int, age: float):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vsensor.helpers import KEY, SENSOR, make_chunk, running, settings
+from tests.helpers.vsensor import KEY, SENSOR, make_chunk, running, settings
 
 ADMIN_TOKEN = "Adm1nT0kenForTheStatusPage"
 #: A sensor name is any header value: this one would run a script if the page did not escape it.

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from ossensor_core.pcapng import PcapngWriter
+from ossensor_core.wire.pcapng import PcapngWriter
 from ossensor_vsensor.store import SensorStore, StoreError, safe_name
-from tests.vsensor.helpers import make_chunk, stored_files
+from tests.helpers.vsensor import make_chunk, stored_files
 
 
 def test_a_failed_write_is_cut_off_again(tmp_path, monkeypatch):

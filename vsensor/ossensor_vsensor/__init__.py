@@ -2,7 +2,7 @@
 
 ``ossensor_vsensor.app.create_app`` builds the aiohttp application; ``ossensor_vsensor.cli``
 runs it over HTTPS. It shares only the protocol and chunk-format code with the sensor
-(``ossensor_core.protocol``, ``ossensor_core.chunk``, ``ossensor_core.pcapng``).
+(``ossensor_core.wire.signing``, ``ossensor_core.wire.chunk``, ``ossensor_core.wire.pcapng``).
 """
 
 __version__ = "0.1.0"

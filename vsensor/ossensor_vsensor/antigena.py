@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from ossensor_core.antigena import ActionCounts, IPNetwork
-from ossensor_core.antigena import BlockAction as Action
-from ossensor_core.protocol import PATH_ANTIGENA
+from ossensor_core.wire.antigena import ActionCounts, IPNetwork
+from ossensor_core.wire.antigena import BlockAction as Action
+from ossensor_core.wire.signing import PATH_ANTIGENA
 
 if TYPE_CHECKING:
     from .app import VSensor

@@ -5,7 +5,7 @@ Usage (the CLI does this over TLS)::
     settings = VSensorSettings(data_dir=Path("/var/lib/vsensor"), keys=["..."])
     app = create_app(settings)  # run with web.AppRunner + web.TCPSite(ssl_context=...)
 
-Every sensor request is verified with :func:`ossensor_core.protocol.verify` before its body is
+Every sensor request is verified with :func:`ossensor_core.wire.signing.verify` before its body is
 looked at; a failure answers 401 with a generic reason, logs the precise one (never a key) and
 stores nothing. The status pages (``/status``, ``/status.json``, ``/metrics``) show counters and
 names only, never keys or packet contents, and need ``Authorization: Bearer <admin token>`` when
@@ -31,10 +31,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ossensor_core.bpfgen import AddressSet
-from ossensor_core.chunk import VERSIONS as CHUNK_VERSIONS, ChunkCodec
-from ossensor_core.protocols import Chunk
-from ossensor_core.protocol import (DEFAULT_SKEW_SECONDS, DIGESTS, H_INSTANCE, H_VERSION,
+from ossensor_core.capture.peer_exclusion import AddressSet
+from ossensor_core.wire.chunk import VERSIONS as CHUNK_VERSIONS, ChunkCodec
+from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.signing import (DEFAULT_SKEW_SECONDS, DIGESTS, H_INSTANCE, H_VERSION,
                                     PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER, PROTOCOL_VERSIONS,
                                     AuthError, NonceCache, Verified, negotiate, verify)
 

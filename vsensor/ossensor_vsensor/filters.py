@@ -20,7 +20,7 @@ itself keeps from the moment it starts, so a sensor joining (or a peer learning 
 heartbeat later) causes duplicates for a few seconds, never a loss.
 
 Sensors that offer the ``peer-ranges`` feature receive the peer set as sorted ranges and
-generate classic BPF for it themselves (:mod:`ossensor_core.bpfgen`, a binary search: 5,000
+generate classic BPF for it themselves (:mod:`ossensor_core.capture.peer_exclusion`, a binary search: 5,000
 nodes fit). Older sensors get the same rule as a libpcap expression (:func:`legacy_filter`),
 left out when it would not fit the kernel's limit (duplicates rather than a blind sensor);
 compiling it takes seconds for hundreds of networks, so it runs in a worker thread.
@@ -33,8 +33,8 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ossensor_core.bpf import compile_filter
-from ossensor_core.bpfgen import AddressSet, Interval, parse_range
+from ossensor_core.capture.bpf import compile_filter
+from ossensor_core.capture.peer_exclusion import AddressSet, Interval, parse_range
 from ossensor_core.errors import FilterError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ shutdown. Names sort by time::
 A chunk is stored whole or not at all: on an OSError (disk full, folder unwritable) every file
 is cut back to its size before the chunk, files opened for it are removed, and
 :class:`StoreError` carries the errno so the caller can answer 507. The files themselves are
-:class:`ossensor_core.pcapng_files.RotatingPcapngFiles`, shared with the file transport.
+:class:`ossensor_core.wire.rotating_pcapng.RotatingPcapngFiles`, shared with the file transport.
 
 Methods of :class:`SensorStore` do blocking I/O; the application calls them in a worker
 thread, one at a time per sensor (an asyncio lock per sensor).
@@ -34,10 +34,10 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from ossensor_core import pcapng_files
+from ossensor_core.wire import rotating_pcapng as pcapng_files
 from ossensor_core.errors import StorageError
-from ossensor_core.pcapng_files import RotatingPcapngFiles
-from ossensor_core.protocols import Chunk
+from ossensor_core.wire.rotating_pcapng import RotatingPcapngFiles
+from ossensor_core.pipeline.contracts import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def safe_name(sensor: str) -> str:
 class SensorStore:
     """The pcapng files of one sensor, and the chunk sequences already stored.
 
-    The files are :class:`~ossensor_core.pcapng_files.RotatingPcapngFiles` (a file stays open
+    The files are :class:`~ossensor_core.wire.rotating_pcapng.RotatingPcapngFiles` (a file stays open
     after a failed chunk is cut off it); this class adds the folder, the sequences and
     StoreError. Failures to complete a file are logged (its packets stay in the ``.part``
     file) and not raised: the chunks in it were stored.

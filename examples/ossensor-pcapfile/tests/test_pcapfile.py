@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ossensor_core.errors import CaptureError, ConfigError
-from ossensor_core.pcapng import PcapngWriter
+from ossensor_core.wire.pcapng import PcapngWriter
 from ossensor_core.testing import FakeCaptureSource, build_pipeline, read_capture_file
 from ossensor_pcapfile import capture, ethertype
 

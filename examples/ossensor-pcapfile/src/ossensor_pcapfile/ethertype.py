@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ossensor_core.plugin import (ConfigError, PacketBatch, SensorConfig, Setting, SettingsGroup,
                                   hookimpl)
-from ossensor_core.settings import split_words
+from ossensor_core.pipeline.settings import split_words
 
 VARIABLE = "OSSENSOR_ETHERTYPE_DROP"
 _TAGS = (0x8100, 0x88A8)

@@ -1,0 +1,1 @@
+"""Capture and filters: packet batches, BPF compilation, the generated peer exclusion."""

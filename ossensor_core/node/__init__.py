@@ -1,0 +1,1 @@
+"""The node: its interfaces and how they are selected, its routes and workloads."""

@@ -1,0 +1,1 @@
+"""Operations: the command line, diagnose, health, metrics, logging, threads, memory."""

@@ -1,0 +1,1 @@
+"""The pipeline and its loading: configuration, plugin loading, start-up, the run loop."""

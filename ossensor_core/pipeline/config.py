@@ -1,0 +1,257 @@
+"""The sensor's configuration: the guide's environment variables, read once into a frozen object.
+
+Every variable of the original's guide is here with its default, plus the variables that pick
+plugins. Plugins never read ``os.environ``: their own settings are declared through the
+``ossensor_settings`` hook and arrive in :attr:`SensorConfig.plugin_settings`.
+"""
+
+from __future__ import annotations
+
+import configparser
+import io
+import ipaddress
+import os
+import socket
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from ossensor_core.node.patterns import ExtendedRegex, PatternError
+from ossensor_core.errors import ConfigError
+from ossensor_core.pipeline.settings import PluginSettings, ResolvedSetting, Setting, resolve_settings, split_words
+
+CORE_SETTINGS: tuple[Setting, ...] = (
+    Setting("VSENSOR_HOSTNAME", str, None, "Host name or IP address of the vSensor, without a port.",
+            required=True),
+    Setting("VSENSOR_HMAC_KEY", str, None, "Shared HMAC key for talking to the vSensor.",
+            required=True, secret=True),
+    Setting("VSENSOR_PORT", int, 443, "Port of the vSensor.", minimum=1, maximum=65535),
+    Setting("OSSENSOR_NETWORK_DEVICE", str, "",
+            "Capture this interface only. Unset: every selected interface; the default-route "
+            "interface identifies the sensor."),
+    Setting("OSSENSOR_CONFIG_PATH", str, "/etc/darktrace/ossensor.cfg",
+            "Where the generated configuration file is written."),
+    Setting("OSSENSOR_DEBUG", int, 1, "Log detail, 0 (basic) to 5 (every packet as hex).",
+            minimum=0, maximum=5),
+    Setting("ANTIGENA_ENABLED", bool, True, "Receive and enforce Antigena response actions."),
+    Setting("ANTIGENA_TIME_PERIOD", float, 5.0,
+            "Seconds between reports of Antigena actions to the vSensor.", positive=True),
+    Setting("NETWORK_DEVICE_EXCLUDELIST", str, "",
+            "White-space separated egrep patterns of interfaces never captured; wins over the "
+            "include list.", legacy=("NETWORK_DEVICE_BLACKLIST",)),
+    Setting("NETWORK_DEVICE_INCLUDELIST", str, "",
+            "White-space separated egrep patterns; when given, only matching interfaces are "
+            "captured.", legacy=("NETWORK_DEVICE_WHITELIST",)),
+    Setting("NETWORK_DEVICE_ANY", bool, False,
+            "Also capture interfaces that appear after start-up (same include/exclude rules)."),
+    Setting("BPF", str, "", "Berkeley Packet Filter expression, AND-ed with the vSensor's filter."),
+    Setting("OSSENSOR_LOGFILE_PATH", str, "/dev/stdout", "Where the log is written."),
+    Setting("OSSENSOR_NAME", str, socket.gethostname(),
+            "Name of this sensor at the vSensor (a DaemonSet sets it to the node name)."),
+    Setting("OSSENSOR_CAPTURE_BACKEND", str, "afpacket",
+            "Capture backend plugin: afpacket (TPACKET_V3 ring) or scapy (portable)."),
+    Setting("OSSENSOR_TRANSPORT", str, "https", "Transport plugin: https (to a vSensor) or file."),
+    Setting("OSSENSOR_PLUGINS", str, "",
+            "Extra plugins to load, in order, separated by spaces or commas."),
+    Setting("OSSENSOR_DISABLE_PLUGINS", str, "", "Plugins not to load, separated by spaces or commas."),
+    Setting("OSSENSOR_CHUNK_BYTES", int, 4 << 20,
+            "A chunk is cut when its packet records reach this many bytes.", minimum=4096),
+    Setting("OSSENSOR_CHUNK_SECONDS", float, 1.0,
+            "A chunk is cut at the latest this many seconds after its first batch.",
+            positive=True, maximum=60),
+    Setting("OSSENSOR_STATS_SECONDS", float, 10.0,
+            "Seconds between capture counter reports (debug level 1).", positive=True),
+    Setting("OSSENSOR_TRACE_HOOKS", bool, False, "Log every plugin hook call (for plugin authors)."),
+    Setting("OSSENSOR_RUN_DIR", str, "",
+            "Folder of the status file that `ossensor health` reads; empty: the folder of "
+            "OSSENSOR_CONFIG_PATH."),
+    Setting("OSSENSOR_METRICS_ADDRESS", str, "",
+            "host:port of the Prometheus metrics endpoint (e.g. 127.0.0.1:9853); empty: off."),
+)
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    """The whole configuration of one sensor process, parsed and checked. Never mutated."""
+
+    vsensor_hostname: str
+    hmac_key: str = field(repr=False)
+    vsensor_port: int
+    network_device: str
+    config_path: Path
+    debug: int
+    antigena_enabled: bool
+    antigena_time_period: float
+    exclude_patterns: tuple[str, ...]
+    include_patterns: tuple[str, ...]
+    device_any: bool
+    bpf: str
+    logfile: str
+    name: str
+    capture_backend: str
+    transport: str
+    plugins: tuple[str, ...]
+    disabled_plugins: tuple[str, ...]
+    trace_hooks: bool
+    chunk_bytes: int
+    chunk_seconds: float
+    stats_seconds: float
+    run_dir: str = ""
+    metrics_address: str = ""
+    settings: Mapping[str, ResolvedSetting] = field(repr=False, default_factory=dict)
+    plugin_settings: Mapping[str, PluginSettings] = field(repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        object.__setattr__(self, "plugin_settings", MappingProxyType(dict(self.plugin_settings)))
+
+    def plugin(self, name: str) -> PluginSettings:
+        """The settings that plugin ``name`` declared, parsed (empty if it declared none)."""
+        return self.plugin_settings.get(name, PluginSettings(name))
+
+    @property
+    def vsensor_address(self) -> str:
+        """``host:port``, with an IPv6 address in brackets."""
+        host = self.vsensor_hostname
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.vsensor_port}"
+
+    def all_settings(self) -> dict[str, ResolvedSetting]:
+        """Core and plugin settings by variable name."""
+        found = {resolved.variable: resolved for resolved in self.settings.values()}
+        for group in self.plugin_settings.values():
+            found.update({resolved.variable: resolved for resolved in group.resolved.values()})
+        return found
+
+
+def _check_hostname(host: str) -> str | None:
+    """Return a problem with ``VSENSOR_HOSTNAME``, or None."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.strip("[]"))
+        except ValueError:
+            return (
+                f"VSENSOR_HOSTNAME must not contain a port ({host!r}): "
+                "give the host alone and set the port in VSENSOR_PORT"
+            )
+        return None
+    if any(ch.isspace() for ch in host) or "/" in host:
+        return f"VSENSOR_HOSTNAME {host!r} is not a host name or IP address"
+    return None
+
+
+def compile_patterns(variable: str, patterns: tuple[str, ...], problems: list[str]) -> None:
+    """Append a problem for every pattern that is not a valid extended regular expression."""
+    for pattern in patterns:
+        try:
+            ExtendedRegex(pattern)
+        except PatternError as exc:
+            problems.append(
+                f"{variable}: pattern {pattern!r} is not a valid extended regular expression "
+                f"({exc.reason})"
+            )
+
+
+def read_core_config(environ: Mapping[str, str]) -> tuple[SensorConfig, list[str]]:
+    """Parse the core variables. Returns the configuration and every problem found.
+
+    The configuration is usable for reporting even when problems were found: invalid values fall
+    back to their defaults there, and the caller refuses to run.
+    """
+    problems: list[str] = []
+    resolved = resolve_settings(CORE_SETTINGS, environ, None, problems)
+    values: dict[str, Any] = {name: item.value for name, item in resolved.items()}
+
+    host = (values["VSENSOR_HOSTNAME"] or "").strip()
+    if host:
+        problem = _check_hostname(host)
+        if problem:
+            problems.append(problem)
+        host = host.strip("[]")
+
+    exclude = split_words(values["NETWORK_DEVICE_EXCLUDELIST"])
+    include = split_words(values["NETWORK_DEVICE_INCLUDELIST"])
+    compile_patterns(resolved["NETWORK_DEVICE_EXCLUDELIST"].from_variable or
+                     "NETWORK_DEVICE_EXCLUDELIST", exclude, problems)
+    compile_patterns(resolved["NETWORK_DEVICE_INCLUDELIST"].from_variable or
+                     "NETWORK_DEVICE_INCLUDELIST", include, problems)
+
+    config = SensorConfig(
+        vsensor_hostname=host,
+        hmac_key=values["VSENSOR_HMAC_KEY"] or "",
+        vsensor_port=values["VSENSOR_PORT"],
+        network_device=values["OSSENSOR_NETWORK_DEVICE"].strip(),
+        config_path=Path(values["OSSENSOR_CONFIG_PATH"]),
+        debug=values["OSSENSOR_DEBUG"],
+        antigena_enabled=values["ANTIGENA_ENABLED"],
+        antigena_time_period=values["ANTIGENA_TIME_PERIOD"],
+        exclude_patterns=exclude,
+        include_patterns=include,
+        device_any=values["NETWORK_DEVICE_ANY"],
+        bpf=values["BPF"].strip(),
+        logfile=values["OSSENSOR_LOGFILE_PATH"],
+        name=values["OSSENSOR_NAME"].strip(),
+        capture_backend=values["OSSENSOR_CAPTURE_BACKEND"].strip(),
+        transport=values["OSSENSOR_TRANSPORT"].strip(),
+        plugins=split_words(values["OSSENSOR_PLUGINS"]),
+        disabled_plugins=split_words(values["OSSENSOR_DISABLE_PLUGINS"]),
+        trace_hooks=values["OSSENSOR_TRACE_HOOKS"],
+        chunk_bytes=values["OSSENSOR_CHUNK_BYTES"],
+        chunk_seconds=values["OSSENSOR_CHUNK_SECONDS"],
+        stats_seconds=values["OSSENSOR_STATS_SECONDS"],
+        run_dir=values["OSSENSOR_RUN_DIR"].strip(),
+        metrics_address=values["OSSENSOR_METRICS_ADDRESS"].strip(),
+        settings=resolved,
+    )
+    return config, problems
+
+
+def render_config_file(config: SensorConfig, devices: list[str]) -> str:
+    """The INI file the original container generated, with its section and key names."""
+    parser = configparser.RawConfigParser()
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep the keys' case
+    antigena = "true" if config.antigena_enabled else "false"
+    parser["osSensor"] = {
+        "Debug": str(config.debug),
+        "vSensor": config.vsensor_address,
+        "key": config.hmac_key,
+        "device": ",".join(devices),
+        "logfile": config.logfile,
+        "useAntigena": antigena,
+        "useWebsocket": antigena,
+        "sendAntigenaActionDelta": f"{config.antigena_time_period:g}",
+        "blacklist_device": " ".join(config.exclude_patterns),
+        "bpf": config.bpf,
+    }
+    out = io.StringIO()
+    parser.write(out)
+    return out.getvalue()
+
+
+def write_config_file(config: SensorConfig, devices: list[str]) -> None:
+    """Write the file atomically with mode 0600, creating parent folders.
+
+    Raises ConfigError naming ``OSSENSOR_CONFIG_PATH`` when it cannot be written.
+    """
+    path = config.config_path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:  # mkstemp creates the file with mode 0600
+                handle.write(render_config_file(config, devices))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as exc:
+        raise ConfigError(
+            [f"OSSENSOR_CONFIG_PATH: cannot write the configuration file {str(path)!r} "
+             f"({exc.strerror or exc})"]
+        ) from exc

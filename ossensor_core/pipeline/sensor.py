@@ -1,0 +1,387 @@
+"""Running the sensor: captures feed filters, batches are cut into chunks, chunks go out.
+
+One asyncio loop drives everything. Each capture source has a task that waits until its
+descriptor is readable, takes the ready batches, runs the user-space filters on each batch and
+adds it to the pending chunk. A chunk is cut when it reaches ``OSSENSOR_CHUNK_BYTES`` or
+``OSSENSOR_CHUNK_SECONDS`` after its first batch, and a single sender task hands chunks to the
+transport in order. Work is per batch or per chunk; nothing here runs per packet unless
+``OSSENSOR_DEBUG=5`` asks for every packet as hex.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.capture.bpf import BpfProgram, combine_filters, compile_filter
+from ossensor_core.capture.peer_exclusion import AddressSet, fit_exclusion
+from ossensor_core.errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
+from ossensor_core.ops.health import keep_status
+from ossensor_core.node.interfaces import Interface, InterfaceEvent, InterfaceWatch
+from ossensor_core.ops.logsetup import level
+from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk, InterfaceCounters,
+                        PacketFilter, Transport)
+from ossensor_core.pipeline.startup import Prepared
+from ossensor_core.ops.threads import named_executor
+
+log = logging.getLogger("ossensor.sensor")
+
+SHUTDOWN_GRACE_SECONDS = 4.0
+# Chunks cut and waiting for the transport (which keeps its own bounded queue). Two: the ring
+# is the buffer for bursts; four raised the peak RSS at full rate by about 5 MiB (make bench,
+# 512-byte UDP unpaced: 92-97 MiB outside the ring with four, 86-91 with two).
+_QUEUE_CHUNKS = 2
+
+
+@dataclass
+class _Capture:
+    source: CaptureSource
+    task: asyncio.Task[None]
+
+
+class Sensor:
+    """The assembled pipeline of one sensor process."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
+        hook = prepared.plugins.hook
+        backend = hook.ossensor_capture_backend(config=self.config)
+        if backend is None:
+            raise PluginError(f"capture plugin {self.config.capture_backend!r} returned no backend")
+        self.backend: CaptureBackend = backend
+        self.filters: list[PacketFilter] = [
+            # pluggy calls the last registered first: reversed, they run in OSSENSOR_PLUGINS order
+            f for f in reversed(hook.ossensor_packet_filter(config=self.config)) if f is not None]
+        encoder = hook.ossensor_chunk_encoder(config=self.config)
+        transport = hook.ossensor_transport(config=self.config, encoder=encoder)
+        if transport is None:
+            raise PluginError(f"transport plugin {self.config.transport!r} returned no transport")
+        self.transport: Transport = transport
+        self.captures: dict[int, _Capture] = {}
+        self.vsensor_filter = ""
+        self.vsensor_peers: AddressSet | None = None
+        self.filter_notes: dict[str, None] = {}  # why the peer exclusion is left out, if it is
+        self.closed_stats: dict[str, CaptureStats] = {}
+        self.pending: list[PacketBatch] = []
+        self.pending_bytes = 0
+        self.pending_since = 0.0
+        self._pending_started = asyncio.Event()  # wakes the flush timer
+        # Chunk sequence numbers increase across restarts (they start from the clock), so a
+        # vSensor that remembers stored sequences never mistakes a new run's chunks for retries.
+        self.sequence = time.time_ns()
+        self.queue: asyncio.Queue[Chunk | None] = asyncio.Queue(_QUEUE_CHUNKS)
+        self.chunks_sent = 0
+        self.packets_sent = 0
+
+    # -- filters ----------------------------------------------------------------------------
+
+    def kernel_filter(self) -> str:
+        """``(vSensor filter) and (plugin filters and BPF)``."""
+        return combine_filters(self.vsensor_filter, self.prepared.kernel_filter)
+
+    def program(self, linktype: int) -> BpfProgram:
+        """libpcap's program for the expressions, behind the generated peer exclusion (when the
+        vSensor sent one and it fits; otherwise without it, noted in ``filter_note``)."""
+        program = compile_filter(self.kernel_filter(), linktype)
+        program.check_kernel_limit()
+        if self.vsensor_peers is None or not len(self.vsensor_peers):
+            return program
+        # Never a blind sensor: what does not fit is left out, and stored twice instead.
+        program, note = fit_exclusion(self.vsensor_peers, program)
+        if note and f"link type {linktype}: {note}" not in self.filter_notes:
+            self.filter_notes[f"link type {linktype}: {note}"] = None
+            log.warning("link type %d: %s; that traffic with other sensors is stored twice",
+                        linktype, note)
+        return program
+
+    def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
+        """Compile for every link type in use first, then swap: all or nothing. ``peers``: the
+        ranges whose traffic other sensors store (``bpfgen``). Returns a note for the vSensor
+        ("" when the whole filter is in place)."""
+        previous = self.vsensor_filter, self.vsensor_peers
+        self.vsensor_filter, self.vsensor_peers = expression.strip(), peers
+        self.filter_notes = {}
+        try:
+            programs = {c.source.linktype: self.program(c.source.linktype)
+                        for c in self.captures.values()}
+        except FilterError:
+            self.vsensor_filter, self.vsensor_peers = previous
+            raise
+        for capture in self.captures.values():
+            capture.source.set_filter(programs[capture.source.linktype])
+        log.info("kernel filter is now %r%s", self.kernel_filter(),
+                 f" behind the peer exclusion ({peers.summary()}, id {peers.digest()})"
+                 if peers is not None and len(peers) else "")
+        return "; ".join(self.filter_notes)
+
+    def capture_stats(self) -> dict[str, CaptureStats]:
+        return self.all_stats()
+
+    def refresh_filters(self) -> None:
+        refresh = getattr(self.transport, "refresh", None)
+        if refresh is not None:
+            refresh()
+
+    def captured_interfaces(self) -> list[Interface]:
+        return [c.source.interface for c in self.captures.values()]
+
+    # -- captures ---------------------------------------------------------------------------
+
+    def open_capture(self, interface: Interface) -> None:
+        if interface.index in self.captures or interface.linktype is None:
+            return
+        try:
+            source = self.backend.open(interface, self.program(interface.linktype))
+        except (CaptureError, OssensorError) as exc:
+            log.error("cannot capture on %s: %s", interface.name, exc)
+            return
+        task = asyncio.get_running_loop().create_task(self._capture_loop(source),
+                                                     name=f"capture-{interface.name}")
+        self.captures[interface.index] = _Capture(source, task)
+        log.info("capturing on %s (index %d, link type %d, %s)", interface.name, interface.index,
+                 source.linktype, "up" if interface.up else "down: captured once up")
+
+    async def close_capture(self, index: int, drain: bool) -> None:
+        await self.close_captures([index], drain)
+
+    async def close_captures(self, indexes: list[int], drain: bool) -> None:
+        """Stop the capture tasks, wait until partly filled ring blocks are handed over, read
+        what is left, then close: what was captured before the stop is kept."""
+        captures = [c for c in (self.captures.pop(i, None) for i in indexes) if c is not None]
+        for capture in captures:
+            capture.task.cancel()
+        await asyncio.gather(*(c.task for c in captures), return_exceptions=True)
+        if drain and captures:
+            await asyncio.sleep(max(c.source.flush_seconds for c in captures))
+        for capture in captures:
+            await self._finish(capture, drain)
+
+    async def _finish(self, capture: _Capture, drain: bool) -> None:
+        if drain:
+            try:
+                for batch in capture.source.read():
+                    await self._accept(batch)
+            except CaptureError as exc:
+                log.warning("final read on %s failed: %s", capture.source.interface.name, exc)
+        try:
+            self.closed_stats[capture.source.interface.name] = capture.source.stats()
+        except CaptureError:
+            pass
+        capture.source.close()
+
+    async def _capture_loop(self, source: CaptureSource) -> None:
+        name = source.interface.name
+        loop = asyncio.get_running_loop()
+        # One reader for the life of the capture (level-triggered: it fires while the ring has
+        # a block for us), not one per wait: two epoll_ctl calls fewer per ring block.
+        readable = asyncio.Event()
+        fd = source.fileno()
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                readable.clear()
+                batches = source.read()
+                if not batches:
+                    await readable.wait()
+                    continue
+                for batch in batches:
+                    await self._accept(batch)
+                # Let the sender, the timers and the other captures run between reads.
+                await asyncio.sleep(0)
+        except CaptureError as exc:
+            log.error("capture on %s stopped: %s", name, exc)
+        finally:
+            loop.remove_reader(fd)
+
+    # -- batches and chunks -----------------------------------------------------------------
+
+    async def _accept(self, batch: PacketBatch) -> None:
+        for packet_filter in self.filters:
+            batch = packet_filter.filter(batch)
+            if not batch.count:
+                return
+        if log.isEnabledFor(level(5)):
+            for packet in batch.packets():
+                log.log(level(5), "%s %d.%09d len %d %s", batch.interface,
+                        packet.timestamp_ns // 10**9, packet.timestamp_ns % 10**9,
+                        packet.wire_length, packet.data.hex())
+        if not self.pending:
+            self.pending_since = time.monotonic()
+            self._pending_started.set()
+        self.pending.append(batch)
+        self.pending_bytes += len(batch.data)
+        if self.pending_bytes >= self.config.chunk_bytes:
+            await self._cut()
+
+    async def _cut(self) -> None:
+        if not self.pending:
+            return
+        self.sequence += 1
+        # The interface table (chunk format v2): every capture's kernel counters now, so a
+        # vSensor sees drops with the packets, between heartbeats. The transport adds the
+        # instance id, which is its own.
+        stats = self.all_stats()
+        table = tuple(InterfaceCounters(c.source.interface.name, c.source.interface.index,
+                                        c.source.linktype, stats[name].packets,
+                                        stats[name].drops)
+                      for c in self.captures.values()
+                      if (name := c.source.interface.name) in stats)
+        chunk = Chunk(self.config.name, self.sequence, tuple(self.pending), time.time_ns(),
+                      interfaces=table)
+        self.pending, self.pending_bytes = [], 0
+        log.log(level(4), "chunk %d: %d packets, %d record bytes, %d batches from %s",
+                chunk.sequence, chunk.packets, chunk.record_bytes, len(chunk.batches),
+                ",".join(sorted({b.interface for b in chunk.batches})))
+        await self.queue.put(chunk)
+
+    async def _flush_timer(self) -> None:
+        """Cut a chunk ``chunk_seconds`` after its first batch: asleep until then, and not
+        woken at all while nothing is pending (a quiet node)."""
+        while True:
+            await self._pending_started.wait()
+            self._pending_started.clear()
+            while self.pending:
+                due = self.pending_since + self.config.chunk_seconds - time.monotonic()
+                if due > 0:
+                    await asyncio.sleep(due)
+                else:
+                    await self._cut()
+
+    async def _send_loop(self) -> None:
+        while (chunk := await self.queue.get()) is not None:
+            delay = 0.5
+            while True:
+                try:
+                    await self.transport.send(chunk)
+                    break
+                except TransportError as exc:
+                    log.error("transport %s did not take chunk %d (%d packets), retrying in "
+                              "%.1f s: %s", self.transport.name, chunk.sequence, chunk.packets,
+                              delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self.chunks_sent += 1
+            self.packets_sent += chunk.packets
+            self.prepared.plugins.hook.ossensor_chunk_sent(config=self.config, chunk=chunk)
+
+    # -- periodic work and interface events -------------------------------------------------
+
+    def all_stats(self) -> dict[str, CaptureStats]:
+        stats = dict(self.closed_stats)
+        for capture in self.captures.values():
+            try:
+                stats[capture.source.interface.name] = capture.source.stats()
+            except CaptureError as exc:
+                log.warning("no counters for %s: %s", capture.source.interface.name, exc)
+        return stats
+
+    def report_stats(self) -> None:
+        for name, stats in sorted(self.all_stats().items()):
+            log.log(level(1), "capture %s: %d packets, %d kernel drops", name, stats.packets,
+                    stats.drops)
+            self.prepared.plugins.hook.ossensor_capture_stats(config=self.config, interface=name,
+                                                              stats=stats)
+
+    async def _stats_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_seconds)
+            self.report_stats()
+
+    async def _watch(self) -> None:
+        watch = InterfaceWatch(self.prepared.decide, self.config.device_any,
+                               self.prepared.interfaces)
+        try:
+            async for event in watch.events():
+                await self._on_event(event)
+        except InterfaceError as exc:
+            log.error("%s; interfaces that appear or return are not picked up", exc)
+
+    async def _on_event(self, event: InterfaceEvent) -> None:
+        interface = event.interface
+        if event.kind == "added":
+            self.open_capture(interface)
+        elif event.kind == "removed":
+            log.info("interface %s (index %d) went away", interface.name, interface.index)
+            await self.close_capture(interface.index, drain=True)
+        else:
+            log.info("interface %s is %s", interface.name, event.kind)
+        self.prepared.plugins.hook.ossensor_interface_event(config=self.config, event=event)
+
+    # -- the whole run ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        hook = self.prepared.plugins.hook
+        # to_thread's pool (chunk encoding, netlink): named, so per-thread CPU is legible.
+        asyncio.get_running_loop().set_default_executor(named_executor("ossensor-pool"))
+        # Asked once, before start-up: the antigena plugin hands these to the actions it gets.
+        enforcers = [e for e in hook.ossensor_response_enforcer(config=self.config)
+                     if e is not None]
+        metrics = None
+        if self.config.metrics_address:  # before anything starts: a busy port stops start-up
+            from ossensor_core.ops.metrics import MetricsServer
+
+            metrics = MetricsServer(self, self.config.metrics_address)
+            await metrics.start()
+        hook.ossensor_startup(config=self.config, control=self)
+        await self.transport.start(self)
+        sender = asyncio.create_task(self._send_loop(), name="sender")
+        for interface in self.prepared.selected:
+            self.open_capture(interface)
+        if not self.prepared.selected:
+            log.warning("no interface matches yet; waiting for matching interfaces to appear "
+                        "(NETWORK_DEVICE_ANY=1)")
+        background = [asyncio.create_task(coro, name=name) for coro, name in
+                      ((self._watch(), "watch"), (self._flush_timer(), "flush"),
+                       (self._stats_timer(), "stats"), (keep_status(self), "health"))]
+        if self.config.antigena_enabled and ("antigena", "antigena") not in \
+                self.prepared.plugins.loaded:
+            log.warning("ANTIGENA_ENABLED is true but the antigena plugin is not loaded "
+                        "(OSSENSOR_DISABLE_PLUGINS): no response action will be received")
+        elif self.config.antigena_enabled and not enforcers:
+            log.warning("ANTIGENA_ENABLED is true but no installed plugin enforces response "
+                        "actions: none will be enforced")
+        log.info("sensor %s running: backend %s, transport %s, filter %r", self.config.name,
+                 self.backend.name, self.transport.name, self.prepared.kernel_filter)
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: flushing captures")
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.close_captures(list(self.captures), drain=True)
+            await self._cut()
+            await self.queue.put(None)
+            try:
+                await asyncio.wait_for(sender, SHUTDOWN_GRACE_SECONDS)
+            except TimeoutError:
+                log.error("transport did not finish within %.0f s; %d chunks not delivered",
+                          SHUTDOWN_GRACE_SECONDS, self.queue.qsize())
+            try:
+                await self.transport.aclose()
+            except TransportError as exc:
+                log.error("transport %s did not close cleanly: %s", self.transport.name, exc)
+            if metrics is not None:
+                await metrics.aclose()
+            self.report_stats()
+            log.info("stopped: %d chunks, %d packets handed to transport %s", self.chunks_sent,
+                     self.packets_sent, self.transport.name)
+            hook.ossensor_shutdown(config=self.config)
+
+
+async def run_sensor(prepared: Prepared, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT (or ``stop`` is set), then flush and return."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await Sensor(prepared).run(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,1 @@
+"""Wire formats both ends share: the chunk, pcapng, request signing, Antigena messages."""
