@@ -17,16 +17,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ossensor_core.errors import FilterError
+from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, SNAPLEN
 
 SO_ATTACH_FILTER = 26  # asm-generic/socket.h; Python's socket module does not export it
 BPF_MAXINSNS = 4096  # the kernel refuses longer classic BPF programs (include/uapi/linux/bpf_common.h)
-SNAPLEN = 262144
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 
-# Link types (LINKTYPE_* in pcap/pcapng files, DLT_* in libpcap).
-LINKTYPE_ETHERNET = 1
-LINKTYPE_RAW = 101  # bare IPv4/IPv6 packets: tun, ipip, WireGuard
-LINKTYPE_LINUX_SLL = 113
 
 # libpcap's pcap_open_dead takes a DLT_* value; they equal the LINKTYPE_* values except for a few.
 _LINKTYPE_TO_DLT = {LINKTYPE_RAW: 12}

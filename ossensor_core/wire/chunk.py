@@ -27,6 +27,7 @@ from collections.abc import Callable
 import zstandard
 
 from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.wire.names import CHUNK_MEDIA_TYPE
 from ossensor_core.pipeline.contracts import Chunk, InterfaceCounters
 
 MAGIC = b"OSCK"
@@ -34,7 +35,7 @@ VERSION = 1  # what encode writes by default
 VERSIONS: tuple[int, ...] = (1, 2)  # what this module writes and reads
 CODEC_NONE = 0
 CODEC_ZSTD = 1
-MEDIA_TYPE = "application/vnd.ossensor.chunk.v1"
+MEDIA_TYPE = CHUNK_MEDIA_TYPE
 
 _OUTER = struct.Struct("<4sBBHI")
 _HEAD = struct.Struct("<QQ")

@@ -9,6 +9,7 @@ import struct
 from typing import BinaryIO
 
 from ossensor_core import __version__
+from ossensor_core.wire.names import SNAPLEN
 from ossensor_core.capture.batch import (ETH_P_8021Q, LINKTYPE_ETHERNET, TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
                     TPACKET3_HDR, PacketBatch)
 
@@ -20,7 +21,6 @@ _OPT_END = 0
 _SHB_USERAPPL = 4
 _IF_NAME = 2
 _IF_TSRESOL = 9
-SNAPLEN = 262144
 
 
 def _option(code: int, value: bytes) -> bytes:

@@ -17,30 +17,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
-SCHEME = "OSSENSOR-HMAC-SHA256"
-
-H_SENSOR = "X-Ossensor-Sensor"
-H_TIMESTAMP = "X-Ossensor-Timestamp"
-H_NONCE = "X-Ossensor-Nonce"
-H_CONTENT = "X-Ossensor-Content-SHA256"
-H_CONTENT_BLAKE3 = "X-Ossensor-Content-BLAKE3"
-H_VERSION = "X-Ossensor-Protocol"
-H_INSTANCE = "X-Ossensor-Instance"  # the sending process (random, kept in the spool)
-AUTHORIZATION = "Authorization"
-
-PATH_REGISTER = "/api/v1/register"
-PATH_CHUNKS = "/api/v1/chunks"
-PATH_HEARTBEAT = "/api/v1/heartbeat"
-PATH_ANTIGENA = "/api/v1/antigena/ws"
-
-DEFAULT_SKEW_SECONDS = 300
+from ossensor_core.wire.names import (AUTHORIZATION, BLAKE3, DEFAULT_SKEW_SECONDS, H_CONTENT,
+                                      H_CONTENT_BLAKE3, H_INSTANCE, H_NONCE, H_SENSOR,
+                                      H_TIMESTAMP, H_VERSION, PATH_ANTIGENA, PATH_CHUNKS,
+                                      PATH_HEARTBEAT, PATH_REGISTER, PROTOCOL_VERSIONS, SCHEME,
+                                      SHA256, Reason)
 
 #: Body digests a signature can cover, best first. SHA-256 is what every vSensor takes; BLAKE3
 #: hashes about 2.7 times faster here (3.5 against 1.3 GB/s), which matters for chunk bodies,
 #: and is used once the vSensor lists it in its registration answer (``digests``).
-SHA256 = "sha256"
-BLAKE3 = "blake3"
 DIGESTS: tuple[str, ...] = (BLAKE3, SHA256)
 _DIGEST_HEADERS = {SHA256: H_CONTENT, BLAKE3: H_CONTENT_BLAKE3}
 
@@ -84,7 +69,12 @@ def sign(key: str, method: str, path: str, body: bytes, sensor: str,
 
 
 class AuthError(Exception):
-    """A request failed verification. The message is safe to log: it never holds a key."""
+    """A request failed verification. The message is safe to log: it never holds a key;
+    ``code`` is its :class:`~ossensor_core.wire.names.Reason`, for answers and metrics."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NonceCache:
@@ -131,33 +121,35 @@ def verify(keys: Sequence[str], method: str, path: str, headers: Mapping[str, st
         digest = headers[_DIGEST_HEADERS[algorithm]]
         scheme, _, mac = headers[AUTHORIZATION].partition(" ")
     except KeyError as exc:
-        raise AuthError(f"missing header {exc.args[0]}") from None
+        raise AuthError(Reason.MISSING_HEADER, f"missing header {exc.args[0]}") from None
     if scheme != SCHEME or not mac:
-        raise AuthError("unknown authorization scheme")
+        raise AuthError(Reason.BAD_SCHEME, "unknown authorization scheme")
     if not sensor or len(sensor) > 253:
-        raise AuthError("bad sensor name")
+        raise AuthError(Reason.MISSING_HEADER, "bad sensor name")
     if len(nonce) < 16 or len(nonce) > 128:
-        raise AuthError("bad nonce")
+        raise AuthError(Reason.MISSING_HEADER, "bad nonce")
     try:
         stamp = int(timestamp)
     except ValueError:
-        raise AuthError("bad timestamp") from None
+        raise AuthError(Reason.BAD_TIMESTAMP, "bad timestamp") from None
     if abs(now - stamp) > skew_seconds:
-        raise AuthError(f"timestamp {stamp} is {now - stamp:+.0f} s from the vSensor's clock, "
+        raise AuthError(Reason.CLOCK_SKEW,
+                        f"timestamp {stamp} is {now - stamp:+.0f} s from the vSensor's clock, "
                         f"outside the {skew_seconds:g} s window")
     if algorithm == BLAKE3 and H_CONTENT in headers:
-        raise AuthError("body does not match: two body digest headers")
+        raise AuthError(Reason.BAD_BODY_HASH, "body does not match: two body digest headers")
     if not hmac.compare_digest(content_digest(body, algorithm), digest):
-        raise AuthError(f"body does not match its {_DIGEST_HEADERS[algorithm]} header")
+        raise AuthError(Reason.BAD_BODY_HASH,
+                        f"body does not match its {_DIGEST_HEADERS[algorithm]} header")
     message = canonical(method, path, timestamp, nonce, _content_field(algorithm, digest), sensor)
     for index, key in enumerate(keys):
         expected = hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
         if hmac.compare_digest(expected, mac):
             break
     else:
-        raise AuthError("signature does not match any accepted key")
+        raise AuthError(Reason.BAD_SIGNATURE, "signature does not match any accepted key")
     if not nonces.check_and_add(nonce, now):
-        raise AuthError("nonce already used (replay)")
+        raise AuthError(Reason.REPLAY, "nonce already used (replay)")
     return Verified(sensor, index)
 
 
