@@ -19,11 +19,13 @@ Lifecycle, in call order::
       ossensor_interface_event   a capture opened, closed, went up or down
       ossensor_capture_stats     periodic kernel counters of one interface
       ossensor_chunk_sent        a chunk was accepted by the transport
+      ossensor_metrics           values for /metrics, at each scrape
     ossensor_shutdown         captures closed, transport flushed
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -31,7 +33,7 @@ import pluggy
 if TYPE_CHECKING:
     from ossensor_core.pipeline.config import SensorConfig
     from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent
-    from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureStats, Chunk, ChunkEncoder, PacketFilter,
+    from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureStats, Chunk, ChunkEncoder, MetricSample, PacketFilter,
                             ResponseEnforcer, SensorControl, Transport)
     from ossensor_core.pipeline.settings import SettingsGroup
 
@@ -126,6 +128,14 @@ def ossensor_capture_stats(config: SensorConfig, interface: str, stats: CaptureS
 @hookspec
 def ossensor_chunk_sent(config: SensorConfig, chunk: Chunk) -> None:
     """The transport accepted ``chunk`` (stored or acknowledged)."""
+
+
+@hookspec
+def ossensor_metrics(config: SensorConfig) -> Sequence[MetricSample] | None:
+    """Operations: this plugin's values for ``/metrics``, called at each scrape while
+    ``OSSENSOR_METRICS_ADDRESS`` is set (never per packet). Return
+    :class:`~ossensor_core.pipeline.contracts.MetricSample` values, or None; all results are
+    shown. Must be cheap and do no I/O: it runs on the sensor's event loop."""
 
 
 @hookspec

@@ -42,6 +42,7 @@ from ossensor_core.pipeline.config import SensorConfig, read_core_config
 from ossensor_core.errors import CaptureError, ConfigError
 from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent, InterfaceSelector
 from ossensor_core.pipeline.loading import LoadedPlugins, new_plugin_manager
+from ossensor_core.capture.peer_exclusion import AddressSet
 from ossensor_core.pipeline.contracts import CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder, \
     PacketFilter, Transport
 from ossensor_core.pipeline.startup import _configure, decide, kernel_filter, plugin_settings
@@ -194,7 +195,7 @@ class FakeCaptureBackend:
         return source
 
 
-class RecordingTransport:
+class RecordingTransport(Transport):
     """A :class:`~ossensor_core.pipeline.contracts.Transport` that keeps every chunk in ``chunks``."""
 
     name = "recording"
@@ -230,8 +231,9 @@ class RecordingControl:
     vsensor_filters: list[str] = field(default_factory=list)
     refreshes: int = 0
 
-    def set_vsensor_filter(self, expression: str) -> None:
+    def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
         self.vsensor_filters.append(expression)
+        return ""
 
     def refresh_filters(self) -> None:
         self.refreshes += 1

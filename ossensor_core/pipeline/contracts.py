@@ -1,18 +1,29 @@
 """The small typed interfaces behind which per-batch work happens.
 
 Hooks (``hookspecs.py``) are called at start-up and on events; they return objects that satisfy
-these protocols, and the pipeline calls their methods directly, once per batch or per chunk.
+these contracts, and the pipeline calls their methods directly, once per batch or per chunk.
+
+Every member that anyone reads is declared here. Where a member is optional, the contract is a
+base class that gives it a default (``Transport.refresh`` does nothing, ``Transport.stats``
+reports nothing, ``ResponseEnforcer.prepare`` and ``close`` do nothing): plugins subclass it,
+and nobody probes an object for a member with ``getattr``. Capture sources, backends and
+filters have no optional members and stay structural protocols.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from ossensor_core.capture.batch import PacketBatch
 from ossensor_core.capture.bpf import BpfProgram
 from ossensor_core.node.interfaces import Interface
+from ossensor_core.wire.names import CHUNK_MEDIA_TYPE
+
+if TYPE_CHECKING:
+    from ossensor_core.capture.peer_exclusion import AddressSet
 
 
 @dataclass(frozen=True)
@@ -111,20 +122,21 @@ class Chunk:
         object.__setattr__(self, "record_bytes", sum(len(b.data) for b in self.batches))
 
 
-@runtime_checkable
-class ChunkEncoder(Protocol):
+class ChunkEncoder(ABC):
     """Turns a chunk into bytes for the wire (and back, for the receiving side).
 
-    An encoder that writes several versions of ``ossensor-chunk`` lists them in ``versions``
-    and takes ``encode(chunk, version=n)``; without ``versions`` it is called as
-    ``encode(chunk)`` and taken to write version 1.
+    ``versions`` lists the versions of ``ossensor-chunk`` that ``encode`` can write; the
+    transport asks for the highest one the vSensor also reads.
     """
 
-    media_type: str
+    media_type: str = CHUNK_MEDIA_TYPE
+    versions: tuple[int, ...] = (1,)
 
-    def encode(self, chunk: Chunk) -> bytes:
-        """Serialise and compress a chunk. Pure: no I/O."""
+    @abstractmethod
+    def encode(self, chunk: Chunk, version: int = 1) -> bytes:
+        """Serialise and compress a chunk in format ``version``. Pure: no I/O."""
 
+    @abstractmethod
     def decode(self, payload: bytes) -> Chunk:
         """The inverse of :meth:`encode`; raises ValueError on a malformed payload."""
 
@@ -133,10 +145,13 @@ class ChunkEncoder(Protocol):
 class SensorControl(Protocol):
     """What a transport may ask of the running sensor (given to ``Transport.start``)."""
 
-    def set_vsensor_filter(self, expression: str) -> None:
+    def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
         """AND ``expression`` (the vSensor's filter) into the kernel filter of every capture,
-        now and for captures opened later; swapped in place, nothing lost. An empty expression
-        removes it. Raises FilterError (and changes nothing) when it does not compile or fit."""
+        now and for captures opened later, behind the generated exclusion of ``peers`` (the
+        ranges whose traffic other sensors store); swapped in place, nothing lost. An empty
+        expression removes it. Returns a note for the vSensor: why part of the peer exclusion
+        was left out ("" when all of it is in place). Raises FilterError (and changes nothing)
+        when the filter does not compile or fit."""
 
     def capture_stats(self) -> dict[str, CaptureStats]:
         """Cumulative kernel counters by interface name."""
@@ -150,37 +165,84 @@ class SensorControl(Protocol):
         vSensor."""
 
 
-@runtime_checkable
-class Transport(Protocol):
+@dataclass(frozen=True)
+class TransportStats:
+    """What a transport reports of itself, for metrics and health. ``None``: the transport has
+    no such thing (the file transport neither registers nor spools), and no series is shown."""
+
+    chunks_sent: int | None = None
+    packets_sent: int | None = None
+    bytes_sent: int | None = None
+    chunks_spooled: int | None = None
+    chunks_dropped: int | None = None
+    packets_dropped: int | None = None
+    reregistrations: int | None = None
+    chunk_retries: int | None = None
+    queued_chunks: int | None = None  # now, not cumulative
+    memory_queued_bytes: int | None = None  # now
+    spooled_chunks: int | None = None  # now
+    spooled_bytes: int | None = None  # now
+    #: True while registered with the vSensor; None for a transport that has none to wait for.
+    registered: bool | None = None
+
+
+class Transport(ABC):
     """Stores or ships chunks; one transport is chosen with ``OSSENSOR_TRANSPORT``.
 
     ``send`` must not lose an accepted chunk: it retries or spools, and raises TransportError only
     when it cannot keep the chunk at all. ``aclose`` flushes what is pending.
-
-    Optional: ``refresh()`` (no arguments, not a coroutine): ask the vSensor for its filters at
-    once rather than at the next heartbeat. ``SensorControl.refresh_filters`` calls it when a
-    transport has it (the https transport does; the file transport has no vSensor to ask).
     """
 
     name: str
 
+    @abstractmethod
     async def start(self, control: SensorControl) -> None:
         """Open files or connections; called once before the first chunk. ``control`` lets a
         transport that talks to a vSensor apply the filter it hands out."""
 
+    @abstractmethod
     async def send(self, chunk: Chunk) -> None:
         """Accept one chunk."""
 
+    @abstractmethod
     async def aclose(self) -> None:
         """Flush and close; called once at shutdown."""
 
+    def refresh(self) -> None:
+        """Ask the vSensor for its filters at once rather than at the next heartbeat (not a
+        coroutine). ``SensorControl.refresh_filters`` calls it. Default: nothing to ask."""
 
-@runtime_checkable
-class ResponseEnforcer(Protocol):
+    def stats(self) -> TransportStats:
+        """Counters for metrics and health; called at a scrape or a status write, never per
+        chunk. Default: nothing to report."""
+        return TransportStats()
+
+
+class ResponseEnforcer(ABC):
     """Enforces Antigena response actions on the traffic the sensor sees (the antigena plugin
     calls these, once per batch, for the actions in force)."""
 
     name: str
 
+    @abstractmethod
     def enforce(self, batch: PacketBatch, actions: Sequence[object]) -> int:
         """Act on the packets of ``batch`` that match ``actions``; return how many acted on."""
+
+    def prepare(self) -> None:
+        """Load what enforcing needs (a library, a table); called off the event loop before the
+        first action, and again after a failure. Default: nothing to load."""
+
+    def close(self) -> None:
+        """Release sockets and the like; called once at shutdown. Default: nothing held."""
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One value a plugin contributes to ``/metrics`` (hook ``ossensor_metrics``). ``name`` is
+    the series name without ``_total``; a counter is shown with it."""
+
+    name: str
+    help: str
+    value: float
+    kind: Literal["counter", "gauge"] = "gauge"
+    labels: Mapping[str, str] = field(default_factory=dict)

@@ -123,9 +123,7 @@ class Sensor:
         return self.all_stats()
 
     def refresh_filters(self) -> None:
-        refresh = getattr(self.transport, "refresh", None)
-        if refresh is not None:
-            refresh()
+        self.transport.refresh()
 
     def captured_interfaces(self) -> list[Interface]:
         return [c.source.interface for c in self.captures.values()]

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
 from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.pipeline.contracts import ResponseEnforcer
 from ossensor_core.ops.logsetup import level
 
 from .actions import (TCP_ACK, TCP_RST, TCP_SYN, Action, Segment, first_match,
@@ -79,7 +80,7 @@ def is_host_address(address: str) -> bool:
     return True
 
 
-class ResetEnforcer:
+class ResetEnforcer(ResponseEnforcer):
     """Sends TCP resets for the segments of blocked connections (``name = "reset"``)."""
 
     name = "reset"

@@ -35,7 +35,7 @@ from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.errors import ConfigError, StorageError, TransportError
 from ossensor_core.wire.rotating_pcapng import PART_SUFFIX, RotatingPcapngFiles, safe_name
 from ossensor_core.plugin import hookimpl
-from ossensor_core.pipeline.contracts import SensorControl, Chunk, ChunkEncoder
+from ossensor_core.pipeline.contracts import Chunk, ChunkEncoder, SensorControl, Transport
 from ossensor_core.pipeline.settings import Setting, SettingsGroup
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def check_output_dir(directory: str) -> str | None:
     return None
 
 
-class FileTransport:
+class FileTransport(Transport):
     """Writes chunks to rotated pcapng files, one link type per file.
 
     The files are :class:`~ossensor_core.wire.rotating_pcapng.RotatingPcapngFiles`; this class adds the

@@ -74,7 +74,7 @@ from ossensor_core.plugin import hookimpl
 from ossensor_core.wire.signing import (DIGESTS, H_INSTANCE, H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT,
                                     PATH_REGISTER, PROTOCOL_VERSIONS, SHA256, content_digest,
                                     sign)
-from ossensor_core.pipeline.contracts import Chunk, ChunkEncoder, SensorControl
+from ossensor_core.pipeline.contracts import Chunk, ChunkEncoder, SensorControl, Transport
 from ossensor_core.pipeline.sensor import SHUTDOWN_GRACE_SECONDS
 
 from .bulk import BulkAnswer, BulkConnection, BulkError, client_context
@@ -246,7 +246,7 @@ class _Answer(Exception):
         self.status = status
 
 
-class HttpsTransport:
+class HttpsTransport(Transport):
     """Ships chunks to one vSensor; see the module docstring for the behaviour."""
 
     name = "https"
