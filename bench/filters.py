@@ -15,10 +15,11 @@ import struct
 import time
 from typing import Any
 
-from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.wire.pcapng import epb_parts
 from ossensor_plugins.filter_dedup import Dedup
 from ossensor_plugins.filter_slice import Slice
+
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.wire.pcapng import epb_parts
 
 BATCHES, PER_BATCH, FRAME = 32, 1024, 512
 

@@ -24,8 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.filters import filter_costs
-from bench.testbed import (Capturer, SensorCapturer, TcpdumpCapturer, TestBed, Traffic, dump,
-                           measure, test_bed)
+from bench.testbed import (
+    Capturer,
+    SensorCapturer,
+    TcpdumpCapturer,
+    TestBed,
+    Traffic,
+    dump,
+    measure,
+    test_bed,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

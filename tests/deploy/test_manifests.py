@@ -7,51 +7,26 @@ A missing tool fails under CI (CI=true) and skips elsewhere: scripts/setup.sh in
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from importlib import import_module
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from ossensor_core.pipeline.config import CORE_SETTINGS
-from ossensor_core.pipeline.loading import GROUPS, installed_plugins
-
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-CHART = DEPLOY / "helm" / "ossensor"
-KEY = "Kx9secretHMACkey42"
-#: The variable table of the user guide, plus the capture backend (the issue asks for both).
-GUIDE_VARIABLES = ("VSENSOR_HOSTNAME", "VSENSOR_HMAC_KEY", "VSENSOR_PORT",
-                   "OSSENSOR_NETWORK_DEVICE", "OSSENSOR_CONFIG_PATH", "OSSENSOR_DEBUG",
-                   "ANTIGENA_ENABLED", "ANTIGENA_TIME_PERIOD", "NETWORK_DEVICE_EXCLUDELIST",
-                   "NETWORK_DEVICE_INCLUDELIST", "NETWORK_DEVICE_ANY", "BPF",
-                   "OSSENSOR_CAPTURE_BACKEND")
-#: Set from the pod rather than from a value.
-FROM_POD = {"VSENSOR_HMAC_KEY": "secretKeyRef", "OSSENSOR_NAME": "fieldRef"}
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (bash scripts/setup.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def run(*cmd: str) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def documents(text: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(text) if d]
+from tests.helpers.manifests import (
+    CHART,
+    DEPLOY,
+    FROM_POD,
+    GUIDE_VARIABLES,
+    KEY,
+    code_variables,
+    documents,
+    env_of,
+    helm_template,
+    pods,
+    run,
+    tool,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +34,13 @@ def kustomized() -> str:
     return run(tool("kubectl"), "kustomize", str(DEPLOY / "base"))
 
 
-def helm_template(*values: str) -> str:
-    sets = [arg for value in ("hmac.key=" + KEY, *values) for arg in ("--set-string", value)]
-    return run(tool("helm"), "template", "demo", str(CHART), "--namespace", "ossensor", *sets)
-
-
 @pytest.fixture(scope="module")
 def charted() -> str:
     return helm_template()
+
+
+#: The variable table of the user guide, plus the capture backend (the issue asks for both).
+#: Set from the pod rather than from a value.
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/examples/Dockerfile.plugin"])
@@ -91,16 +65,6 @@ def test_kubernetes_schemas(source, tmp_path, request):
     rendered.write_text(text)
     output = run(tool("kubernetes-validate"), "--strict", str(rendered))
     assert "passed" in output and "error" not in output.lower()
-
-
-def pods(text: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """kind/name -> (workload, pod template) of every workload."""
-    return {f"{d['kind']}/{d['metadata']['name']}": (d, d["spec"]["template"])
-            for d in documents(text) if d["kind"] in ("DaemonSet", "Deployment")}
-
-
-def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {item["name"]: item for item in container.get("env", [])}
 
 
 @pytest.mark.parametrize("source", ["kustomize", "helm"])
@@ -163,26 +127,6 @@ def test_vsensor_spec(source, request):
     volumes = template["spec"]["volumes"]
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") in claims for v in volumes)
     assert "secretKeyRef" in env_of(container)["VSENSOR_HMAC_KEY"]["valueFrom"]
-
-
-def code_variables() -> dict[str, Any]:
-    """Every environment variable the sensor reads, from the code: the core settings and the
-    settings the built-in plugins declare, with their defaults."""
-    found = {s.variable(None): s.default for s in CORE_SETTINGS}
-    for group in GROUPS:
-        for info in installed_plugins(group):
-            if not info.target.startswith("ossensor_plugins."):
-                continue
-            module_name, _, attribute = info.target.partition(":")
-            obj = import_module(module_name)
-            for part in filter(None, attribute.split(".")):
-                obj = getattr(obj, part)
-            declare = getattr(obj, "ossensor_settings", None)
-            if callable(declare):
-                settings_group = declare()
-                for setting in settings_group.settings:
-                    found[setting.variable(settings_group.plugin)] = setting.default
-    return found
 
 
 def test_chart_has_a_value_for_every_guide_variable(charted):

@@ -20,17 +20,24 @@ from pathlib import Path
 
 import pluggy
 import pytest
-
-from ossensor_core.pipeline.config import SensorConfig, read_core_config
-from ossensor_core.errors import ConfigError
-from ossensor_core.pipeline.loading import LoadedPlugins, load_one, new_plugin_manager
-from ossensor_core.plugin import CAPTURE_GROUP
-from ossensor_core.pipeline.contracts import CaptureBackend
-from ossensor_core.pipeline.startup import plugin_settings
 from ossensor_plugins import capture_afpacket
 from ossensor_plugins.capture_afpacket import AfPacketBackend, min_block_size
-from tests.helpers.traffic import (ROOT, SEQ_MAGIC, CaptureProcess, Helper, Tcpdump, run_helper)
+
+from ossensor_core.errors import ConfigError
+from ossensor_core.pipeline.config import SensorConfig, read_core_config
+from ossensor_core.pipeline.contracts import CaptureBackend
+from ossensor_core.pipeline.loading import LoadedPlugins, load_one, new_plugin_manager
+from ossensor_core.pipeline.startup import plugin_settings
+from ossensor_core.plugin import CAPTURE_GROUP
 from tests.helpers.netns import Namespace, veth_pair
+from tests.helpers.traffic import (
+    ROOT,
+    SEQ_MAGIC,
+    CaptureProcess,
+    Helper,
+    Tcpdump,
+    run_helper,
+)
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import TEST_KEY, ossensor
-from tests.e2e.test_sensor import Sensor, sensor_env
-from tests.e2e.test_health import METRICS, scrape
-from tests.helpers.traffic import Tcpdump
-from tests.helpers.netns import Namespace, veth_pair
 from tests.core.test_plugin_loading import make_distribution
+from tests.helpers.cli import TEST_KEY, ossensor
+from tests.helpers.metrics import METRICS, scrape
+from tests.helpers.netns import Namespace, veth_pair
+from tests.helpers.sensor import Sensor, sensor_env
+from tests.helpers.traffic import Tcpdump
 
 VSENSOR_CLI = [sys.executable, "-m", "ossensor_vsensor.cli"]
 TOKEN = "e2e-operator-token"

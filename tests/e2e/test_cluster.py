@@ -29,11 +29,19 @@ import yaml
 from ossensor_core.capture.peer_exclusion import AddressSet
 from ossensor_core.pipeline.settings import parse_bool
 from tests.helpers.cli import TEST_KEY
-from tests.deploy.test_manifests import code_variables, helm_template, pods
-from tests.helpers.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Node, VSensor, nodes, pod,
-                               stored_keys, udp_sender)
-from tests.e2e.test_sensor import Sensor
+from tests.helpers.cluster import (
+    VSENSOR_ADDRESS,
+    VSENSOR_PORT,
+    Node,
+    VSensor,
+    nodes,
+    pod,
+    stored_keys,
+    udp_sender,
+)
+from tests.helpers.manifests import code_variables, helm_template, pods
 from tests.helpers.netns import Namespace, needs_netns
+from tests.helpers.sensor import Sensor
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONSET = REPO / "deploy" / "base" / "sensor-daemonset.yaml"

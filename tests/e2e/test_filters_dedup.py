@@ -14,13 +14,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
-from ossensor_core.testing import FakeCaptureSource, build_pipeline, fake_interface, \
-    read_capture_file
 from ossensor_plugins import filter_dedup
-from tests.e2e.test_sensor import SENDER, Sensor, numbered, sensor_env
-from tests.helpers.netns import Namespace, have_netns, namespaces, run, unique
+
+from ossensor_core.testing import (
+    FakeCaptureSource,
+    build_pipeline,
+    fake_interface,
+    read_capture_file,
+)
 from tests.core.test_testing_kit import cost_per_packet, udp6_frame, udp_frame
+from tests.helpers.netns import Namespace, have_netns, namespaces, run, unique
+from tests.helpers.sensor import SENDER, Sensor, numbered, sensor_env
 
 START = 1_700_000_000_000_000_000
 ROUTER_MAC = b"\x02\x00\x00\x00\x00\xfe"

@@ -12,34 +12,9 @@ import time
 from pathlib import Path
 
 from tests.helpers.cli import TEST_KEY, ossensor
-from tests.e2e.test_sensor import SENDER, Sensor, sensor_env
-from tests.helpers.netns import Namespace, veth_pair
-
-METRICS = "127.0.0.1:9853"
-SCRAPE = r"""
-import sys, urllib.request
-print(urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode())
-"""
-
-
-def scrape(ns: Namespace) -> dict[str, float]:
-    """Sample name with labels -> value, scraped from inside ``ns``."""
-    text = ns.exec(sys.executable, "-c", SCRAPE, METRICS).stdout
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def wait_until(check, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.2)
+from tests.helpers.metrics import METRICS, scrape, wait_until
+from tests.helpers.netns import veth_pair
+from tests.helpers.sensor import SENDER, Sensor, sensor_env
 
 
 def test_health_and_metrics_of_a_running_sensor(netns_pair, base_env, tmp_path: Path):
@@ -136,7 +111,7 @@ def test_readiness_waits_for_registration_and_metrics_show_the_vsensor(netns_pai
                                                                        tmp_path: Path):
     """With the https transport, ready means registered; the transport's and Antigena's
     counters appear in the metrics."""
-    from tests.e2e.test_sensor_vsensor import VSensor
+    from tests.helpers.vsensor_process import VSensor
 
     tx, rx = netns_pair
     with veth_pair(tx, rx):

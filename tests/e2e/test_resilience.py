@@ -10,9 +10,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.helpers.cluster import Cluster, VSensor, start_sensor, stored_keys, two_nodes, udp_sender
-from tests.e2e.test_sensor import Sensor
+from tests.helpers.cluster import (
+    Cluster,
+    VSensor,
+    start_sensor,
+    stored_keys,
+    two_nodes,
+    udp_sender,
+)
 from tests.helpers.netns import needs_netns
+from tests.helpers.sensor import Sensor
 
 
 def numbered(keys: Counter, port: int) -> Counter:

@@ -11,10 +11,20 @@ import json
 import sys
 import time
 
-from tests.helpers.cluster import (VSENSOR_ADDRESS, VSENSOR_PORT, Cluster, VSensor, start_sensor,
-                               stopping, stored_keys, tcp_payload_bytes, two_nodes, udp_sender)
-from tests.helpers.traffic import Helper, run_helper
+from tests.helpers.cluster import (
+    VSENSOR_ADDRESS,
+    VSENSOR_PORT,
+    Cluster,
+    VSensor,
+    start_sensor,
+    stopping,
+    stored_keys,
+    tcp_payload_bytes,
+    two_nodes,
+    udp_sender,
+)
 from tests.helpers.netns import needs_netns
+from tests.helpers.traffic import Helper, run_helper
 
 #: The other node's addresses and pod ranges, IPv4 and IPv6.
 EXCLUSION = r"behind the peer exclusion \(2 IPv4 and 2 IPv6"

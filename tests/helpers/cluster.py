@@ -33,10 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.test_sensor import Sensor, sensor_env
-from tests.e2e.test_sensor_vsensor import VSENSOR
-from tests.e2e.test_sensor_vsensor import VSensor as LoopbackVSensor
 from tests.helpers.netns import Namespace, namespaces, run, unique, veth_pair
+from tests.helpers.sensor import Sensor, sensor_env
+from tests.helpers.vsensor_process import VSENSOR
+from tests.helpers.vsensor_process import VSensor as LoopbackVSensor
 
 VSENSOR_ADDRESS = "192.0.2.254"
 VSENSOR_PORT = 8443

@@ -62,11 +62,12 @@ def parse_sizes(spec: str) -> list[int]:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     """Capture with the afpacket backend until told to stop, then write pcapng and counters."""
+    from ossensor_plugins.capture_afpacket import AfPacketBackend
+
     from ossensor_core.capture.batch import TP_STATUS_VLAN_VALID
     from ossensor_core.capture.bpf import compile_filter
     from ossensor_core.node.interfaces import list_interfaces
     from ossensor_core.wire.pcapng import PcapngWriter
-    from ossensor_plugins.capture_afpacket import AfPacketBackend
 
     interfaces = {i.name: i for i in list_interfaces()}
     interface = interfaces[args.interface]

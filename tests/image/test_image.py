@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import TEST_KEY
-from tests.e2e.test_sensor import SENDER, numbered
-from tests.e2e.test_sensor_vsensor import VSensor
+from tests.helpers.sensor import SENDER, numbered
+from tests.helpers.vsensor_process import VSensor
 from tests.helpers.netns import Namespace, unique, veth_pair
 
 # Only under `make test-image` (it sets this): the build takes minutes, too long for `make test`.

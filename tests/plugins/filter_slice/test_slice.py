@@ -16,7 +16,7 @@ from ossensor_core.errors import ConfigError
 from ossensor_core.testing import FakeCaptureSource, build_pipeline, read_capture_file
 from ossensor_plugins import filter_slice
 from tests.helpers.cli import ossensor
-from tests.e2e.test_sensor import SENDER, Sensor, numbered, sensor_env
+from tests.helpers.sensor import SENDER, Sensor, numbered, sensor_env
 from tests.helpers.netns import veth_pair
 from tests.core.test_testing_kit import cost_per_packet, udp6_frame, udp_frame
 

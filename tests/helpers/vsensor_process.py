@@ -1,0 +1,43 @@
+"""The reference vSensor as a process in a test namespace."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers.netns import Namespace
+
+VSENSOR = [sys.executable, "-m", "ossensor_vsensor.cli"]
+
+
+class VSensor:
+    def __init__(self, ns: Namespace, data: Path, key: str, port: int = 8443) -> None:
+        self.data = data
+        self.log = data.parent / "vsensor.log"
+        self.proc = ns.popen(*VSENSOR, "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
+                             "--heartbeat-seconds", "1", "--rotate-seconds", "600",
+                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "VSENSOR_HMAC_KEY": key},
+                             stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        deadline = time.monotonic() + 20
+        while not (match := re.search(r"fingerprint: ([0-9A-Fa-f:]+)", self.log.read_text())):
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.1)
+        self.fingerprint = match.group(1)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=15)
+
+    def packets(self, sensor: str) -> list[bytes]:
+        from scapy.utils import PcapNgReader
+
+        found = []
+        for path in sorted((self.data / sensor).glob("*.pcapng")):
+            with PcapNgReader(str(path)) as reader:
+                found += [bytes(p) for p in reader]
+        return found
+
