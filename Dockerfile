@@ -37,7 +37,7 @@ LABEL org.opencontainers.image.title="ossensor" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE}"
-# libpcap compiles the BPF filters (ossensor_core/bpf.py loads it with ctypes).
+# libpcap compiles the BPF filters (ossensor_core/capture/bpf.py loads it with ctypes).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 libpcap0.8 ca-certificates \

@@ -31,7 +31,7 @@ def test_routes_are_read_again_only_after_they_changed(netns_pair):
     tx, rx = netns_pair
     with veth_pair(tx, rx, tx_addr="192.0.2.1/24", rx_addr="192.0.2.2/24"):
         result = json.loads(tx.exec(sys.executable, "-c", SCRIPT).stdout)
-    # A veth route without a gateway is a workload range (ossensor_core/workloads.py); the
+    # A veth route without a gateway is a workload range (ossensor_core/node/workloads.py); the
     # veth's own subnet is one too, since tx0 carries no default route.
     assert result["seen"][:3] == [["192.0.2.0/24"]] * 3
     assert result["seen"][3:5] == [["192.0.2.0/24", "198.51.100.64/28"]] * 2

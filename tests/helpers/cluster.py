@@ -9,7 +9,7 @@ Layout (every address is a documentation address; all of it lives in namespaces 
           2001:db8:1::2/64                2001:db8::2
 
 Each node routes its own pod range to ``pv0`` (a veth: a workload range by the rule of
-``ossensor_core/workloads.py``), the other node's pod range via the other node, and everything
+``ossensor_core/node/workloads.py``), the other node's pod range via the other node, and everything
 else via the bridge (its default route: the uplink). Pod B's range is *lower* than pod A's, so
 pod-to-pod flows belong to node B's sensor and node-to-node flows to node A's (the lower-address
 rule of ``docs/protocol.md``). The sensors capture ``up0`` only, where all traffic between the
