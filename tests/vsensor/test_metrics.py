@@ -91,10 +91,10 @@ def test_metrics_of_a_fresh_vsensor_keep_their_families(tmp_path, tls) -> None:
 
 def _record() -> None:
     """Scrape both scenarios and write them to ``data/`` (run from the repository root)."""
+    import ssl
     import tempfile
 
     import trustme
-    import ssl
 
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")

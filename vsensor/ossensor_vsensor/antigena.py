@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
 import html
 import ipaddress
 import json
@@ -38,6 +37,8 @@ from aiohttp import WSMsgType, web
 from ossensor_core.wire.antigena import ActionCounts, IPNetwork
 from ossensor_core.wire.antigena import BlockAction as Action
 from ossensor_core.wire.signing import PATH_ANTIGENA
+
+from .auth import bearer_token_matches
 
 if TYPE_CHECKING:
     from .app import VSensor
@@ -187,9 +188,7 @@ class AntigenaHub:
                 text=json.dumps({"error": f"the Antigena operator API is disabled: start the "
                                           f"vSensor with {ADMIN_TOKEN_VARIABLE} set"}),
                 content_type="application/json")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 token.encode()):
+        if not bearer_token_matches(request, token):
             log.warning("refused Antigena operator request %s %s from %s: no valid admin token",
                         request.method, request.path, request.remote)
             raise web.HTTPUnauthorized(
@@ -312,7 +311,6 @@ ANTIGENA = web.AppKey("antigena", AntigenaHub)
 def setup(app: web.Application, vsensor: VSensor) -> AntigenaHub:
     """Add Antigena's routes to the vSensor application."""
     hub = app[ANTIGENA] = AntigenaHub(vsensor)
-    vsensor.antigena = hub
     app.router.add_get(PATH_ANTIGENA, hub.websocket)
     app.router.add_post(PATH_ACTIONS, hub.block)
     app.router.add_get(PATH_ACTIONS, hub.list_actions)

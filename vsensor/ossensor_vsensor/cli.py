@@ -26,7 +26,8 @@ from aiohttp import web
 from ossensor_core.ops.memory import keep_buffers_mapped
 
 from . import __version__
-from .app import VSensorSettings, create_app
+from .app import create_app
+from .settings import VSensorSettings
 from .tls import certificate_fingerprint, ensure_self_signed, server_context
 
 log = logging.getLogger("ossensor_vsensor")
