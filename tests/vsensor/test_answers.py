@@ -7,8 +7,8 @@ import asyncio
 import json
 import time
 
+from ossensor_core.wire.names import H_SERVER_TIME, REASON_CODES
 from ossensor_core.wire.signing import PATH_CHUNKS, PATH_HEARTBEAT, sign
-from ossensor_vsensor.app import H_SERVER_TIME, REASON_CODES
 from tests.helpers.vsensor import KEY, SENSOR, make_chunk, running, settings, stored_files
 
 

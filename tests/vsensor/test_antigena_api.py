@@ -13,8 +13,8 @@ import time
 import aiohttp
 import trustme
 
+from ossensor_core.wire.names import PATH_ACTIONS
 from ossensor_core.wire.signing import H_VERSION, PATH_ANTIGENA, sign
-from ossensor_vsensor.antigena import PATH_ACTIONS
 from tests.helpers.vsensor import KEY, SENSOR, running, settings
 
 TOKEN = "operator-token-7f3a"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ossensor_vsensor.app import VSensorSettings
+from ossensor_vsensor.settings import VSensorSettings
 from ossensor_vsensor.store import enforce_retention
 from tests.helpers.vsensor import KEY, SENSOR, make_chunk, running, settings, stored_files
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
 import html
 import ipaddress
 import json
@@ -37,14 +36,15 @@ from aiohttp import WSMsgType, web
 
 from ossensor_core.wire.antigena import ActionCounts, IPNetwork
 from ossensor_core.wire.antigena import BlockAction as Action
-from ossensor_core.wire.signing import PATH_ANTIGENA
+from ossensor_core.wire.names import PATH_ACTIONS, PATH_ANTIGENA
+
+from .auth import bearer_token_matches
 
 if TYPE_CHECKING:
     from .app import VSensor
 
 log = logging.getLogger("ossensor_vsensor.antigena")
 
-PATH_ACTIONS = "/api/v1/antigena/actions"
 MAX_DURATION_SECONDS = 30 * 86400
 ADMIN_TOKEN_VARIABLE = "VSENSOR_ADMIN_TOKEN"
 #: Sensors whose registration lists this act on a ``{"type": "filters"}`` message.
@@ -187,9 +187,7 @@ class AntigenaHub:
                 text=json.dumps({"error": f"the Antigena operator API is disabled: start the "
                                           f"vSensor with {ADMIN_TOKEN_VARIABLE} set"}),
                 content_type="application/json")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 token.encode()):
+        if not bearer_token_matches(request, token):
             log.warning("refused Antigena operator request %s %s from %s: no valid admin token",
                         request.method, request.path, request.remote)
             raise web.HTTPUnauthorized(
@@ -312,7 +310,6 @@ ANTIGENA = web.AppKey("antigena", AntigenaHub)
 def setup(app: web.Application, vsensor: VSensor) -> AntigenaHub:
     """Add Antigena's routes to the vSensor application."""
     hub = app[ANTIGENA] = AntigenaHub(vsensor)
-    vsensor.antigena = hub
     app.router.add_get(PATH_ANTIGENA, hub.websocket)
     app.router.add_post(PATH_ACTIONS, hub.block)
     app.router.add_get(PATH_ACTIONS, hub.list_actions)
@@ -398,7 +395,8 @@ def _request(url: str, method: str, token: str, context: ssl.SSLContext,
             reason = exc.reason
         raise OperatorError(f"the vSensor refused ({exc.code}): {reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+        # URLError wraps what urlopen met on connecting; an SSLError while reading names it too.
+        reason = exc.reason if isinstance(exc, (urllib.error.URLError, ssl.SSLError)) else exc
         raise OperatorError(f"cannot reach the vSensor at {url}: {reason}") from None
 
 
@@ -415,7 +413,7 @@ def run_cli(argv: Sequence[str], environ: dict[str, str]) -> int:
             context = ssl.create_default_context(cafile=args.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise OperatorError(f"--ca-file {args.ca_file!r}: cannot load it "
-                                f"({getattr(exc, 'strerror', None) or exc})") from None
+                                f"({exc.strerror or exc})") from None
         base = args.url.rstrip("/") + PATH_ACTIONS
         if args.command == "block":
             body = {k: v for k, v in (("src", args.src), ("dst", args.dst),

@@ -26,7 +26,8 @@ from aiohttp import web
 from ossensor_core.ops.memory import keep_buffers_mapped
 
 from . import __version__
-from .app import VSensorSettings, create_app
+from .app import create_app
+from .settings import VSensorSettings
 from .tls import certificate_fingerprint, ensure_self_signed, server_context
 
 log = logging.getLogger("ossensor_vsensor")
@@ -112,7 +113,7 @@ def load_keys(environ: dict[str, str], key_files: Sequence[Path]) -> list[str]:
         try:
             text = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            reason = (isinstance(exc, OSError) and exc.strerror) or type(exc).__name__
             raise UsageError(f"--hmac-key-file {str(path)!r}: cannot read it ({reason})") from None
         found = [line.strip() for line in text.splitlines() if line.strip()]
         if not found:
@@ -160,8 +161,9 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         context = server_context(cert_file, key_file)
         fp = certificate_fingerprint(cert_file)
     except (OSError, ValueError) as exc:
+        reason = (isinstance(exc, OSError) and exc.strerror) or exc
         raise UsageError(f"--tls-cert {str(cert_file)!r} / --tls-key {str(key_file)!r}: "
-                         f"cannot load ({getattr(exc, 'strerror', None) or exc})") from None
+                         f"cannot load ({reason})") from None
     log.info("TLS certificate SHA-256 fingerprint: %s", fp)
     settings = VSensorSettings(
         data_dir=data_dir, keys=keys, admin_token=environ.get(ADMIN_TOKEN_VARIABLE) or None,

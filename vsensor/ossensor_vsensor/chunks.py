@@ -1,0 +1,139 @@
+"""``POST /api/v1/chunks``: a sensor's captured packets, verified, decoded and stored once.
+
+A chunk is checked against its request (sensor, sequence, instance) before anything is kept; a
+retry of a stored sequence is answered as a duplicate, so a sensor can resend whatever it is
+unsure of. ``X-Ossensor-Test: 1`` (``ossensor diagnose``) checks the whole path and stores
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+
+from aiohttp import web
+
+from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import ChunkCodec
+from ossensor_core.wire.names import H_CHUNK_SEQUENCE, H_INSTANCE, H_TEST
+
+from .answers import error_answer
+from .auth import Authenticator
+from .metrics import Metrics
+from .registry import SensorRegistry, SensorState
+from .store import StoreError
+from .stores import SensorStores, ShuttingDown
+
+log = logging.getLogger("ossensor_vsensor")
+
+RETRY_AFTER_SECONDS = 5
+
+
+class ChunkReceiver:
+    """Takes chunks from sensors into their stores, counting what happened to each."""
+
+    def __init__(self, registry: SensorRegistry, auth: Authenticator, stores: SensorStores,
+                 metrics: Metrics) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.stores = stores
+        self.metrics = metrics
+        self.codec = ChunkCodec()
+
+    async def receive(self, request: web.Request) -> web.Response:
+        verified, body = await self.auth.authenticate(request)
+        sensor = verified.sensor
+        test = request.headers.get(H_TEST, "").strip() == "1"
+        # A test chunk (``ossensor diagnose``) is verified and decoded, never stored: it needs
+        # no registration, so a diagnosis works without disturbing a running sensor.
+        if not test:
+            refused = self.auth.refuse_unless_holder(sensor, request)
+            if refused is not None:
+                return refused
+        try:
+            sequence = int(request.headers[H_CHUNK_SEQUENCE])
+        except (KeyError, ValueError):
+            self.metrics.chunks["malformed"] += 1
+            return error_answer(400, f"missing or bad {H_CHUNK_SEQUENCE} header")
+        try:
+            # Decompressing and parsing a large chunk takes a while: off the event loop.
+            chunk = await asyncio.to_thread(self.codec.decode, body)
+        except ValueError as exc:
+            self.metrics.chunks["malformed"] += 1
+            log.warning("malformed chunk %d from %r: %s", sequence, sensor, exc)
+            return error_answer(400, str(exc))
+        if chunk.sensor != sensor:
+            self.metrics.chunks["malformed"] += 1
+            log.warning("chunk %d from %r names sensor %r", sequence, sensor, chunk.sensor)
+            return error_answer(400, f"the chunk belongs to sensor {chunk.sensor!r}, "
+                                     f"not {sensor!r}")
+        if chunk.sequence != sequence:
+            self.metrics.chunks["malformed"] += 1
+            return error_answer(400, f"{H_CHUNK_SEQUENCE} {sequence} differs from the chunk's "
+                                     f"sequence {chunk.sequence}")
+        # The body's instance (v2) is covered by the signature; the header, on which
+        # name_in_use decided, is not. A chunk whose two disagree is refused.
+        header_instance = request.headers.get(H_INSTANCE, "")
+        if chunk.instance and chunk.instance != header_instance:
+            self.metrics.chunks["malformed"] += 1
+            log.warning("chunk %d from %r names instance %r, the request %r", sequence, sensor,
+                        chunk.instance[:64], header_instance[:64])
+            return error_answer(400, f"the chunk belongs to instance {chunk.instance[:64]!r}, "
+                                     f"not {header_instance[:64]!r} ({H_INSTANCE})")
+        if test:
+            # A sensor checking the whole path (key, clock, TLS, chunk format) before it
+            # captures: nothing is stored and the sequence is not remembered.
+            self.metrics.chunks["test"] += 1
+            log.info("test chunk %d from %r: %d packets verified, not stored", sequence, sensor,
+                     chunk.packets)
+            return web.json_response({"test": True, "packets": chunk.packets})
+        state = self.registry.sensors[sensor]
+        note_kernel_counters(state, chunk)
+        # Shielded: should the client go away mid-write, the chunk is still stored and its
+        # sequence remembered, so the sensor's retry is answered as a duplicate.
+        return await asyncio.shield(self._store(state, chunk))
+
+    async def _store(self, state: SensorState, chunk: Chunk) -> web.Response:
+        try:
+            added = await self.stores.write(state.name, chunk)
+        except ShuttingDown:
+            return error_answer(503, "the vSensor is shutting down",
+                                **{"Retry-After": str(RETRY_AFTER_SECONDS)})
+        except StoreError as exc:
+            self.metrics.chunks["failed"] += 1
+            log.error("%s (%s); answering 507", exc,
+                      errno.errorcode.get(exc.errno or 0, "no errno"))
+            return error_answer(507, f"the vSensor cannot store chunks now: "
+                                     f"{_short_reason(exc.errno)}",
+                                **{"Retry-After": str(RETRY_AFTER_SECONDS)})
+        if added is None:
+            state.duplicates += 1
+            self.metrics.chunks["duplicate"] += 1
+            return web.json_response({"duplicate": True})
+        state.packets += chunk.packets
+        state.bytes += added
+        state.chunks += 1
+        self.metrics.chunks["stored"] += 1
+        self.metrics.packets += chunk.packets
+        self.metrics.bytes += added
+        return web.json_response({"stored": chunk.packets})
+
+
+def note_kernel_counters(state: SensorState, chunk: Chunk) -> None:
+    """Kernel counters from a v2 chunk's interface table. They only move forward: a chunk
+    that waited in a spool carries older counters than the last heartbeat, which stays
+    authoritative (it also resets them when a capture was reopened)."""
+    for row in chunk.interfaces:
+        known = state.kernel.get(row.name)
+        if known is None or (row.packets >= known.get("packets", 0)
+                             and row.drops >= known.get("drops", 0)):
+            state.kernel[row.name] = {"packets": row.packets, "drops": row.drops}
+
+
+def _short_reason(code: int | None) -> str:
+    return {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "data folder not writable", errno.EPERM: "data folder not writable",
+            errno.EROFS: "data folder is read-only",
+            errno.EEXIST: "data folder not usable",
+            errno.ENOTDIR: "data folder not usable"}.get(code or 0, "storage error")

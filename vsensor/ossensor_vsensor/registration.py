@@ -1,0 +1,157 @@
+"""``POST /api/v1/register`` and ``POST /api/v1/heartbeat``: a sensor joins and stays known.
+
+Registration tells the vSensor what a sensor claims (addresses, workload ranges) and which
+features it has; the answer carries the negotiated protocol version and the sensor's filter.
+Heartbeats carry kernel counters and get the filter again (or only its id, when unchanged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ossensor_core.wire.chunk import VERSIONS as CHUNK_VERSIONS
+from ossensor_core.wire.names import PROTOCOL_VERSIONS
+from ossensor_core.wire.signing import DIGESTS, negotiate
+
+from . import antigena
+from .answers import error_answer
+from .auth import Authenticator
+from .filters import claimed_set, parse_address, self_expression
+from .registry import SensorRegistry
+from .sensor_filters import SensorFilters
+from .settings import VSensorSettings
+
+log = logging.getLogger("ossensor_vsensor")
+
+
+class Registrar:
+    """Registers sensors and takes their heartbeats."""
+
+    def __init__(self, settings: VSensorSettings, registry: SensorRegistry,
+                 auth: Authenticator, filters: SensorFilters) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.auth = auth
+        self.filters = filters
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def register(self, request: web.Request) -> web.Response:
+        verified, body = await self.auth.authenticate(request)
+        sensor = verified.sensor
+        try:
+            message = json.loads(body)
+            if not isinstance(message, dict):
+                raise ValueError("not a JSON object")
+            if message.get("sensor", sensor) != sensor:
+                raise ValueError(f"sensor {message.get('sensor')!r} in the body is not the "
+                                 f"authenticated sensor {sensor!r}")
+            offered = [int(v) for v in message.get("versions", [])]
+            addresses = [str(a) for a in message.get("addresses", [])]
+            for address in addresses:
+                parse_address(address)
+            interfaces = [str(i) for i in message.get("interfaces", [])]
+            software = str(message.get("software", ""))[:200]
+            workloads = [str(w) for w in message.get("workloads", [])]
+            primary = message.get("primary_address")
+            claim = claimed_set(addresses + ([str(primary)] if primary else []), workloads)
+            features = frozenset(str(f) for f in message.get("features", []))
+        except (ValueError, TypeError) as exc:
+            return error_answer(400, f"bad registration: {exc}")
+        version = negotiate(offered)
+        if version is None:
+            log.warning("sensor %r speaks protocol versions %s, this vSensor %s",
+                        sensor, offered, list(PROTOCOL_VERSIONS))
+            return web.json_response({"supported": list(PROTOCOL_VERSIONS)}, status=426)
+        instance = str(message.get("instance", ""))[:64]
+        if message.get("probe") is True:
+            return self._probe_answer(sensor, instance, version, request)
+        refused = self.auth.refuse_name_in_use(sensor, instance, request)
+        if refused is not None:
+            return refused
+        state = self.registry.state(sensor)
+        state.instance = instance
+        state.version, state.software = version, software
+        state.addresses, state.interfaces = addresses, interfaces
+        if claim != state.claim or state.registered is None:
+            self.filters.claims_changed()
+            # The others' filters change: tell them now (over Antigena's websocket).
+            hub = request.app[antigena.ANTIGENA]
+            task = asyncio.get_running_loop().create_task(hub.filters_changed(sensor))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        state.workloads, state.claim, state.features = workloads, claim, features
+        state.registered = self.settings.now()
+        filter_fields = await self.filters.filter_for(sensor, request)
+        log.info("sensor %r registered from %s (protocol %d, %s, addresses %s, workloads %s)",
+                 sensor, request.remote, version, software, addresses, workloads)
+        direct = self.settings.direct
+        extra = {"direct": {"host": direct[0], "port": direct[1]}} if direct else {}
+        return web.json_response({"version": version, **filter_fields, **extra,
+                                  "digests": list(DIGESTS),
+                                  "chunk_versions": list(CHUNK_VERSIONS),
+                                  "heartbeat_seconds": self.settings.heartbeat_seconds,
+                                  "server_time": self.settings.now()})
+
+    def _probe_answer(self, sensor: str, instance: str, version: int,
+                      request: web.Request) -> web.Response:
+        """A registration marked ``"probe": true`` (``ossensor diagnose``): verified and
+        answered, nothing recorded, so a diagnosis never disturbs a running sensor."""
+        local, ports = self.filters.own_endpoint(request)
+        state = self.registry.get(sensor)
+        live = bool(state and state.registered
+                    and self.registry.held_by_another(state, instance))
+        log.info("registration probe for %r from %s (protocol %d)", sensor, request.remote,
+                 version)
+        return web.json_response({
+            "version": version, "probe": True, "name_in_use": live,
+            "filter": self_expression(local[0], ports) if local else "",
+            "digests": list(DIGESTS), "heartbeat_seconds": self.settings.heartbeat_seconds,
+            "server_time": self.settings.now()})
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        verified, body = await self.auth.authenticate(request)
+        sensor = verified.sensor
+        refused = self.auth.refuse_unless_holder(sensor, request)
+        if refused is not None:
+            return refused
+        try:
+            message = json.loads(body) if body else {}
+            if not isinstance(message, dict):
+                raise ValueError("'interfaces' is not an object")
+            kernel = _kernel_counters(message.get("interfaces", {}))
+            known_id = message.get("peer_ranges_id")
+            note = str(message.get("filter_note") or "")[:500]
+        except (ValueError, TypeError) as exc:
+            return error_answer(400, f"bad heartbeat: {exc}")
+        state = self.registry.sensors[sensor]
+        state.kernel = kernel
+        if message.get("leaving") is True:
+            # A sensor stopping cleanly: its name is free for the next instance at once.
+            log.info("sensor %r (instance %s) is stopping", sensor, state.instance[:12])
+            state.last_seen = None
+            state.instance = ""
+            return web.json_response({})
+        if note != state.filter_note:
+            state.filter_note = note
+            if note:
+                log.warning("sensor %r reports about its filter: %s", sensor, note)
+        return web.json_response(await self.filters.filter_for(
+            sensor, request, known_id if isinstance(known_id, str) else None))
+
+
+def _kernel_counters(interfaces: Any) -> dict[str, dict[str, int]]:
+    """A heartbeat's ``interfaces`` object: name -> kernel packet and drop counters."""
+    if not isinstance(interfaces, dict):
+        raise ValueError("'interfaces' is not an object")
+    counters = {}
+    for name, values in interfaces.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"interface {str(name)[:64]!r}: not an object")
+        counters[str(name)] = {"packets": int(values.get("packets", 0)),
+                               "drops": int(values.get("drops", 0))}
+    return counters

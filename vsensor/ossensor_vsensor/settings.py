@@ -1,0 +1,66 @@
+"""What a vSensor is told at start: parsed once (by the CLI or a test), frozen, never a key shown."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ossensor_core.wire.names import DEFAULT_SKEW_SECONDS
+
+CLIENT_MAX_SIZE = 64 << 20  # larger bodies get 413 before they are read
+
+
+@dataclass(frozen=True)
+class VSensorSettings:
+    """Everything the application needs; parsed once (by the CLI or a test)."""
+
+    data_dir: Path
+    keys: Sequence[str]
+    admin_token: str | None = None
+    skew_seconds: float = float(DEFAULT_SKEW_SECONDS)
+    rotate_bytes: int = 100 << 20
+    rotate_seconds: float = 300.0
+    heartbeat_seconds: float = 10.0
+    #: Ports sensors connect to (behind NAT or a load balancer these differ from the port this
+    #: process listens on, which is excluded as well).
+    vsensor_ports: Sequence[int] = (443,)
+    #: Added to time.time(): lets tests shift the vSensor's clock.
+    clock_offset: float = 0.0
+    client_max_size: int = CLIENT_MAX_SIZE
+    #: Delete completed files older than this (None: keep them).
+    retain_seconds: float | None = None
+    #: Keep the completed files of all sensors together under this size, oldest deleted first
+    #: (None: no limit).
+    retain_bytes: int | None = None
+    #: How often retention runs (it also runs after every completed file).
+    retention_interval: float = 10.0
+    #: ``(host, port)`` that sensors should use once registered, when they register through a
+    #: load balancer in front of several vSensors (None: keep the address they used).
+    direct: tuple[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "keys", tuple(self.keys))
+        object.__setattr__(self, "vsensor_ports", tuple(int(p) for p in self.vsensor_ports))
+        if not self.keys or not all(self.keys):
+            raise ValueError("VSensorSettings needs at least one non-empty HMAC key")
+        for name, value in (("retain_seconds", self.retain_seconds),
+                            ("retain_bytes", self.retain_bytes)):
+            if value is not None and value <= 0:
+                raise ValueError(f"VSensorSettings.{name} must be positive, not {value}")
+        if self.retention_interval <= 0:
+            raise ValueError("VSensorSettings.retention_interval must be positive")
+
+    def now(self) -> float:
+        """The vSensor's clock (Unix time, shifted by ``clock_offset``): every timestamp it
+        checks, answers or shows comes from here."""
+        return time.time() + self.clock_offset
+
+    def __repr__(self) -> str:  # never show keys or the admin token
+        return (f"VSensorSettings(data_dir={str(self.data_dir)!r}, keys=<{len(self.keys)}>, "
+                f"admin_token={'<set>' if self.admin_token else None}, "
+                f"skew_seconds={self.skew_seconds}, rotate_bytes={self.rotate_bytes}, "
+                f"rotate_seconds={self.rotate_seconds}, vsensor_ports={self.vsensor_ports}, "
+                f"retain_seconds={self.retain_seconds}, retain_bytes={self.retain_bytes})")
