@@ -57,6 +57,7 @@ from pathlib import Path
 from ossensor_core.client import (ENV_CA_FILE, ENV_FINGERPRINT, INSTANCE_FILE, VSensorTls,
                                   normalise_fingerprint, tls_setting)
 from ossensor_core.errors import ConfigError
+from ossensor_core.ops.diagnose import Check, Context
 from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.pipeline.contracts import ChunkEncoder
 from ossensor_core.pipeline.sensor import SHUTDOWN_GRACE_SECONDS
@@ -64,6 +65,7 @@ from ossensor_core.pipeline.settings import Setting, SettingsGroup
 from ossensor_core.plugin import hookimpl
 
 from .answers import Backoff
+from .diagnose import vsensor_checks
 from .transport import HttpsTransport
 
 __all__ = ["INSTANCE_FILE", "SHUTDOWN_GRACE_SECONDS", "Backoff", "HttpsTransport",
@@ -134,3 +136,9 @@ def ossensor_transport(config: SensorConfig, encoder: ChunkEncoder) -> HttpsTran
         spool_dir=settings.spool_dir, spool_bytes=settings.spool_max_bytes,
         memory_chunks=settings.memory_chunks, memory_bytes=settings.memory_bytes,
         timeout_seconds=settings.timeout_seconds, grace_seconds=settings.shutdown_grace)
+
+
+@hookimpl
+def ossensor_diagnose(config: SensorConfig, context: Context) -> list[Check]:
+    """The path to the vSensor, step by step (``diagnose.py``)."""
+    return vsensor_checks(config, context)
