@@ -19,7 +19,7 @@ from typing import Any
 from ossensor_core.client import AiohttpTls, VSensorTls
 from ossensor_core.errors import ConfigError, TransportError
 from ossensor_core.pipeline.config import SensorConfig
-from ossensor_core.pipeline.contracts import MetricSample  # TODO: from ossensor_core.plugin
+from ossensor_core.pipeline.contracts import MetricSample  # not yet in ossensor_core.plugin
 from ossensor_core.plugin import (ResponseEnforcer, SensorControl, Setting, SettingsGroup,
                                   hookimpl)
 
