@@ -21,6 +21,10 @@ Lifecycle, in call order::
       ossensor_chunk_sent        a chunk was accepted by the transport
       ossensor_metrics           values for /metrics, at each scrape
     ossensor_shutdown         captures closed, transport flushed
+
+Outside a running sensor, ``ossensor diagnose`` calls::
+
+    ossensor_diagnose         checks of what a plugin owns              (all results)
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent
     from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureStats, Chunk, ChunkEncoder, MetricSample, PacketFilter,
                             ResponseEnforcer, SensorControl, Transport)
+    from ossensor_core.ops.diagnose.checks import Check, Context
     from ossensor_core.pipeline.settings import SettingsGroup
 
 PROJECT = "ossensor"
@@ -136,6 +141,17 @@ def ossensor_metrics(config: SensorConfig) -> Sequence[MetricSample] | None:
     ``OSSENSOR_METRICS_ADDRESS`` is set (never per packet). Return
     :class:`~ossensor_core.pipeline.contracts.MetricSample` values, or None; all results are
     shown. Must be cheap and do no I/O: it runs on the sensor's event loop."""
+
+
+@hookspec
+def ossensor_diagnose(config: SensorConfig, context: Context) -> Sequence[Check] | None:
+    """``ossensor diagnose``: this plugin's checks of what it owns (the https transport checks
+    the path to the vSensor), called once after the core's configuration, interface, privilege
+    and kernel checks, and only when the plugins loaded. ``context`` holds what those found
+    (interfaces, the kernel filter, variables whose value is invalid). Return
+    :class:`~ossensor_core.ops.diagnose.checks.Check` values in report order, or None; all
+    results are reported, in the order the plugins were loaded. The HMAC key must not appear in
+    a check (the report masks it anyway)."""
 
 
 @hookspec

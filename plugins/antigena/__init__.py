@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any
 
-import aiohttp
-
+from ossensor_core.client import AiohttpTls, VSensorTls
+from ossensor_core.errors import ConfigError, TransportError
 from ossensor_core.pipeline.config import SensorConfig
-from ossensor_core.errors import ConfigError
+from ossensor_core.pipeline.contracts import MetricSample  # not yet in ossensor_core.plugin
 from ossensor_core.plugin import (ResponseEnforcer, SensorControl, Setting, SettingsGroup,
                                   hookimpl)
 
@@ -32,24 +31,14 @@ log = logging.getLogger("ossensor_plugins.antigena")
 NAME = "antigena"
 
 
-def tls_for(config: SensorConfig) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
-    """The same TLS as the https transport: its pin, CA file or verification switch."""
-    https = config.plugin("https")
-    fingerprint = https.resolved.get("fingerprint")
-    ca_file = https.resolved.get("ca_file")
-    verify = https.resolved.get("tls_verify")
-    if fingerprint is not None and fingerprint.value:
-        from ossensor_plugins.transport_https import normalise_fingerprint
-
-        return aiohttp.Fingerprint(bytes.fromhex(normalise_fingerprint(fingerprint.value)))
-    if verify is not None and verify.value is False:
-        return False
+def tls_for(config: SensorConfig) -> AiohttpTls:
+    """The vSensor TLS the core's settings give (``VSENSOR_CA_FILE``, ``VSENSOR_TLS_FINGERPRINT``,
+    ``VSENSOR_TLS_VERIFY``), whichever transport is loaded."""
     try:
-        context = ssl.create_default_context(cafile=(ca_file.value if ca_file else None) or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError([f"VSENSOR_CA_FILE: cannot load it for Antigena ({exc})"]) from exc
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+        return VSensorTls.from_config(config).for_aiohttp()
+    except TransportError as exc:
+        raise ConfigError([f"VSENSOR_CA_FILE: cannot load it for Antigena "
+                           f"({exc.__cause__ or exc})"]) from exc
 
 
 class AntigenaPlugin:
@@ -99,7 +88,7 @@ class AntigenaPlugin:
         if enforcers is None:  # the core did not ask for enforcers before start-up
             enforcers = [ResetEnforcer(settings.resets_per_second)]
         log.info("Antigena: enforcers %s; reports every %g s",
-                 ", ".join(getattr(e, "name", type(e).__name__) for e in enforcers),
+                 ", ".join(e.name for e in enforcers),
                  config.antigena_time_period)
         self.service = Antigena(host=config.vsensor_hostname, port=config.vsensor_port,
                                 key=config.hmac_key, sensor=config.name, tls=tls_for(config),
@@ -109,6 +98,33 @@ class AntigenaPlugin:
                                 on_filters_changed=control.refresh_filters)
         self.task = asyncio.get_running_loop().create_task(self.service.run(), name="antigena")
         self.task.add_done_callback(_ended)
+
+    @hookimpl
+    def ossensor_metrics(self, config: SensorConfig) -> Sequence[MetricSample] | None:
+        """Actions in force, the websocket's state and what the reset enforcers sent; nothing
+        before start-up (or with Antigena off)."""
+        service = self.service
+        if service is None:
+            return None
+        resets = [e for e in service.enforcers if isinstance(e, ResetEnforcer)]
+        return [
+            MetricSample("ossensor_antigena_actions", "Antigena actions in force.",
+                         len(service.actions)),
+            MetricSample("ossensor_antigena_connected",
+                         "1 while the Antigena websocket to the vSensor is open.",
+                         int(service.ws is not None)),
+            MetricSample("ossensor_antigena_actions_received",
+                         "Antigena actions received (new or changed) since the start.",
+                         service.actions_received, "counter"),
+            MetricSample("ossensor_antigena_resets", "TCP resets sent.",
+                         sum(e.resets_sent for e in resets), "counter"),
+            MetricSample("ossensor_antigena_probes",
+                         "Idle blocked connections of this host probed for their sequence "
+                         "numbers.", sum(e.probes_sent for e in resets), "counter"),
+            MetricSample("ossensor_antigena_resets_rate_limited",
+                         "Resets not sent because of the rate limit.",
+                         sum(e.rate_limited for e in resets), "counter"),
+        ]
 
     @hookimpl
     def ossensor_shutdown(self, config: SensorConfig) -> None:

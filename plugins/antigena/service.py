@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -25,9 +24,10 @@ import aiohttp
 from ossensor_core.wire.antigena import ActionCounts
 from ossensor_core.capture.batch import LINKTYPE_ETHERNET, PacketBatch
 from ossensor_core.capture.bpf import attach_filter, compile_filter
+from ossensor_core.client import AiohttpTls, signed_headers
 from ossensor_core.errors import FilterError
 from ossensor_core.ops.logsetup import level
-from ossensor_core.wire.signing import H_VERSION, PATH_ANTIGENA, sign
+from ossensor_core.wire.names import PATH_ANTIGENA
 from ossensor_core.pipeline.contracts import ResponseEnforcer
 
 from .actions import TCP_RST, Action, first_match, parse_action, parse_ethernet, watch_filter
@@ -108,7 +108,7 @@ class Antigena:
     """Holds the websocket, keeps the actions in force, enforces them and reports."""
 
     def __init__(self, *, host: str, port: int, key: str, sensor: str,
-                 tls: ssl.SSLContext | aiohttp.Fingerprint | bool, period: float,
+                 tls: AiohttpTls, period: float,
                  enforcers: Sequence[ResponseEnforcer], reconnect_max: float = 10.0,
                  reports_kept: int = 1000,
                  on_filters_changed: Callable[[], None] | None = None) -> None:
@@ -161,9 +161,7 @@ class Antigena:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.watch.close()
             for enforcer in self.enforcers:
-                close = getattr(enforcer, "close", None)
-                if callable(close):
-                    close()
+                enforcer.close()
 
     async def _resolve_vsensor(self) -> None:
         """The vSensor's addresses: its traffic is never blocked."""
@@ -179,8 +177,8 @@ class Antigena:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls)) as session:
             while True:
                 try:
-                    headers = {H_VERSION: "1",
-                               **sign(self._key, "GET", PATH_ANTIGENA, b"", self.sensor)}
+                    headers = signed_headers(self._key, self.sensor, "GET", PATH_ANTIGENA, b"",
+                                             version=1)
                     async with session.ws_connect(self.url, headers=headers, heartbeat=20.0,
                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                                                   max_msg_size=4 << 20) as ws:
@@ -291,13 +289,10 @@ class Antigena:
     async def _prepare_enforcers(self) -> None:
         """Let enforcers load what they need (a library, a table) off the event loop; idempotent."""
         for enforcer in self.enforcers:
-            prepare = getattr(enforcer, "prepare", None)
-            if callable(prepare):
-                try:
-                    await asyncio.to_thread(prepare)
-                except Exception:
-                    log.exception("Antigena: enforcer %s cannot prepare",
-                                  getattr(enforcer, "name", "?"))
+            try:
+                await asyncio.to_thread(enforcer.prepare)
+            except Exception:
+                log.exception("Antigena: enforcer %s cannot prepare", enforcer.name)
 
     def _parse(self, item: Any) -> Action | None:
         try:
@@ -353,9 +348,9 @@ class Antigena:
             try:
                 acted = enforcer.enforce(batch, [action])
             except Exception:  # one broken enforcer must not stop the others
-                log.exception("Antigena: enforcer %s failed", getattr(enforcer, "name", "?"))
+                log.exception("Antigena: enforcer %s failed", enforcer.name)
                 continue
-            name = str(getattr(enforcer, "name", type(enforcer).__name__))
+            name = str(enforcer.name)
             counts.enforcers[name] = counts.enforcers.get(name, 0) + int(acted or 0)
             if isinstance(enforcer, ResetEnforcer):
                 counts.resets += enforcer.resets.pop(action.id, 0)

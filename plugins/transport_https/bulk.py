@@ -19,6 +19,10 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from ossensor_core.client.tls import client_context
+
+__all__ = ["BulkAnswer", "BulkConnection", "BulkError", "client_context"]
+
 
 class BulkError(Exception):
     """A request that did not complete; ``state`` names the kind (tls, timeout, unreachable)."""
@@ -33,18 +37,6 @@ class BulkAnswer:
     status: int
     text: str
     retry_after: str | None
-
-
-def client_context(ca_file: str, fingerprint: str, verify: bool) -> ssl.SSLContext:
-    """The TLS context for the bulk connection (the pin is checked after the handshake)."""
-    if fingerprint or not verify:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context = ssl.create_default_context(cafile=ca_file or None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 class BulkConnection:
@@ -102,7 +94,8 @@ class BulkConnection:
                 raise BulkError("timeout", f"no answer within {self.timeout:g} s") from None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                message = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+                strerror = exc.strerror if isinstance(exc, OSError) else None
+                message = strerror or f"{type(exc).__name__}: {exc}"
                 raise BulkError("unreachable", message) from None
         raise AssertionError("unreachable")  # the loop returns or raises
 

@@ -16,12 +16,14 @@ import pytest
 import trustme
 
 from ossensor_core.capture.bpf import BPF_MAXINSNS
-from ossensor_core.ops.diagnose import (Check, Context, _connect_error, _tls_action, config_checks,
-                                    describe_certificate, effective_capabilities, exit_code,
-                                    filter_check, needed_capabilities, privilege_checks, render,
-                                    vsensor_checks)
+from ossensor_core.client import tls_setting
+from ossensor_core.ops.diagnose import (Check, Context, config_checks, describe_certificate,
+                                        effective_capabilities, exit_code, filter_check,
+                                        needed_capabilities, privilege_checks, render)
+from ossensor_core.ops.diagnose import connect_error as _connect_error
+from ossensor_core.ops.diagnose import plugin_checks as vsensor_checks
+from ossensor_core.ops.diagnose import tls_action as _tls_action
 from ossensor_core.errors import TransportError
-from ossensor_plugins.transport_https import tls_setting
 from tests.helpers.cli import TEST_KEY, sensor_environment
 
 HUGE_FILTER = " or ".join(f"ether[{i}] = {i % 256}" for i in range(1500))
@@ -180,3 +182,18 @@ def test_the_transport_tls_setting_is_shared(tmp_path: Path) -> None:
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(TransportError, match="cannot read the CA file"):
         tls_setting(str(tmp_path / "bad.pem"), "", True)
+
+
+def test_the_vsensor_checks_come_from_the_https_transport(tmp_path: Path) -> None:
+    """``ossensor_diagnose``: the transport that talks to the vSensor contributes its checks."""
+    from ossensor_core.ops.diagnose import VSENSOR_CHECKS
+    from ossensor_plugins import transport_https
+
+    ctx, _ = configured(tmp_path, OSSENSOR_TRANSPORT="https", VSENSOR_PORT="99999")
+    assert ctx.config is not None and ctx.plugins is not None
+    checks = transport_https.ossensor_diagnose(config=ctx.config, context=ctx)
+    assert [c.id for c in checks] == list(VSENSOR_CHECKS)
+    assert all(c.status == "skip" and "config.VSENSOR_PORT" in c.figure for c in checks)
+    hooked = [c for result in ctx.plugins.hook.ossensor_diagnose(config=ctx.config, context=ctx)
+              for c in result]
+    assert [c.id for c in hooked] == list(VSENSOR_CHECKS)

@@ -421,7 +421,7 @@ class RecordingControl:
 
     def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
         self.applied.append((expression, peers))
-        return ""
+        return "; ".join(self.filter_notes)  # the note, as SensorControl returns it
 
     def capture_stats(self) -> dict:
         return {}

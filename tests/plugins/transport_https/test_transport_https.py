@@ -36,10 +36,13 @@ from ossensor_core.ops.logsetup import level
 from ossensor_core.wire.signing import (H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER,
                                     PROTOCOL_VERSIONS, AuthError, NonceCache, verify)
 from ossensor_core.pipeline.contracts import CaptureStats, Chunk, Transport
-from ossensor_core.pipeline.settings import PluginSettings, resolve_settings
+from ossensor_core.pipeline.settings import PluginSettings, SettingsGroup, resolve_settings
+from ossensor_core.client import connection_settings
 
 from ossensor_plugins import transport_https
 from ossensor_plugins.transport_https import HttpsTransport
+from ossensor_plugins.transport_https.answers import retry_after
+from ossensor_plugins.transport_https.spool import QueuedChunk
 
 KEY = "Kx9secretHMACkey42-https"
 SENSOR = "node-1"
@@ -262,7 +265,8 @@ def test_settings_and_hook_build_the_transport(tmp_path: Path) -> None:
     config, problems = read_core_config(env)
     group = transport_https.ossensor_settings()
     assert group.plugin == "https"
-    variables = {s.name: s.variable(group.plugin) for s in group.settings}
+    core = connection_settings()  # the vSensor TLS settings are the core's (Antigena's too)
+    variables = {s.name: s.variable(g.plugin) for g in (group, core) for s in g.settings}
     assert variables == {
         "ca_file": "VSENSOR_CA_FILE", "fingerprint": "VSENSOR_TLS_FINGERPRINT",
         "tls_verify": "VSENSOR_TLS_VERIFY", "spool_dir": "OSSENSOR_SPOOL_DIR",
@@ -271,9 +275,11 @@ def test_settings_and_hook_build_the_transport(tmp_path: Path) -> None:
         "memory_bytes": "OSSENSOR_HTTPS_MEMORY_BYTES",
         "timeout_seconds": "OSSENSOR_HTTPS_TIMEOUT_SECONDS"}
     resolved = resolve_settings(group.settings, env, group.plugin, problems)
+    core_resolved = resolve_settings(core.settings, env, core.plugin, problems)
     assert not problems
-    config = dataclasses.replace(config, plugin_settings={"https": PluginSettings("https",
-                                                                                  resolved)})
+    config = dataclasses.replace(config, plugin_settings={
+        "https": PluginSettings("https", resolved),
+        core.plugin: PluginSettings(core.plugin, core_resolved)})
     transport_https.ossensor_configure(config=dataclasses.replace(config, transport="https"))
     made = transport_https.ossensor_transport(config=config, encoder=ChunkCodec())
     assert isinstance(made, Transport) and made.name == "https"
@@ -286,6 +292,7 @@ def test_settings_and_hook_build_the_transport(tmp_path: Path) -> None:
 
 def test_settings_defaults_and_former_names(tmp_path: Path) -> None:
     group = transport_https.ossensor_settings()
+    group = SettingsGroup(group.plugin, [*group.settings, *connection_settings().settings])
     problems: list[str] = []
     defaults = resolve_settings(group.settings, {}, group.plugin, problems)
     assert defaults["tls_verify"].value is True
@@ -332,8 +339,11 @@ def test_configure_refuses_bad_fingerprint_and_ca_file(tmp_path: Path) -> None:
     config, problems = read_core_config(env)
     group = transport_https.ossensor_settings()
     resolved = resolve_settings(group.settings, env, group.plugin, problems)
-    config = dataclasses.replace(config, transport="https",
-                                 plugin_settings={"https": PluginSettings("https", resolved)})
+    core = connection_settings()
+    core_resolved = resolve_settings(core.settings, env, core.plugin, problems)
+    config = dataclasses.replace(config, transport="https", plugin_settings={
+        "https": PluginSettings("https", resolved),
+        core.plugin: PluginSettings(core.plugin, core_resolved)})
     with pytest.raises(ConfigError) as caught:
         transport_https.ossensor_configure(config=config)
     assert len(caught.value.problems) == 2
@@ -344,10 +354,10 @@ def test_configure_refuses_bad_fingerprint_and_ca_file(tmp_path: Path) -> None:
 def test_retry_after_in_seconds_or_as_a_date() -> None:
     from email.utils import formatdate
 
-    assert transport_https._retry_after("7") == 7.0
-    assert transport_https._retry_after(None) is None
-    assert transport_https._retry_after("soon") is None
-    assert 25 <= transport_https._retry_after(formatdate(time.time() + 30, usegmt=True)) <= 31
+    assert retry_after("7") == 7.0
+    assert retry_after(None) is None
+    assert retry_after("soon") is None
+    assert 25 <= retry_after(formatdate(time.time() + 30, usegmt=True)) <= 31
 
 
 # Delivery --------------------------------------------------------------------------------
@@ -949,7 +959,7 @@ def test_end_to_end_reference_vsensor_restart_means_register_again(ca, ca_file,
             await sender.send(make_chunk(1))
             await wait_until(lambda: sender.chunks_sent == 1)
             await asyncio.sleep(0.3)  # heartbeats with "dropped" are accepted
-            assert sender._states.get("heartbeat") in (None, "ok")
+            assert sender._report.states.get("heartbeat") in (None, "ok")
         async with serve(app(), server_context(ca), port):  # a new process: it knows no one
             await sender.send(make_chunk(2))
             await wait_until(lambda: sender.chunks_sent == 2)
@@ -1131,8 +1141,7 @@ def test_chunks_encoded_for_a_newer_vsensor_are_sent_in_the_older_format(ca, ca_
             await wait_until(lambda: sender.registered)
             assert sender.chunk_version == 1
             sender._order += 1
-            sender._memory.append(transport_https._Entry(sender._order, 1, 3, len(payload),
-                                                          payload))
+            sender._memory.append(QueuedChunk(sender._order, 1, 3, len(payload), payload))
             sender._wakeup.set()
             await wait_until(lambda: sender.chunks_sent == 1)
             await sender.aclose()
