@@ -30,7 +30,8 @@ AiohttpTls = ssl.SSLContext | aiohttp.Fingerprint | bool
 
 
 def connection_settings() -> SettingsGroup:
-    """The vSensor connection settings, declared by the core (``pipeline/defaults.py``)."""
+    """The vSensor connection settings: the core's, read at start-up whatever plugins are loaded
+    (``pipeline/startup.py``)."""
     return SettingsGroup(SETTINGS_GROUP, [
         Setting("ca_file", str, "",
                 "CA bundle (PEM) that verifies the vSensor's certificate; empty: the system CAs.",

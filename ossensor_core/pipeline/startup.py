@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ossensor_core.client.tls import connection_settings
 from ossensor_core.capture.bpf import LINKTYPE_ETHERNET, BpfProgram, combine_filters, compile_filter
 from ossensor_core.pipeline.config import SensorConfig, read_core_config, write_config_file
 from ossensor_core.node.patterns import PatternError
@@ -53,9 +54,11 @@ class Prepared:
 
 def plugin_settings(plugins: LoadedPlugins, environ: Mapping[str, str],
                     problems: list[str]) -> dict[str, PluginSettings]:
-    """Collect every plugin's declared settings and read them from ``environ``."""
+    """Collect the core's vSensor connection settings and every plugin's declared settings, and
+    read them from ``environ``. The connection settings are the core's whatever is loaded or
+    disabled: the transport, Antigena and diagnose all connect to the vSensor."""
     found: dict[str, PluginSettings] = {}
-    for group in plugins.hook.ossensor_settings():
+    for group in [connection_settings(), *plugins.hook.ossensor_settings()]:
         if not isinstance(group, SettingsGroup):
             problems.append(f"a plugin's ossensor_settings returned {type(group).__name__}, "
                             "not a SettingsGroup")

@@ -223,3 +223,17 @@ def test_config_dir_created_and_unwritable_dir_refused(base_env, ns, tmp_path):
     assert result.code == 1
     assert "OSSENSOR_CONFIG_PATH: cannot write" in result.stderr
     assert os.path.exists(blocked / "file")
+
+
+def test_vsensor_connection_settings_are_the_cores_even_with_its_defaults_disabled(base_env, ns,
+                                                                                    tmp_path):
+    """The transport, Antigena and diagnose all read the vSensor's TLS settings: they are read
+    whatever is loaded, also with the file transport and the core's default hooks disabled."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked by check\n")
+    result = check({**base_env, "OSSENSOR_DISABLE_PLUGINS": "core", "VSENSOR_CA_FILE": str(ca),
+                    "VSENSOR_TLS_VERIFY": "false"}, ns)
+    assert result.code == 0, result.stderr
+    settings = result.json()["settings"]
+    assert settings["VSENSOR_CA_FILE"]["value"] == str(ca)
+    assert settings["VSENSOR_TLS_VERIFY"]["value"] is False

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ossensor_core.pipeline import defaults
+from ossensor_core.client.tls import connection_settings
 from ossensor_core.pipeline.config import CORE_SETTINGS
 from ossensor_core.pipeline.loading import GROUPS, installed_plugins
 
@@ -77,7 +77,7 @@ def code_variables() -> dict[str, Any]:
     """Every environment variable the sensor reads, from the code: the core settings and the
     settings the built-in plugins declare, with their defaults."""
     found = {s.variable(None): s.default for s in CORE_SETTINGS}
-    core_group = defaults.ossensor_settings()  # the core's own group: the vSensor TLS settings
+    core_group = connection_settings()  # the core's own group: the vSensor TLS settings
     found.update({s.variable(core_group.plugin): s.default for s in core_group.settings})
     for group in GROUPS:
         for info in installed_plugins(group):
