@@ -238,6 +238,9 @@ class RecordingControl:
     def refresh_filters(self) -> None:
         self.refreshes += 1
 
+    def filter_note(self) -> str:
+        return ""
+
     def capture_stats(self) -> dict[str, CaptureStats]:
         return {s.interface.name: s.stats() for s in self.sources}
 

@@ -153,6 +153,11 @@ class SensorControl(Protocol):
         was left out ("" when all of it is in place). Raises FilterError (and changes nothing)
         when the filter does not compile or fit."""
 
+    def filter_note(self) -> str:
+        """Why part of the peer exclusion is left out now ("" when all of it is in place): it
+        changes also when a capture of a new link type opens, so a transport reads it with each
+        heartbeat."""
+
     def capture_stats(self) -> dict[str, CaptureStats]:
         """Cumulative kernel counters by interface name."""
 

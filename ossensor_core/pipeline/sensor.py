@@ -119,6 +119,9 @@ class Sensor:
                  if peers is not None and len(peers) else "")
         return "; ".join(self.filter_notes)
 
+    def filter_note(self) -> str:
+        return "; ".join(self.filter_notes)
+
     def capture_stats(self) -> dict[str, CaptureStats]:
         return self.all_stats()
 

@@ -18,15 +18,14 @@ log = logging.getLogger(__package__)  # one logger for the whole transport
 
 
 class VSensorFilter:
-    """The filter in force: ``expression`` and ``peers`` applied last, the vSensor's id of those
-    ranges, and the sensor's note on them (for the heartbeat)."""
+    """The filter in force: ``expression`` and ``peers`` applied last, and the vSensor's id of
+    those ranges."""
 
     def __init__(self) -> None:
         self.control: SensorControl | None = None  # set when the transport starts
         self.expression: str | None = None
         self.peers: AddressSet | None = None
         self.peers_id: str | None = None
-        self.note = ""  # what the sensor said when it applied them (e.g. ranges left out)
         self._failed: tuple[str, AddressSet | None] | None = None
 
     def apply(self, expression: Any, peer_ranges: Any = None) -> None:
@@ -54,10 +53,12 @@ class VSensorFilter:
             self.peers_id = peers_id
             return
         try:
+            # The note it returns is read again with each heartbeat (SensorControl.filter_note):
+            # a capture of a new link type may change it.
             if peers is None or not len(peers):
-                note = self.control.set_vsensor_filter(expression)
+                self.control.set_vsensor_filter(expression)
             else:
-                note = self.control.set_vsensor_filter(expression, peers)
+                self.control.set_vsensor_filter(expression, peers)
         except FilterError as exc:
             self._failed = wanted
             log.error("cannot apply the vSensor's filter %r (keeping %r): %s", expression,
@@ -65,6 +66,5 @@ class VSensorFilter:
             return
         self._failed = None
         self.expression, self.peers, self.peers_id = expression, peers, peers_id
-        self.note = note or ""
         log.info("applied the vSensor's filter %r%s", expression,
                  f" and peer exclusion {peers!r}" if peers is not None else "")

@@ -153,8 +153,9 @@ class Registration:
             "interfaces": {name: {"packets": s.packets, "drops": s.drops}
                            for name, s in stats.items()},
             "dropped": {"chunks": chunks, "packets": packets}}
-        if self.filter.note:  # e.g. the peer exclusion did not fit: shown on the vSensor's page
-            body["filter_note"] = self.filter.note
+        note = self.control.filter_note() if self.control else ""
+        if note:  # e.g. the peer exclusion did not fit: shown on the vSensor's page
+            body["filter_note"] = note
         if self.filter.peers_id is not None:
             body["peer_ranges_id"] = self.filter.peers_id
         return body

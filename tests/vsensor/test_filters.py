@@ -423,6 +423,9 @@ class RecordingControl:
         self.applied.append((expression, peers))
         return "; ".join(self.filter_notes)  # the note, as SensorControl returns it
 
+    def filter_note(self) -> str:
+        return "; ".join(self.filter_notes)
+
     def capture_stats(self) -> dict:
         return {}
 

@@ -71,6 +71,9 @@ class FakeControl:
             raise FilterError(f"syntax error in {expression!r}")
         self.filters.append(expression)
 
+    def filter_note(self) -> str:
+        return ""
+
     def capture_stats(self) -> dict[str, CaptureStats]:
         return {"eth0": CaptureStats(packets=100, drops=2)}
 
