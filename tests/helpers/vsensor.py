@@ -27,6 +27,11 @@ SENSOR = "node-1"
 @pytest.fixture(scope="session")
 def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server context, client context) from a throw-away CA."""
+    return tls_contexts()
+
+
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context) for 127.0.0.1 and localhost, from a throw-away CA."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

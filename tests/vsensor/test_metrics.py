@@ -91,21 +91,15 @@ def test_metrics_of_a_fresh_vsensor_keep_their_families(tmp_path, tls) -> None:
 
 def _record() -> None:
     """Scrape both scenarios and write them to ``data/`` (run from the repository root)."""
-    import ssl
     import tempfile
 
-    import trustme
+    from tests.helpers.vsensor import tls_contexts
 
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
+    contexts = tls_contexts()
     DATA.mkdir(exist_ok=True)
     for busy, name in ((True, "metrics-busy.txt"), (False, "metrics-fresh.txt")):
         with tempfile.TemporaryDirectory() as folder:
-            text = asyncio.run(_scrape(Path(folder), (server, client), busy))
+            text = asyncio.run(_scrape(Path(folder), contexts, busy))
         (DATA / name).write_text(text)
         print(f"wrote {DATA / name}")
 
