@@ -110,6 +110,23 @@ def read_capture_file(path: str | Path) -> tuple[int, list[tuple[int, int, bytes
     return linktype, frames
 
 
+def write_capture_file(path: str | Path, packets: Iterable[FrameLike],
+                       linktype: int = LINKTYPE_ETHERNET, interface: str = "fake0") -> Path:
+    """Write ``packets`` to a pcapng file (as the ``file`` transport would store them) and
+    return its path: input for a test of a capture backend or of :func:`read_capture_file`."""
+    from ossensor_core.wire.pcapng import PcapngWriter
+
+    with open(path, "wb") as out:
+        writer = PcapngWriter(out, linktype)
+        source = FakeCaptureSource(packets, interface, linktype)
+        try:
+            for batch in source.read():
+                writer.write_batch(batch)
+        finally:
+            source.close()
+    return Path(path)
+
+
 class FakeCaptureSource:
     """A :class:`~ossensor_core.pipeline.contracts.CaptureSource` that hands over given packets.
 
