@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW
 
-# EtherTypes (``ETH_P_*`` in <linux/if_ether.h>).
+# EtherTypes (``ETH_P_*`` in <linux/if_ether.h>); ETH_P_ALL is the packet socket's "every
+# protocol", not an EtherType on the wire.
+ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_8021Q = 0x8100  # a VLAN tag (C-tag)

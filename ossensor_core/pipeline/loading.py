@@ -53,7 +53,7 @@ def installed_plugins(group: str) -> list[PluginInfo]:
     """Every entry point of ``group`` (without importing it), sorted by name."""
     found = []
     for entry_point in metadata.entry_points(group=group):
-        dist = getattr(entry_point, "dist", None)
+        dist = entry_point.dist  # None for an entry point made by hand
         found.append(PluginInfo(entry_point.name, group, entry_point.value,
                                 dist.metadata["Name"] if dist else None,
                                 dist.version if dist else None))
