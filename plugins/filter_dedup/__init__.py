@@ -26,7 +26,7 @@ from array import array
 from zlib import crc32
 
 from ossensor_core.ops.logsetup import level
-from ossensor_core.plugin import (ETH_P_IP, ETH_P_IPV6, PacketBatch, SensorConfig, Setting,
+from ossensor_core.plugin import (ETH_P_IP, ETH_P_IPV6, LINKTYPE_ETHERNET, PacketBatch, SensorConfig, Setting,
                                   SettingsGroup, hookimpl, network_header)
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Dedup:
         limit = self.hash_bytes
         ifindex = batch.ifindex
         linktype = batch.linktype
+        ethernet = linktype == LINKTYPE_ETHERNET
         kept = array("I")
         keep = kept.append
         latest = self.latest_ns
@@ -98,7 +99,13 @@ class Dedup:
             step, sec, nsec, snaplen, _, _, mac = unpack(data, offset)
             start = offset + mac
             end = start + snaplen
-            ethertype, l3 = walk(data, start, end, linktype)
+            # An untagged Ethernet frame is read here; every other case (VLAN tags, other
+            # link types, short frames) through network_header: a call per packet costs about
+            # 90 ns, 6 % of the filter (bench: dedup on 512-packet batches).
+            if ethernet and snaplen >= 14 and data[start + 12] != 0x81 and data[start + 12] != 0x88:
+                ethertype, l3 = data[start + 12] << 8 | data[start + 13], start + 14
+            else:
+                ethertype, l3 = walk(data, start, end, linktype)
             stop = l3 + limit if l3 + limit < end else end
             if ethertype == ETH_P_IP and stop - l3 >= 20:
                 # Without TTL (byte 8), protocol (9, in the key instead) and checksum (10-11).

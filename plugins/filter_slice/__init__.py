@@ -119,9 +119,15 @@ def flow_key(data: bytes, start: int, snaplen: int,
     """``(protocol, lower endpoint, higher endpoint)`` of an IP packet (an endpoint is the
     address and port bytes), the same for both directions; None when it is not IP."""
     end = start + snaplen
-    if linktype != LINKTYPE_ETHERNET and linktype != LINKTYPE_RAW:
+    # An untagged Ethernet frame is read here, every other case through network_header: a
+    # call per packet costs about 90 ns (bench: slice on 512-packet batches).
+    if linktype == LINKTYPE_ETHERNET and snaplen >= 14 and data[start + 12] != 0x81 \
+            and data[start + 12] != 0x88:
+        ethertype, l3 = data[start + 12] << 8 | data[start + 13], start + 14
+    elif linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_RAW:
+        ethertype, l3 = network_header(data, start, end, linktype)
+    else:
         return None
-    ethertype, l3 = network_header(data, start, end, linktype)
     if ethertype != ETH_P_IP and ethertype != ETH_P_IPV6:
         return None
     if end - l3 < 20:
