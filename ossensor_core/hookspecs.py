@@ -1,7 +1,8 @@
 """Hook specifications: every stage of the sensor a plugin can provide or watch.
 
 Hooks assemble the pipeline at start-up and announce events. They are never called per packet:
-per-batch work goes through the objects that the factory hooks return (see ``protocols.py``).
+per-batch work goes through the objects that the factory hooks return (the contracts of
+``pipeline/contracts.py``, all exported by ``ossensor_core.plugin``).
 All hooks are synchronous; asynchronous work lives on the returned objects.
 
 Lifecycle, in call order::
@@ -103,8 +104,10 @@ def ossensor_chunk_encoder(config: SensorConfig) -> ChunkEncoder | None:
 
 @hookspec(firstresult=True)
 def ossensor_transport(config: SensorConfig, encoder: ChunkEncoder) -> Transport | None:
-    """Transport: return the transport object. Only the plugin chosen by
-    ``OSSENSOR_TRANSPORT`` is loaded from the ``ossensor.transport`` group; first result."""
+    """Transport: return the transport object (a
+    :class:`~ossensor_core.pipeline.contracts.Transport`). Only the plugin chosen by
+    ``OSSENSOR_TRANSPORT`` is loaded from the ``ossensor.transport`` group; first result. An
+    object of the old structural contract is adapted once, with a DeprecationWarning."""
 
 
 @hookspec

@@ -31,22 +31,35 @@ and its entry point, in the package's ``pyproject.toml``::
 
 Then ``OSSENSOR_PLUGINS=maxlen`` loads it. Capture backends register in ``ossensor.capture`` and
 are chosen with ``OSSENSOR_CAPTURE_BACKEND``; transports in ``ossensor.transport`` and
-``OSSENSOR_TRANSPORT``. See ``docs/architecture.md`` for the hooks and the lifecycle.
+``OSSENSOR_TRANSPORT``. See ``docs/plugins.md`` for the hooks and the contracts, and
+``docs/architecture.md`` for the lifecycle.
+
+Everything a plugin needs is importable from here (a third-party package imports nothing else
+of ``ossensor_core``, and ``ossensor_core.testing`` in its tests): the hook marker and entry
+point groups, settings, the contracts (``Transport``, ``ChunkEncoder`` and ``ResponseEnforcer``
+are base classes to subclass), batches, kernel filter programs, the walk to a packet's network
+header (:func:`network_header`) with the EtherType and link type constants, and the errors.
 """
 
 from __future__ import annotations
 
 import pluggy
 
-from ossensor_core.capture.batch import Packet, PacketBatch
-from ossensor_core.pipeline.config import SensorConfig
-from ossensor_core.errors import CaptureError, ConfigError, FilterError, OssensorError, PluginError, \
-    TransportError
+from ossensor_core.capture.batch import TPACKET3_HDR, TPACKET_ALIGNMENT, Packet, PacketBatch
+from ossensor_core.capture.bpf import BpfProgram, compile_filter
+from ossensor_core.capture.headers import (ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP,
+                                           ETH_P_IPV6, VLAN_TPIDS, network_header)
+from ossensor_core.errors import (CaptureError, ConfigError, FilterError, OssensorError,
+                                  PluginError, TransportError)
 from ossensor_core.hookspecs import PROJECT
 from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent
-from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder,
-                        PacketFilter, ResponseEnforcer, SensorControl, Transport)
-from ossensor_core.pipeline.settings import PluginSettings, Setting, SettingsGroup
+from ossensor_core.pipeline.config import SensorConfig
+from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
+                                              ChunkEncoder, InterfaceCounters, MetricSample,
+                                              PacketFilter, ResponseEnforcer, SensorControl,
+                                              Transport, TransportStats)
+from ossensor_core.pipeline.settings import PluginSettings, Setting, SettingsGroup, split_words
+from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, SNAPLEN
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -57,10 +70,21 @@ TRANSPORT_GROUP = "ossensor.transport"
 PLUGIN_GROUP = "ossensor.plugins"
 
 __all__ = [
-    "CAPTURE_GROUP", "PLUGIN_GROUP", "TRANSPORT_GROUP", "CaptureBackend", "CaptureError",
-    "CaptureSource", "CaptureStats", "Chunk", "ChunkEncoder", "ConfigError", "Decision",
-    "FilterError", "Interface", "InterfaceEvent", "OssensorError", "Packet", "PacketBatch",
-    "PacketFilter", "PluginError", "PluginSettings", "ResponseEnforcer", "SensorConfig",
-    "SensorControl",
-    "Setting", "SettingsGroup", "Transport", "TransportError", "hookimpl",
+    # plugin registration
+    "CAPTURE_GROUP", "PLUGIN_GROUP", "TRANSPORT_GROUP", "hookimpl",
+    # configuration
+    "PluginSettings", "SensorConfig", "Setting", "SettingsGroup", "split_words",
+    # contracts and the values they exchange
+    "CaptureBackend", "CaptureSource", "CaptureStats", "Chunk", "ChunkEncoder",
+    "InterfaceCounters", "MetricSample", "PacketFilter", "ResponseEnforcer", "SensorControl",
+    "Transport", "TransportStats",
+    # interfaces
+    "Decision", "Interface", "InterfaceEvent",
+    # packets: batches, kernel filters, headers, link types
+    "BpfProgram", "ETH_P_8021AD", "ETH_P_8021Q", "ETH_P_ARP", "ETH_P_IP", "ETH_P_IPV6",
+    "LINKTYPE_ETHERNET", "LINKTYPE_LINUX_SLL", "LINKTYPE_RAW", "Packet", "PacketBatch", "SNAPLEN",
+    "TPACKET3_HDR", "TPACKET_ALIGNMENT", "VLAN_TPIDS", "compile_filter", "network_header",
+    # errors
+    "CaptureError", "ConfigError", "FilterError", "OssensorError", "PluginError",
+    "TransportError",
 ]

@@ -36,16 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ossensor_core.capture.batch import LINKTYPE_ETHERNET, Packet, PacketBatch
+from ossensor_core.capture.batch import Packet, PacketBatch
 from ossensor_core.capture.bpf import BpfProgram, compile_filter
 from ossensor_core.pipeline.config import SensorConfig, read_core_config
 from ossensor_core.errors import CaptureError, ConfigError
 from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent, InterfaceSelector
 from ossensor_core.pipeline.loading import LoadedPlugins, new_plugin_manager
 from ossensor_core.capture.peer_exclusion import AddressSet
-from ossensor_core.pipeline.contracts import CaptureBackend, CaptureSource, CaptureStats, Chunk, ChunkEncoder, \
-    PacketFilter, Transport
+from ossensor_core.pipeline.chunker import Chunker
+from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
+                                              ChunkEncoder, InterfaceCounters, PacketFilter,
+                                              Transport)
 from ossensor_core.pipeline.startup import _configure, decide, kernel_filter, plugin_settings
+from ossensor_core.wire.names import LINKTYPE_ETHERNET
 
 #: A packet as the kit accepts it: a frame (stamped now, wire length = its length), a
 #: ``(timestamp_ns, wire_length, frame)`` tuple, or a :class:`~ossensor_core.capture.batch.Packet`.
@@ -85,25 +88,43 @@ def _as_frames(packets: Iterable[FrameLike], start_ns: int) -> Iterator[tuple[in
 def read_capture_file(path: str | Path) -> tuple[int, list[tuple[int, int, bytes]]]:
     """The link type and ``(timestamp_ns, wire_length, frame)`` of every packet of a pcap or
     pcapng file (scapy's reader; a pcapng file must hold a single link type)."""
-    from scapy.utils import RawPcapReader
+    from scapy.utils import RawPcapNgReader, RawPcapReader
 
     frames: list[tuple[int, int, bytes]] = []
     linktypes: set[int] = set()
     with RawPcapReader(str(path)) as reader:  # pcapng files get scapy's RawPcapNgReader
+        pcapng = isinstance(reader, RawPcapNgReader)
         for data, meta in reader:
-            if hasattr(meta, "tsresol"):  # pcapng
+            if pcapng:
                 linktypes.add(meta.linktype)
                 units = (meta.tshigh << 32) | meta.tslow
                 timestamp_ns = units * 1_000_000_000 // meta.tsresol
             else:
                 linktypes.add(reader.linktype)
-                fraction = 1 if getattr(reader, "nano", False) else 1000
+                fraction = 1 if reader.nano else 1000
                 timestamp_ns = meta.sec * 1_000_000_000 + meta.usec * fraction
             frames.append((timestamp_ns, meta.wirelen, bytes(data)))
         linktype = reader.linktype if not linktypes else linktypes.pop()
     if linktypes:
         raise ValueError(f"{path}: mixes link types; the kit replays one link type per source")
     return linktype, frames
+
+
+def write_capture_file(path: str | Path, packets: Iterable[FrameLike],
+                       linktype: int = LINKTYPE_ETHERNET, interface: str = "fake0") -> Path:
+    """Write ``packets`` to a pcapng file (as the ``file`` transport would store them) and
+    return its path: input for a test of a capture backend or of :func:`read_capture_file`."""
+    from ossensor_core.wire.pcapng import PcapngWriter
+
+    with open(path, "wb") as out:
+        writer = PcapngWriter(out, linktype)
+        source = FakeCaptureSource(packets, interface, linktype)
+        try:
+            for batch in source.read():
+                writer.write_batch(batch)
+        finally:
+            source.close()
+    return Path(path)
 
 
 class FakeCaptureSource:
@@ -250,7 +271,9 @@ class RecordingControl:
 
 @dataclass
 class Pipeline:
-    """The stages :func:`build_pipeline` assembled, run the way the sensor runs them."""
+    """The stages :func:`build_pipeline` assembled, run the way the sensor runs them: batches
+    go through the sensor's own :class:`~ossensor_core.pipeline.chunker.Chunker` (the same
+    filters, cut by size, sequence numbers and interface table)."""
 
     config: SensorConfig
     plugins: LoadedPlugins
@@ -259,7 +282,18 @@ class Pipeline:
     transport: Transport
     backend: CaptureBackend | None = None
     control: RecordingControl = field(default_factory=RecordingControl)
-    sequence: int = 0
+    chunker: Chunker = field(init=False)
+    #: The captures open now, by interface index (the chunk's interface table lists these).
+    captures: dict[int, CaptureSource] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.chunker = Chunker(self.config.name, self.filters, self.config.chunk_bytes,
+                               self.config.chunk_seconds, self.interface_table, 0)
+
+    @property
+    def sequence(self) -> int:
+        """The sequence number of the last chunk cut."""
+        return self.chunker.sequence
 
     @property
     def hook(self) -> Any:
@@ -288,61 +322,93 @@ class Pipeline:
 
     def _added(self, source: CaptureSource) -> None:
         self.control.sources.append(source)
+        self.captures[source.interface.index] = source
         self.hook.ossensor_interface_event(config=self.config,
                                            event=InterfaceEvent("added", source.interface))
 
+    def interface_table(self) -> tuple[InterfaceCounters, ...]:
+        """The chunk's interface table: every open capture's kernel counters now."""
+        table = []
+        for source in self.captures.values():
+            try:
+                stats = source.stats()
+            except CaptureError:  # as the sensor does: no row without counters
+                continue
+            table.append(InterfaceCounters(source.interface.name, source.interface.index,
+                                           source.linktype, stats.packets, stats.drops))
+        return tuple(table)
+
     def filter(self, batch: PacketBatch) -> PacketBatch:
         """Every packet filter, in plugin order (stops at an empty batch, as the sensor does)."""
-        for packet_filter in self.filters:
-            batch = packet_filter.filter(batch)
-            if not batch.count:
-                break
-        return batch
+        return self.chunker.filter(batch)
 
-    def drain(self, source: CaptureSource, idle_seconds: float = 0.5,
-              timeout: float = 30.0) -> list[PacketBatch]:
-        """Read ``source`` until it stays idle for ``idle_seconds`` (a fake one: until it is
-        exhausted); return the filtered, non-empty batches. Reports its counters, closes it."""
+    def _read_all(self, source: CaptureSource, idle_seconds: float,
+                  timeout: float) -> list[PacketBatch]:
         kept: list[PacketBatch] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             batches = source.read()
             if not batches:
-                if getattr(source, "exhausted", False):
+                if isinstance(source, FakeCaptureSource) and source.exhausted:
                     break
                 ready, _, _ = select.select([source.fileno()], [], [], idle_seconds)
                 if not ready:
                     break
                 continue
-            kept += [b for b in map(self.filter, batches) if b.count]
+            kept += [b for b in map(self.chunker.filter, batches) if b.count]
+        return kept
+
+    def _close(self, source: CaptureSource) -> None:
         self.hook.ossensor_capture_stats(config=self.config, interface=source.interface.name,
                                          stats=source.stats())
         source.close()
+        self.captures.pop(source.interface.index, None)
         self.hook.ossensor_interface_event(config=self.config,
                                            event=InterfaceEvent("removed", source.interface))
+
+    def drain(self, source: CaptureSource, idle_seconds: float = 0.5,
+              timeout: float = 30.0) -> list[PacketBatch]:
+        """Read ``source`` until it stays idle for ``idle_seconds`` (a fake one: until it is
+        exhausted); return the filtered, non-empty batches. Reports its counters, closes it."""
+        kept = self._read_all(source, idle_seconds, timeout)
+        self._close(source)
         return kept
+
+    async def _send(self, chunk: Chunk) -> None:
+        await self.transport.send(chunk)
+        self.hook.ossensor_chunk_sent(config=self.config, chunk=chunk)
 
     async def send(self, batches: Sequence[PacketBatch]) -> Chunk:
         """Cut ``batches`` into one chunk and hand it to the transport."""
-        self.sequence += 1
-        chunk = Chunk(self.config.name, self.sequence, tuple(batches), time.time_ns())
-        await self.transport.send(chunk)
-        self.hook.ossensor_chunk_sent(config=self.config, chunk=chunk)
+        chunk = self.chunker.chunk_of(batches)
+        await self._send(chunk)
         return chunk
 
     async def run(self, sources: Iterable[CaptureSource]) -> list[Chunk]:
-        """The whole lifecycle: start-up, each source drained into one chunk, shutdown."""
+        """The whole lifecycle: start-up, each source drained through the chunker (a chunk
+        cut by size or age as in the sensor, the rest when the source is drained), shutdown."""
         self.hook.ossensor_response_enforcer(config=self.config)
         self.hook.ossensor_startup(config=self.config, control=self.control)
         await self.transport.start(self.control)
-        chunks = []
+        chunks: list[Chunk] = []
         try:
             for source in sources:
                 if source not in self.control.sources:
                     self._added(source)
-                batches = self.drain(source)
-                if batches:
-                    chunks.append(await self.send(batches))
+                cut: list[Chunk] = []
+                for batch in self._read_all(source, 0.5, 30.0):
+                    chunk = self.chunker.append(batch)
+                    if chunk is None and self.chunker.seconds_left() <= 0:
+                        chunk = self.chunker.cut()
+                    if chunk is not None:
+                        cut.append(chunk)
+                last = self.chunker.cut()  # while the capture is open: it is in the table
+                self._close(source)
+                for chunk in [*cut, *([last] if last is not None else [])]:
+                    await self._send(chunk)
+                chunks += cut
+                if last is not None:
+                    chunks.append(last)
         finally:
             await self.transport.aclose()
             self.hook.ossensor_shutdown(config=self.config)

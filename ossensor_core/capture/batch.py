@@ -19,13 +19,13 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from ossensor_core.capture.headers import ETH_P_8021Q
 from ossensor_core.wire.names import LINKTYPE_ETHERNET
 
 TPACKET3_HDR = struct.Struct("<IIIIIIHHIIHH8x")  # struct tpacket3_hdr, 48 bytes
 TPACKET_ALIGNMENT = 16
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
-ETH_P_8021Q = 0x8100
 
 
 def _align(n: int) -> int:

@@ -35,7 +35,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ossensor_core.capture.bpf import BPF_MAXINSNS, LINKTYPE_ETHERNET, LINKTYPE_RAW, BpfProgram
+from ossensor_core.capture.bpf import BPF_MAXINSNS, BpfProgram
+from ossensor_core.capture.headers import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6
+from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from ossensor_core.errors import FilterError
 
 Interval = tuple[int, int]  # first and last address, inclusive
@@ -347,7 +349,6 @@ def _emit_ipv6(asm: _Asm, intervals: Sequence[Interval], keep: str) -> None:
 
 # -- the whole generated part --------------------------------------------------------------------
 
-_ETHERTYPE_IP, _ETHERTYPE_IPV6, _ETHERTYPE_VLAN, _ETHERTYPE_QINQ = 0x0800, 0x86DD, 0x8100, 0x88A8
 #: The link types a sensor captures (``bpf.ARPHRD_TO_LINKTYPE``); others get no peer part.
 SUPPORTED_LINKTYPES = (LINKTYPE_ETHERNET, LINKTYPE_RAW)
 
@@ -365,13 +366,13 @@ def exclusion_code(peers: AddressSet, linktype: int) -> list[tuple[int, int, int
     def ethertype(offset: int, base: int, tagged: str | None) -> None:
         e4, e6 = asm.new("E4_"), asm.new("E6_")
         asm.op(LD_H_ABS, offset)
-        asm.op(JEQ_K, _ETHERTYPE_IP, e4, 0)
+        asm.op(JEQ_K, ETH_P_IP, e4, 0)
         if tagged is None:
-            asm.op(JEQ_K, _ETHERTYPE_IPV6, e6, out)
+            asm.op(JEQ_K, ETH_P_IPV6, e6, out)
         else:
-            asm.op(JEQ_K, _ETHERTYPE_IPV6, e6, 0)
-            asm.op(JEQ_K, _ETHERTYPE_VLAN, tagged, 0)
-            asm.op(JEQ_K, _ETHERTYPE_QINQ, tagged, out)
+            asm.op(JEQ_K, ETH_P_IPV6, e6, 0)
+            asm.op(JEQ_K, ETH_P_8021Q, tagged, 0)
+            asm.op(JEQ_K, ETH_P_8021AD, tagged, out)
         bases.extend([(e4, ip4, base), (e6, ip6, base)])
 
     if linktype == LINKTYPE_ETHERNET:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ossensor_core.pipeline.config import SensorConfig, read_core_config
 
 if TYPE_CHECKING:
+    from ossensor_core.pipeline.contracts import Transport
     from ossensor_core.pipeline.sensor import Sensor
 
 log = logging.getLogger("ossensor.health")
@@ -45,19 +46,19 @@ def status_path(config: SensorConfig) -> Path:
     return folder / STATUS_FILE
 
 
-def transport_registered(transport: object) -> bool:
-    """A transport that registers (https) says so in ``registered``; others have nothing to
-    wait for."""
-    return bool(getattr(transport, "registered", True))
+def transport_registered(transport: Transport) -> bool:
+    """A transport that registers (https) says so in ``stats().registered``; others (None)
+    have nothing to wait for."""
+    return transport.stats().registered is not False
 
 
 def snapshot(sensor: Sensor, state: str) -> dict[str, Any]:
     """What a probe needs: who wrote it, when, and whether the sensor is ready."""
-    interfaces = sorted(i.name for i in sensor.captured_interfaces())
+    own = sensor.stats()
     return {"pid": os.getpid(), "sensor": sensor.config.name, "state": state,
             "updated": time.time(), "registered": transport_registered(sensor.transport),
-            "capturing": interfaces, "chunks_sent": sensor.chunks_sent,
-            "packets_sent": sensor.packets_sent}
+            "capturing": sorted(own.interfaces), "chunks_sent": own.chunks_sent,
+            "packets_sent": own.packets_sent}
 
 
 def write_status(path: Path, status: Mapping[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """Prometheus metrics of a running sensor (``OSSENSOR_METRICS_ADDRESS``, off when empty).
 
 Values are read from the sensor when scraped, never counted per packet: the kernel's capture
-counters, the core's chunk counters, the transport's counters (whichever of the attributes in
-``_TRANSPORT_FIELDS`` and ``registered`` it has), the filter in force and the Antigena plugin's actions. The endpoint is
+counters, the core's chunk counters (``Sensor.stats``), the transport's counters
+(``Transport.stats``: a series for each field that is not None), the filter in force, and what
+plugins contribute through the hook ``ossensor_metrics`` (Antigena's actions). The endpoint is
 served on the sensor's event loop (aiohttp), so scraping never races the capture tasks that read
 the same counters. On a host network keep it on loopback (``127.0.0.1:9853``, the deploy/
 default): the node's other pods cannot reach it, a node-local agent or an exec can.
@@ -10,10 +11,10 @@ default): the node's other pods cannot reach it, a node-local agent or an exec c
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import ipaddress
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from ossensor_core.errors import ConfigError
+from ossensor_core.pipeline.contracts import MetricSample
 
 if TYPE_CHECKING:
     from ossensor_core.pipeline.sensor import Sensor
@@ -30,7 +32,7 @@ log = logging.getLogger("ossensor.metrics")
 
 VARIABLE = "OSSENSOR_METRICS_ADDRESS"
 PATH = "/metrics"
-#: transport attribute -> (metric name, help, counter or gauge)
+#: ``TransportStats`` field -> (metric name, help, counter or gauge)
 _TRANSPORT_FIELDS: tuple[tuple[str, str, str, bool], ...] = (
     ("chunks_sent", "ossensor_transport_chunks_sent", "Chunks the transport delivered.", True),
     ("packets_sent", "ossensor_transport_packets_sent", "Packets in delivered chunks.", True),
@@ -73,13 +75,6 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def filter_version(sensor: Sensor) -> str:
-    """A short digest of the filter in force: it changes exactly when the filter does."""
-    peers = sensor.vsensor_peers.digest() if sensor.vsensor_peers is not None else ""
-    text = f"{sensor.kernel_filter()}\n{peers}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def interface_counters(name: str) -> list[tuple[str, int]]:
     """(direction, bytes) of interface ``name`` from sysfs; none when it is gone. The packet
     socket counts packets only, and summing frame lengths would touch every packet."""
@@ -101,6 +96,7 @@ class SensorCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         sensor = self.sensor
+        own = sensor.stats()
         packets = CounterMetricFamily("ossensor_capture_packets",
                                       "Packets that passed the kernel filter, per interface.",
                                       labels=["interface"])
@@ -110,7 +106,7 @@ class SensorCollector(Collector):
         interface_bytes = CounterMetricFamily(
             "ossensor_interface_bytes", "Bytes through a captured interface, before the capture "
             "filter (the kernel's interface counters).", labels=["interface", "direction"])
-        for name, stats in sorted(sensor.all_stats().items()):
+        for name, stats in sorted(sensor.capture_stats().items()):
             packets.add_metric([name], stats.packets)
             drops.add_metric([name], stats.drops)
             for direction, value in interface_counters(name):
@@ -119,52 +115,48 @@ class SensorCollector(Collector):
         yield drops
         yield interface_bytes
         yield GaugeMetricFamily("ossensor_capturing_interfaces", "Interfaces captured now.",
-                                value=len(sensor.captures))
+                                value=len(own.interfaces))
         yield CounterMetricFamily("ossensor_chunks", "Chunks the core handed to the transport.",
-                                  value=sensor.chunks_sent)
+                                  value=own.chunks_sent)
         yield CounterMetricFamily("ossensor_chunk_packets",
                                   "Packets in chunks handed to the transport.",
-                                  value=sensor.packets_sent)
+                                  value=own.packets_sent)
         yield GaugeMetricFamily("ossensor_chunks_waiting",
                                 "Chunks cut and waiting for the transport to take them.",
-                                value=sensor.queue.qsize())
+                                value=own.chunks_waiting)
         transport = sensor.transport
+        transport_stats = transport.stats()
+        fields = dataclasses.asdict(transport_stats)
         for attribute, name, help_text, counter in _TRANSPORT_FIELDS:
-            value = getattr(transport, attribute, None)
-            if isinstance(value, int):
+            value = fields[attribute]
+            if value is not None:
                 family = CounterMetricFamily if counter else GaugeMetricFamily
                 yield family(name, help_text, value=value)
-        registered = getattr(transport, "registered", None)
-        if isinstance(registered, bool):
+        if transport_stats.registered is not None:
             yield GaugeMetricFamily("ossensor_transport_registered",
-                                    "1 while registered with the vSensor.", value=int(registered))
+                                    "1 while registered with the vSensor.",
+                                    value=int(transport_stats.registered))
         yield InfoMetricFamily("ossensor_filter", "The kernel filter in force.",
-                               value={"version": filter_version(sensor),
+                               value={"version": own.filter_version,
                                       "transport": transport.name})
-        yield from self._antigena()
+        yield from plugin_families(sensor.prepared.plugins.hook.ossensor_metrics(
+            config=sensor.config))
 
-    def _antigena(self) -> Iterator[Any]:
-        plugin = self.sensor.prepared.plugins.manager.get_plugin("antigena:antigena")
-        service = getattr(plugin, "service", None)
-        if service is None:
-            return
-        yield GaugeMetricFamily("ossensor_antigena_actions", "Antigena actions in force.",
-                                value=len(getattr(service, "actions", {})))
-        yield GaugeMetricFamily("ossensor_antigena_connected",
-                                "1 while the Antigena websocket to the vSensor is open.",
-                                value=int(getattr(service, "ws", None) is not None))
-        enforcers = getattr(service, "enforcers", [])
-        yield CounterMetricFamily("ossensor_antigena_actions_received",
-                                  "Antigena actions received (new or changed) since the start.",
-                                  value=getattr(service, "actions_received", 0))
-        for attribute, name, help_text in (
-                ("resets_sent", "ossensor_antigena_resets", "TCP resets sent."),
-                ("probes_sent", "ossensor_antigena_probes",
-                 "Idle blocked connections of this host probed for their sequence numbers."),
-                ("rate_limited", "ossensor_antigena_resets_rate_limited",
-                 "Resets not sent because of the rate limit.")):
-            yield CounterMetricFamily(name, help_text,
-                                      value=sum(getattr(e, attribute, 0) for e in enforcers))
+
+def plugin_families(results: list[Sequence[MetricSample] | None]) -> Iterator[Any]:
+    """The samples plugins returned from ``ossensor_metrics``, as metric families: one family
+    per name (a counter is shown with ``_total``, as prometheus_client does), its samples
+    labelled as given."""
+    families: dict[str, Any] = {}
+    for samples in results:
+        for sample in samples or ():
+            family = families.get(sample.name)
+            if family is None:
+                kind = CounterMetricFamily if sample.kind == "counter" else GaugeMetricFamily
+                family = families[sample.name] = kind(sample.name, sample.help,
+                                                      labels=sorted(sample.labels))
+            family.add_metric([sample.labels[k] for k in sorted(sample.labels)], sample.value)
+    yield from families.values()
 
 
 class MetricsServer:

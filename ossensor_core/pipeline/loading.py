@@ -21,6 +21,7 @@ from stevedore.exception import NoMatches
 from ossensor_core import hookspecs
 from ossensor_core.errors import PluginError
 from ossensor_core.hookspecs import PROJECT
+from ossensor_core.pipeline import legacy
 from ossensor_core.plugin import CAPTURE_GROUP, PLUGIN_GROUP, TRANSPORT_GROUP
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def installed_plugins(group: str) -> list[PluginInfo]:
     """Every entry point of ``group`` (without importing it), sorted by name."""
     found = []
     for entry_point in metadata.entry_points(group=group):
-        dist = getattr(entry_point, "dist", None)
+        dist = entry_point.dist  # None for an entry point made by hand
         found.append(PluginInfo(entry_point.name, group, entry_point.value,
                                 dist.metadata["Name"] if dist else None,
                                 dist.version if dist else None))
@@ -142,6 +143,7 @@ class LoadedPlugins:
 def new_plugin_manager(trace: bool = False) -> pluggy.PluginManager:
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
+    legacy.register(manager)  # objects of the old structural contracts, adapted once
     if trace:
         manager.trace.root.setwriter(lambda message: log.warning("hook trace: %s", message.rstrip()))
         manager.enable_tracing()

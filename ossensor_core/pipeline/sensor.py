@@ -1,16 +1,20 @@
 """Running the sensor: captures feed filters, batches are cut into chunks, chunks go out.
 
 One asyncio loop drives everything. Each capture source has a task that waits until its
-descriptor is readable, takes the ready batches, runs the user-space filters on each batch and
-adds it to the pending chunk. A chunk is cut when it reaches ``OSSENSOR_CHUNK_BYTES`` or
-``OSSENSOR_CHUNK_SECONDS`` after its first batch, and a single sender task hands chunks to the
-transport in order. Work is per batch or per chunk; nothing here runs per packet unless
-``OSSENSOR_DEBUG=5`` asks for every packet as hex.
+descriptor is readable, takes the ready batches and hands them to the :class:`Chunker`
+(``chunker.py``), which runs the user-space filters on each batch and adds it to the pending
+chunk. A chunk is cut when it reaches ``OSSENSOR_CHUNK_BYTES`` or ``OSSENSOR_CHUNK_SECONDS``
+after its first batch, and a single sender task hands chunks to the transport in order. Work is
+per batch or per chunk, never per packet.
+
+What health and metrics read of a running sensor is :meth:`Sensor.stats` (a
+:class:`SensorStats`), :meth:`Sensor.capture_stats` and :meth:`Transport.stats`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 import time
@@ -23,8 +27,9 @@ from ossensor_core.errors import CaptureError, FilterError, InterfaceError, Osse
 from ossensor_core.ops.health import keep_status
 from ossensor_core.node.interfaces import Interface, InterfaceEvent, InterfaceWatch
 from ossensor_core.ops.logsetup import level
-from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk, InterfaceCounters,
-                        PacketFilter, Transport)
+from ossensor_core.pipeline.chunker import Chunker
+from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
+                                              InterfaceCounters, PacketFilter, Transport)
 from ossensor_core.pipeline.startup import Prepared
 from ossensor_core.ops.threads import named_executor
 
@@ -41,6 +46,24 @@ _QUEUE_CHUNKS = 2
 class _Capture:
     source: CaptureSource
     task: asyncio.Task[None]
+
+
+@dataclass(frozen=True)
+class SensorStats:
+    """What the running sensor reports of itself (health and metrics read this, never the
+    sensor's attributes)."""
+
+    #: Chunks, and packets in them, that the transport accepted.
+    chunks_sent: int
+    packets_sent: int
+    #: Chunks cut and waiting for the transport to take them.
+    chunks_waiting: int
+    #: The interfaces captured now, in the order their captures opened.
+    interfaces: tuple[str, ...]
+    #: The kernel filter in force (``(vSensor filter) and (plugin filters and BPF)``), and a
+    #: short digest of it with the peer exclusion: it changes exactly when the filter does.
+    kernel_filter: str
+    filter_version: str
 
 
 class Sensor:
@@ -67,13 +90,11 @@ class Sensor:
         self.vsensor_peers: AddressSet | None = None
         self.filter_notes: dict[str, None] = {}  # why the peer exclusion is left out, if it is
         self.closed_stats: dict[str, CaptureStats] = {}
-        self.pending: list[PacketBatch] = []
-        self.pending_bytes = 0
-        self.pending_since = 0.0
-        self._pending_started = asyncio.Event()  # wakes the flush timer
         # Chunk sequence numbers increase across restarts (they start from the clock), so a
         # vSensor that remembers stored sequences never mistakes a new run's chunks for retries.
-        self.sequence = time.time_ns()
+        self.chunker = Chunker(self.config.name, self.filters, self.config.chunk_bytes,
+                               self.config.chunk_seconds, self.interface_table, time.time_ns())
+        self._pending_started = asyncio.Event()  # wakes the flush timer
         self.queue: asyncio.Queue[Chunk | None] = asyncio.Queue(_QUEUE_CHUNKS)
         self.chunks_sent = 0
         self.packets_sent = 0
@@ -130,6 +151,18 @@ class Sensor:
 
     def captured_interfaces(self) -> list[Interface]:
         return [c.source.interface for c in self.captures.values()]
+
+    def filter_version(self) -> str:
+        """A short digest of the filter in force: it changes exactly when the filter does."""
+        peers = self.vsensor_peers.digest() if self.vsensor_peers is not None else ""
+        text = f"{self.kernel_filter()}\n{peers}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def stats(self) -> SensorStats:
+        """The sensor's own counters and state now (for health and metrics)."""
+        return SensorStats(self.chunks_sent, self.packets_sent, self.queue.qsize(),
+                           tuple(c.source.interface.name for c in self.captures.values()),
+                           self.kernel_filter(), self.filter_version())
 
     # -- captures ---------------------------------------------------------------------------
 
@@ -202,43 +235,26 @@ class Sensor:
     # -- batches and chunks -----------------------------------------------------------------
 
     async def _accept(self, batch: PacketBatch) -> None:
-        for packet_filter in self.filters:
-            batch = packet_filter.filter(batch)
-            if not batch.count:
-                return
-        if log.isEnabledFor(level(5)):
-            for packet in batch.packets():
-                log.log(level(5), "%s %d.%09d len %d %s", batch.interface,
-                        packet.timestamp_ns // 10**9, packet.timestamp_ns % 10**9,
-                        packet.wire_length, packet.data.hex())
-        if not self.pending:
-            self.pending_since = time.monotonic()
+        was_empty = not self.chunker.pending
+        chunk = self.chunker.add(batch)
+        if was_empty and self.chunker.pending:
             self._pending_started.set()
-        self.pending.append(batch)
-        self.pending_bytes += len(batch.data)
-        if self.pending_bytes >= self.config.chunk_bytes:
-            await self._cut()
+        if chunk is not None:
+            await self.queue.put(chunk)
 
     async def _cut(self) -> None:
-        if not self.pending:
-            return
-        self.sequence += 1
-        # The interface table (chunk format v2): every capture's kernel counters now, so a
-        # vSensor sees drops with the packets, between heartbeats. The transport adds the
-        # instance id, which is its own.
+        chunk = self.chunker.cut()
+        if chunk is not None:
+            await self.queue.put(chunk)
+
+    def interface_table(self) -> tuple[InterfaceCounters, ...]:
+        """The chunk's interface table (format v2): every capture's kernel counters now."""
         stats = self.all_stats()
-        table = tuple(InterfaceCounters(c.source.interface.name, c.source.interface.index,
-                                        c.source.linktype, stats[name].packets,
-                                        stats[name].drops)
-                      for c in self.captures.values()
-                      if (name := c.source.interface.name) in stats)
-        chunk = Chunk(self.config.name, self.sequence, tuple(self.pending), time.time_ns(),
-                      interfaces=table)
-        self.pending, self.pending_bytes = [], 0
-        log.log(level(4), "chunk %d: %d packets, %d record bytes, %d batches from %s",
-                chunk.sequence, chunk.packets, chunk.record_bytes, len(chunk.batches),
-                ",".join(sorted({b.interface for b in chunk.batches})))
-        await self.queue.put(chunk)
+        return tuple(InterfaceCounters(c.source.interface.name, c.source.interface.index,
+                                       c.source.linktype, stats[name].packets,
+                                       stats[name].drops)
+                     for c in self.captures.values()
+                     if (name := c.source.interface.name) in stats)
 
     async def _flush_timer(self) -> None:
         """Cut a chunk ``chunk_seconds`` after its first batch: asleep until then, and not
@@ -246,8 +262,8 @@ class Sensor:
         while True:
             await self._pending_started.wait()
             self._pending_started.clear()
-            while self.pending:
-                due = self.pending_since + self.config.chunk_seconds - time.monotonic()
+            while self.chunker.pending:
+                due = self.chunker.seconds_left()
                 if due > 0:
                     await asyncio.sleep(due)
                 else:

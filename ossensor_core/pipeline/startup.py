@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ossensor_core.client.tls import connection_settings
-from ossensor_core.capture.bpf import LINKTYPE_ETHERNET, BpfProgram, combine_filters, compile_filter
+from ossensor_core.capture.bpf import BpfProgram, combine_filters, compile_filter
+from ossensor_core.wire.names import LINKTYPE_ETHERNET
 from ossensor_core.pipeline.config import SensorConfig, read_core_config, write_config_file
 from ossensor_core.node.patterns import PatternError
 from ossensor_core.errors import ConfigError, FilterError, InterfaceError, PluginError

@@ -9,9 +9,10 @@ import struct
 from typing import BinaryIO
 
 from ossensor_core import __version__
-from ossensor_core.wire.names import SNAPLEN
-from ossensor_core.capture.batch import (ETH_P_8021Q, LINKTYPE_ETHERNET, TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
-                    TPACKET3_HDR, PacketBatch)
+from ossensor_core.capture.batch import (TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID,
+                                         TPACKET3_HDR, PacketBatch)
+from ossensor_core.capture.headers import ETH_P_8021Q
+from ossensor_core.wire.names import LINKTYPE_ETHERNET, SNAPLEN
 
 _SHB = 0x0A0D0D0A
 _IDB = 0x00000001

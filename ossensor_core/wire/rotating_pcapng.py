@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ossensor_core.errors import StorageError
+from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW
 from ossensor_core.wire.pcapng import PcapngWriter
 from ossensor_core.pipeline.contracts import Chunk
 
@@ -40,7 +41,8 @@ PART_SUFFIX = ".part"
 FILE_MODE = 0o640  # captured payloads are sensitive: not world-readable
 
 #: Short link type names used in file names (the ``LINKTYPE_*`` names, lower case).
-LINKTYPE_NAMES = {1: "ether", 101: "raw", 113: "linux_sll", 228: "ipv4", 229: "ipv6"}
+LINKTYPE_NAMES = {LINKTYPE_ETHERNET: "ether", LINKTYPE_RAW: "raw", LINKTYPE_LINUX_SLL: "linux_sll",
+                  228: "ipv4", 229: "ipv6"}
 
 
 def linktype_name(linktype: int) -> str:

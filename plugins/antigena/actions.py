@@ -8,12 +8,12 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ossensor_core.plugin import ETH_P_IP, ETH_P_IPV6, LINKTYPE_ETHERNET, network_header
 from ossensor_core.wire.antigena import BlockAction, IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
-ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
 IPPROTO_TCP = 6
 
 
@@ -142,10 +142,7 @@ def parse_ethernet(frame: bytes) -> Segment | None:
     """The TCP segment in an Ethernet frame (VLAN tags skipped), or None."""
     if len(frame) < 14:
         return None
-    offset, ethertype = 14, int.from_bytes(frame[12:14], "big")
-    while ethertype in (ETH_P_8021Q, ETH_P_8021AD) and len(frame) >= offset + 4:
-        ethertype = int.from_bytes(frame[offset + 2:offset + 4], "big")
-        offset += 4
+    ethertype, offset = network_header(frame, 0, len(frame), LINKTYPE_ETHERNET)
     if ethertype == ETH_P_IP and len(frame) >= offset + 20:
         ihl = (frame[offset] & 0x0F) * 4
         if frame[offset + 9] != IPPROTO_TCP or ihl < 20:

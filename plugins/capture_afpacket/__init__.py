@@ -29,6 +29,7 @@ from ossensor_core.capture.batch import PacketBatch
 from ossensor_core.capture.bpf import BpfProgram, attach_filter
 from ossensor_core.errors import CaptureError, ConfigError, FilterError
 from ossensor_core.node.interfaces import Interface
+from ossensor_core.capture.headers import ETH_P_ALL
 from ossensor_core.plugin import CaptureStats, SensorConfig, Setting, SettingsGroup, hookimpl
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ PACKET_STATISTICS = 6
 PACKET_VERSION = 10
 TPACKET_V3 = 2
 PACKET_MR_PROMISC = 1
-ETH_P_ALL = 0x0003
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
 

@@ -26,7 +26,7 @@ from ossensor_core.capture.bpf import BpfProgram, attach_filter
 from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.errors import CaptureError, FilterError
 from ossensor_core.node.interfaces import Interface
-from ossensor_core.plugin import hookimpl
+from ossensor_core.plugin import SNAPLEN, hookimpl
 from ossensor_core.pipeline.contracts import CaptureStats
 from ossensor_core.pipeline.settings import Setting, SettingsGroup
 
@@ -40,9 +40,9 @@ PACKET_AUXDATA = 8
 SO_RCVBUFFORCE = 33
 SO_TIMESTAMPNS = 35
 
-#: Bytes asked of each recvmsg: the snapshot length our compiled filters return, so that no
-#: packet the kernel accepted is cut short again here (veth and loopback GSO frames reach 64 KiB).
-SNAPLEN = 262144
+# Bytes asked of each recvmsg: SNAPLEN, the snapshot length our compiled filters return, so
+# that no packet the kernel accepted is cut short again here (veth and loopback GSO frames
+# reach 64 KiB).
 
 _TPACKET_STATS = struct.Struct("=II")  # struct tpacket_stats: tp_packets, tp_drops
 # struct tpacket_auxdata: status, len (on the wire), snaplen (as queued), mac, net, vlan tci, tpid

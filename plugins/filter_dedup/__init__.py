@@ -25,11 +25,9 @@ import struct
 from array import array
 from zlib import crc32
 
-from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.ops.logsetup import level
-from ossensor_core.plugin import hookimpl
-from ossensor_core.pipeline.settings import Setting, SettingsGroup
+from ossensor_core.plugin import (ETH_P_IP, ETH_P_IPV6, LINKTYPE_ETHERNET, PacketBatch, SensorConfig, Setting,
+                                  SettingsGroup, hookimpl, network_header)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +37,6 @@ _RECORD = struct.Struct("<IIIIIIH")
 #: How long past the window an entry is kept: batches of two interfaces reach the filter up to
 #: a ring block timeout apart (afpacket's default is 100 ms), more on a busy node.
 HOLD_NS = 1_000_000_000
-_LINKTYPE_ETHERNET = 1
-_LINKTYPE_RAW = 101
-_LINKTYPE_LINUX_SLL = 113
-_VLAN_TPIDS = (0x8100, 0x88A8)
 
 
 @hookimpl
@@ -86,11 +80,13 @@ class Dedup:
         data = batch.data
         view = memoryview(data)
         unpack = _RECORD.unpack_from
+        walk = network_header
         seen = self.seen
         window = self.window_ns
         limit = self.hash_bytes
         ifindex = batch.ifindex
         linktype = batch.linktype
+        ethernet = linktype == LINKTYPE_ETHERNET
         kept = array("I")
         keep = kept.append
         latest = self.latest_ns
@@ -103,25 +99,18 @@ class Dedup:
             step, sec, nsec, snaplen, _, _, mac = unpack(data, offset)
             start = offset + mac
             end = start + snaplen
-            if linktype == _LINKTYPE_ETHERNET and snaplen >= 14:
-                ethertype = data[start + 12] << 8 | data[start + 13]
-                l3 = start + 14
-                while ethertype in _VLAN_TPIDS and l3 + 4 <= end:
-                    ethertype = data[l3 + 2] << 8 | data[l3 + 3]
-                    l3 += 4
-            elif linktype == _LINKTYPE_RAW and snaplen:
-                l3 = start
-                ethertype = 0x0800 if data[start] >> 4 == 4 else 0x86DD
-            elif linktype == _LINKTYPE_LINUX_SLL and snaplen >= 16:
-                ethertype = data[start + 14] << 8 | data[start + 15]
-                l3 = start + 16
+            # An untagged Ethernet frame is read here; every other case (VLAN tags, other
+            # link types, short frames) through network_header: a call per packet costs about
+            # 90 ns, 6 % of the filter (bench: dedup on 512-packet batches).
+            if ethernet and snaplen >= 14 and data[start + 12] != 0x81 and data[start + 12] != 0x88:
+                ethertype, l3 = data[start + 12] << 8 | data[start + 13], start + 14
             else:
-                ethertype, l3 = 0, start
+                ethertype, l3 = walk(data, start, end, linktype)
             stop = l3 + limit if l3 + limit < end else end
-            if ethertype == 0x0800 and stop - l3 >= 20:
+            if ethertype == ETH_P_IP and stop - l3 >= 20:
                 # Without TTL (byte 8), protocol (9, in the key instead) and checksum (10-11).
                 digest = crc32(view[l3 + 12:stop], crc32(view[l3:l3 + 8])) | data[l3 + 9] << 56
-            elif ethertype == 0x86DD and stop - l3 >= 40:  # without the hop limit (7)
+            elif ethertype == ETH_P_IPV6 and stop - l3 >= 40:  # without the hop limit (7)
                 digest = crc32(view[l3 + 8:stop], crc32(view[l3:l3 + 7]))
             else:
                 digest = crc32(view[l3:stop])

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import struct
 
-from ossensor_core.capture.batch import TPACKET_ALIGNMENT, PacketBatch
-from ossensor_core.pipeline.config import SensorConfig
-from ossensor_core.errors import ConfigError
-from ossensor_core.plugin import hookimpl
-from ossensor_core.pipeline.settings import Setting, SettingsGroup
+from ossensor_core.plugin import (ETH_P_IP, ETH_P_IPV6, LINKTYPE_ETHERNET, LINKTYPE_RAW,
+                                  TPACKET_ALIGNMENT, ConfigError, PacketBatch, SensorConfig,
+                                  Setting, SettingsGroup, hookimpl, network_header)
 
 _SNAPLEN_AT = 12  # byte offset of tp_snaplen in struct tpacket3_hdr
-_LINKTYPE_ETHERNET = 1
-_LINKTYPE_RAW = 101
 _PORTS = {6, 17, 132}  # TCP, UDP, SCTP: the first four bytes are the ports
 
 
@@ -122,19 +118,17 @@ def flow_key(data: bytes, start: int, snaplen: int,
              linktype: int) -> tuple[int, bytes, bytes] | None:
     """``(protocol, lower endpoint, higher endpoint)`` of an IP packet (an endpoint is the
     address and port bytes), the same for both directions; None when it is not IP."""
-    l3 = start
     end = start + snaplen
-    if linktype == _LINKTYPE_ETHERNET:
-        if snaplen < 14:
-            return None
-        ethertype = data[start + 12] << 8 | data[start + 13]
-        l3 += 14
-        while ethertype in (0x8100, 0x88A8) and l3 + 4 <= end:
-            ethertype = data[l3 + 2] << 8 | data[l3 + 3]
-            l3 += 4
-        if ethertype != 0x0800 and ethertype != 0x86DD:
-            return None
-    elif linktype != _LINKTYPE_RAW:
+    # An untagged Ethernet frame is read here, every other case through network_header: a
+    # call per packet costs about 90 ns (bench: slice on 512-packet batches).
+    if linktype == LINKTYPE_ETHERNET and snaplen >= 14 and data[start + 12] != 0x81 \
+            and data[start + 12] != 0x88:
+        ethertype, l3 = data[start + 12] << 8 | data[start + 13], start + 14
+    elif linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_RAW:
+        ethertype, l3 = network_header(data, start, end, linktype)
+    else:
+        return None
+    if ethertype != ETH_P_IP and ethertype != ETH_P_IPV6:
         return None
     if end - l3 < 20:
         return None

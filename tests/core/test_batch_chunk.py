@@ -204,6 +204,7 @@ def test_the_sensor_puts_every_capture_and_its_kernel_counters_in_the_chunk():
     import asyncio
     from types import SimpleNamespace
 
+    from ossensor_core.pipeline.chunker import Chunker
     from ossensor_core.pipeline.contracts import InterfaceCounters
     from ossensor_core.pipeline.sensor import Sensor, _Capture
     from ossensor_core.testing import FakeCaptureSource, fake_interface
@@ -215,9 +216,10 @@ def test_the_sensor_puts_every_capture_and_its_kernel_counters_in_the_chunk():
         sensor = Sensor.__new__(Sensor)
         sensor.config = SimpleNamespace(name="node-1")
         sensor.captures = {2: _Capture(busy, None), 9: _Capture(idle, None)}
-        sensor.closed_stats, sensor.sequence, sensor.queue = {}, 41, asyncio.Queue()
-        sensor.pending = busy.read()
-        sensor.pending_bytes = sum(len(b.data) for b in sensor.pending)
+        sensor.closed_stats, sensor.queue = {}, asyncio.Queue()
+        sensor.chunker = Chunker("node-1", [], 4 << 20, 1.0, sensor.interface_table, 41)
+        sensor.chunker.pending = busy.read()
+        sensor.chunker.pending_bytes = sum(len(b.data) for b in sensor.chunker.pending)
         await sensor._cut()
         return sensor.queue.get_nowait()
 

@@ -250,3 +250,23 @@ def test_filters_apply_in_plugin_order():
         ["dedup", "slice"]
     assert [f.name for f in build_pipeline([filter_slice, filter_dedup], environ).filters] == \
         ["slice", "dedup"]
+
+
+def test_the_kit_cuts_chunks_as_the_sensor_does():
+    """The kit runs the sensor's own Chunker: cut by OSSENSOR_CHUNK_BYTES, consecutive
+    sequence numbers, and the interface table with each open capture's kernel counters."""
+    from ossensor_core.pipeline.chunker import Chunker
+    from ossensor_core.plugin import InterfaceCounters
+
+    pipeline = build_pipeline([], {"OSSENSOR_CHUNK_BYTES": "4096"})
+    assert isinstance(pipeline.chunker, Chunker)
+    source = FakeCaptureSource([udp_frame(n, 200) for n in range(40)], fake_interface("eth3", 7),
+                               batch_packets=8)
+    chunks = pipeline.run_sync([source])
+    # five batches of eight records (2,432 bytes each): two reach 4,096 bytes, the last is
+    # cut when the source is drained
+    assert [c.packets for c in chunks] == [16, 16, 8]
+    assert [len(c.batches) for c in chunks] == [2, 2, 1]
+    assert [c.sequence for c in chunks] == [1, 2, 3] and pipeline.sequence == 3
+    assert [c.interfaces for c in chunks] == [(InterfaceCounters("eth3", 7, 1, 40, 0),)] * 3
+    assert pipeline.transport.chunks == chunks

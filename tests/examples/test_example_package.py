@@ -5,6 +5,12 @@ network installs), but the example package is installed into the venv only, by p
 pyproject.toml. The sensor then replays a pcapng file through the example's ``pcapfile`` backend
 and ``ethertype`` filter into the file transport, in a namespace; the stored pcapng must equal
 the input, packet for packet. Without the package, the names are refused with what is there.
+
+Third-party packages keep working: every test that uses the venv runs twice, with today's
+example and with an unchanged copy of its 0.1 release (``tests/fixtures/ossensor-pcapfile-0.1``,
+written against the flat core layout, before the plugin facade exported everything): its old
+import paths still import, with a DeprecationWarning naming the new place. The tests that run a
+sensor need network namespaces (``netns``); the others run without.
 """
 
 from __future__ import annotations
@@ -20,28 +26,33 @@ from pathlib import Path
 import pytest
 
 from ossensor_core import hookspecs
-from ossensor_core.wire.pcapng import PcapngWriter
-from ossensor_core.testing import FakeCaptureSource, read_capture_file
+from ossensor_core.testing import read_capture_file, write_capture_file
 from tests.helpers.cli import TEST_KEY, ossensor, sensor_environment
 from tests.e2e import test_sensor as e2e_sensor
 from tests.helpers.netns import Namespace, have_netns, namespaces, run
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "ossensor-pcapfile"
+#: The example as released before the core was split into folders, kept byte for byte.
+RELEASED = REPO / "tests" / "fixtures" / "ossensor-pcapfile-0.1"
 START_NS = 1_700_000_000_000_000_000
 
 
+@pytest.fixture(scope="module", params=[EXAMPLE, RELEASED], ids=["example", "released-0.1"])
+def package(request) -> Path:
+    """The example package's source: today's, or the 0.1 release unchanged."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
+def venv(tmp_path_factory, package) -> Path:
     """A venv with the example package installed into it (and only into it)."""
-    if not have_netns():
-        pytest.skip("needs root and iproute2")
     base = tmp_path_factory.mktemp("venv")
     folder = base / "env"
     run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)])
     python = folder / "bin" / "python"
     # Built from a copy, so that pip's build folders never land in the source tree.
-    source = shutil.copytree(EXAMPLE, base / "ossensor-pcapfile",
+    source = shutil.copytree(package, base / "ossensor-pcapfile",
                              ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(source)],
                           capture_output=True, text=True, timeout=240)
@@ -79,13 +90,10 @@ def replay_env(tmp_path: Path, source: Path, **extra: str) -> dict[str, str]:
                               OSSENSOR_LOGFILE_PATH=str(tmp_path / "sensor.log"), **extra)
 
 
+@pytest.mark.netns
 def test_replay_through_the_installed_package(venv, ns, tmp_path, monkeypatch):
     packets = frames()
-    source = tmp_path / "input.pcapng"
-    with open(source, "wb") as out:
-        writer = PcapngWriter(out, 1)
-        for batch in FakeCaptureSource(packets, "eth0").read():
-            writer.write_batch(batch)
+    source = write_capture_file(tmp_path / "input.pcapng", packets, interface="eth0")
     env = replay_env(tmp_path, source, OSSENSOR_PLUGINS="ethertype",
                      OSSENSOR_ETHERTYPE_DROP="0x86dd", OSSENSOR_TRACE_HOOKS="1")
     # The e2e helper, running the venv's interpreter instead of ours.
@@ -124,13 +132,60 @@ def test_plugins_listing_shows_the_package(venv):
     assert any(p["name"] == "ethertype" for p in listing["plugin"])
 
 
-def test_the_package_own_tests_pass_in_the_venv(venv, tmp_path):
+def test_the_package_own_tests_pass_in_the_venv(venv, package, tmp_path):
+    tests = package / "tests"
+    if package == RELEASED:  # out of tests/fixtures, whose conftest keeps it from collection
+        tests = shutil.copytree(tests, tmp_path / "tests",
+                                ignore=shutil.ignore_patterns("__pycache__"))
     done = subprocess.run([str(venv), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(EXAMPLE / "tests")], capture_output=True, text=True, timeout=120,
+                           str(tests)], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_released_package_is_kept_unchanged():
+    """The copy is the 0.1 release as it was (commit ea3aac9), byte for byte."""
+    import hashlib
+
+    digests = {path.relative_to(RELEASED).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+               for path in sorted(RELEASED.rglob("*")) if path.is_file()
+               and "__pycache__" not in path.parts}
+    assert digests == RELEASED_DIGESTS
+
+
+def test_old_import_paths_import_with_a_warning_naming_the_new_place(venv, package):
+    """What the package imports, with every warning shown: today's example imports only the
+    plugin facade (no warning); the 0.1 release imports the old flat module names, and each
+    warns with the module's new place."""
+    done = run([str(venv), "-W", "always::DeprecationWarning", "-c",
+                "import ossensor_pcapfile.capture, ossensor_pcapfile.ethertype"])
+    moved = re.findall(r"DeprecationWarning: (ossensor_core\.\w+) has moved to "
+                       r"(ossensor_core\.[\w.]+)", done.stderr)
+    if package == EXAMPLE:
+        assert "DeprecationWarning" not in done.stderr, done.stderr
+    else:
+        assert ("ossensor_core.bpf", "ossensor_core.capture.bpf") in moved, done.stderr
+        assert ("ossensor_core.settings", "ossensor_core.pipeline.settings") in moved
+
+
+def test_old_import_path_warns_in_this_process():
+    """``import ossensor_core.bpf`` (a flat name of 0.1) gives the module at its new place."""
+    import importlib
+    import warnings
+
+    sys.modules.pop("ossensor_core.bpf", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("ossensor_core.bpf")
+    from ossensor_core.capture import bpf
+
+    assert old is bpf
+    assert any(issubclass(w.category, DeprecationWarning)
+               and "ossensor_core.bpf has moved to ossensor_core.capture.bpf" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
+
+
+@pytest.mark.netns
 def test_without_the_package_the_names_are_unknown(ns, tmp_path):
     source = tmp_path / "input.pcapng"
     source.write_bytes(b"")
@@ -145,3 +200,17 @@ def test_without_the_package_the_names_are_unknown(ns, tmp_path):
     assert re.search(r"OSSENSOR_PLUGINS: no plugin named 'ethertype' is installed; available: "
                      r".*dedup.*slice", result.stderr), result.stderr
     assert TEST_KEY not in result.output
+
+
+#: SHA-256 of every file of the 0.1 release (``git archive ea3aac9 examples/ossensor-pcapfile``).
+RELEASED_DIGESTS = {
+    'README.md': 'd9fc88937b679a4e1ea873cd36e41f6294dcf4ee7449b59ac43728daa70297dc',
+    'pyproject.toml': '864657ddef21ec7ff53f210317552fccfc197d2f6d05c1b74c64c278e7b85fd6',
+    'src/ossensor_pcapfile/__init__.py':
+        '2a80a2f64ae7adfb8a350adbfdb9f420d96b85c8b37981102fbafb6504297641',
+    'src/ossensor_pcapfile/capture.py':
+        '3b900e26c5c99bcd761927a2b987c88d78c99ffb6112b5c46544f11403f8cc97',
+    'src/ossensor_pcapfile/ethertype.py':
+        '6b0adac112137a7a50cf62f12d369c8165e063e5889f9c486efd0689f63c2ea5',
+    'tests/test_pcapfile.py': 'bc4911f23d7c7a8eb676c6008817cef2456fc043077809b04720145fe95b5103',
+}

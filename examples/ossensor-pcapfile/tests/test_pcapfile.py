@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ossensor_core.errors import CaptureError, ConfigError
-from ossensor_core.wire.pcapng import PcapngWriter
-from ossensor_core.testing import FakeCaptureSource, build_pipeline, read_capture_file
+from ossensor_core.plugin import CaptureError, ConfigError
+from ossensor_core.testing import FakeCaptureSource, build_pipeline, read_capture_file, \
+    write_capture_file
 from ossensor_pcapfile import capture, ethertype
 
 START_NS = 1_700_000_000_000_000_000
@@ -29,11 +29,7 @@ def packets(count: int, spacing_ns: int = 1000) -> list[tuple[int, int, bytes]]:
 
 
 def write_pcapng(path: Path, frames: list[tuple[int, int, bytes]]) -> Path:
-    with open(path, "wb") as out:
-        writer = PcapngWriter(out, 1)
-        for batch in FakeCaptureSource(frames, "eth0").read():
-            writer.write_batch(batch)
-    return path
+    return write_capture_file(path, frames, interface="eth0")
 
 
 def write_pcap(path: Path, frames: list[tuple[int, int, bytes]], nano: bool = False) -> Path:

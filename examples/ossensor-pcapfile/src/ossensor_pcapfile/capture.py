@@ -2,7 +2,7 @@
 
 A reader thread walks the file (:func:`read_packets`, standard library only), cuts the packets
 into batches and queues them; a pipe tells the sensor's loop when a batch is ready, which is all
-that :class:`~ossensor_core.pipeline.contracts.CaptureSource` asks (``fileno`` polls readable while
+that :class:`~ossensor_core.plugin.CaptureSource` asks (``fileno`` polls readable while
 ``read`` has something). At the ``recorded`` pace a packet is handed over when its offset from
 the first packet has elapsed; at ``fast`` as soon as the pipeline takes it (the queue is bounded,
 so the file is never read into memory). Timestamps are the file's own.
@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ossensor_core.plugin import (CaptureError, CaptureStats, ConfigError, Interface,
+from ossensor_core.plugin import (BpfProgram, CaptureError, CaptureStats, ConfigError, Interface,
                                   PacketBatch, SensorConfig, Setting, SettingsGroup, hookimpl)
-from ossensor_core.capture.bpf import BpfProgram
 
 # Under "ossensor": the sensor sends that logger (and its children) to OSSENSOR_LOGFILE_PATH.
 log = logging.getLogger("ossensor.pcapfile")

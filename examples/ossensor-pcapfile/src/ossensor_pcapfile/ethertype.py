@@ -7,12 +7,10 @@ header, and the EtherType follows the MAC addresses directly).
 
 from __future__ import annotations
 
-from ossensor_core.plugin import (ConfigError, PacketBatch, SensorConfig, Setting, SettingsGroup,
-                                  hookimpl)
-from ossensor_core.pipeline.settings import split_words
+from ossensor_core.plugin import (LINKTYPE_ETHERNET, ConfigError, PacketBatch, SensorConfig,
+                                  Setting, SettingsGroup, hookimpl, network_header, split_words)
 
 VARIABLE = "OSSENSOR_ETHERTYPE_DROP"
-_TAGS = (0x8100, 0x88A8)
 
 
 def parse_ethertypes(text: str) -> frozenset[int]:
@@ -39,17 +37,13 @@ class EtherTypeFilter:
         self.dropped = 0
 
     def filter(self, batch: PacketBatch) -> PacketBatch:
-        if batch.linktype != 1 or not self.drop:
+        if batch.linktype != LINKTYPE_ETHERNET or not self.drop:
             return batch
         data = batch.data
         keep = []
         for index, (offset, _, _, snaplen, _, _, mac, _, _) in enumerate(batch.headers()):
-            at = offset + mac + 12
-            end = offset + mac + snaplen
-            ethertype = data[at] << 8 | data[at + 1] if snaplen >= 14 else 0
-            while ethertype in _TAGS and at + 6 <= end:
-                at += 4
-                ethertype = data[at] << 8 | data[at + 1]
+            start = offset + mac
+            ethertype, _ = network_header(data, start, start + snaplen, LINKTYPE_ETHERNET)
             if ethertype not in self.drop:
                 keep.append(index)
         self.dropped += batch.count - len(keep)
