@@ -39,9 +39,9 @@ MOVED = {
     "diagnose": "ops.diagnose",
     "health": "ops.health",
     "metrics": "ops.metrics",
-    "logsetup": "ops.logsetup",
-    "memory": "ops.memory",
-    "threads": "ops.threads",
+    "logsetup": "runtime.logsetup",
+    "memory": "runtime.memory",
+    "threads": "runtime.threads",
 }
 
 

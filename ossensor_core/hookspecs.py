@@ -45,6 +45,14 @@ if TYPE_CHECKING:
 
 PROJECT = "ossensor"
 hookspec = pluggy.HookspecMarker(PROJECT)
+#: How a plugin marks its implementations (plugin authors import it from ossensor_core.plugin).
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: Entry point groups: one plugin of each of the first two is chosen by name; the third holds
+#: the plugins listed in ``OSSENSOR_PLUGINS``.
+CAPTURE_GROUP = "ossensor.capture"
+TRANSPORT_GROUP = "ossensor.transport"
+PLUGIN_GROUP = "ossensor.plugins"
 
 
 @hookspec

@@ -43,15 +43,13 @@ header (:func:`network_header`) with the EtherType and link type constants, and 
 
 from __future__ import annotations
 
-import pluggy
-
 from ossensor_core.capture.batch import TPACKET3_HDR, TPACKET_ALIGNMENT, Packet, PacketBatch
 from ossensor_core.capture.bpf import BpfProgram, compile_filter
 from ossensor_core.capture.headers import (ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP,
                                            ETH_P_IPV6, VLAN_TPIDS, network_header)
 from ossensor_core.errors import (CaptureError, ConfigError, FilterError, OssensorError,
                                   PluginError, TransportError)
-from ossensor_core.hookspecs import PROJECT
+from ossensor_core.hookspecs import CAPTURE_GROUP, PLUGIN_GROUP, PROJECT, TRANSPORT_GROUP, hookimpl
 from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent
 from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
@@ -61,13 +59,6 @@ from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, Cap
 from ossensor_core.pipeline.settings import PluginSettings, Setting, SettingsGroup, split_words
 from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, SNAPLEN
 
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
-#: Entry point groups: one plugin of each of the first two is chosen by name; the third holds
-#: the plugins listed in ``OSSENSOR_PLUGINS``.
-CAPTURE_GROUP = "ossensor.capture"
-TRANSPORT_GROUP = "ossensor.transport"
-PLUGIN_GROUP = "ossensor.plugins"
 
 __all__ = [
     # plugin registration

@@ -15,35 +15,14 @@ from dataclasses import dataclass
 import aiohttp
 
 from ossensor_core.errors import TransportError
-from ossensor_core.pipeline.config import SensorConfig
-from ossensor_core.pipeline.settings import Setting, SettingsGroup
+# The settings are the core's (read at start-up whatever is loaded); this module uses them.
+from ossensor_core.pipeline.config import (ENV_CA_FILE, ENV_FINGERPRINT, ENV_TLS_VERIFY,
+                                          SETTINGS_GROUP, SensorConfig, connection_settings)
 
-#: The name of the core's settings group for the vSensor connection (``config.plugin(...)``).
-SETTINGS_GROUP = "vsensor"
-ENV_CA_FILE = "VSENSOR_CA_FILE"
-ENV_FINGERPRINT = "VSENSOR_TLS_FINGERPRINT"
-ENV_TLS_VERIFY = "VSENSOR_TLS_VERIFY"
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 #: What ``aiohttp`` takes as its ``ssl`` argument.
 AiohttpTls = ssl.SSLContext | aiohttp.Fingerprint | bool
-
-
-def connection_settings() -> SettingsGroup:
-    """The vSensor connection settings: the core's, read at start-up whatever plugins are loaded
-    (``pipeline/startup.py``)."""
-    return SettingsGroup(SETTINGS_GROUP, [
-        Setting("ca_file", str, "",
-                "CA bundle (PEM) that verifies the vSensor's certificate; empty: the system CAs.",
-                env=ENV_CA_FILE),
-        Setting("fingerprint", str, "",
-                "SHA-256 fingerprint of the vSensor's DER certificate (hex; colons and case "
-                "ignored) to pin instead of CA verification; a self-signed certificate then "
-                "works.", env=ENV_FINGERPRINT),
-        Setting("tls_verify", bool, True,
-                "Verify the vSensor's certificate; false turns verification off (the connection "
-                "is then not authenticated, and a warning says so).", env=ENV_TLS_VERIFY),
-    ])
 
 
 def normalise_fingerprint(text: str) -> str:

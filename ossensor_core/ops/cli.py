@@ -105,9 +105,9 @@ def cmd_interfaces(environ: Mapping[str, str], watch: float | None) -> int:
 
 
 def cmd_run(environ: Mapping[str, str]) -> int:
-    from ossensor_core.ops.logsetup import setup_logging
-    from ossensor_core.ops.memory import keep_buffers_mapped
-    from ossensor_core.pipeline.sensor import run_sensor
+    from ossensor_core.runtime.logsetup import setup_logging
+    from ossensor_core.runtime.memory import keep_buffers_mapped
+    from ossensor_core.ops.run import run_sensor
     from ossensor_core.pipeline.startup import prepare
 
     try:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.contracts import Chunk, InterfaceCounters, PacketFilter
 
 log = logging.getLogger("ossensor.sensor")

@@ -21,7 +21,8 @@ from typing import Any
 
 from ossensor_core.node.patterns import ExtendedRegex, PatternError
 from ossensor_core.errors import ConfigError
-from ossensor_core.pipeline.settings import PluginSettings, ResolvedSetting, Setting, resolve_settings, split_words
+from ossensor_core.pipeline.settings import (PluginSettings, ResolvedSetting, Setting, SettingsGroup,
+                                            resolve_settings, split_words)
 
 CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("VSENSOR_HOSTNAME", str, None, "Host name or IP address of the vSensor, without a port.",
@@ -255,3 +256,28 @@ def write_config_file(config: SensorConfig, devices: list[str]) -> None:
             [f"OSSENSOR_CONFIG_PATH: cannot write the configuration file {str(path)!r} "
              f"({exc.strerror or exc})"]
         ) from exc
+
+
+# -- the vSensor connection (TLS), shared by the transport, Antigena and diagnose ----------
+
+#: The name of the core's settings group for the vSensor connection (``config.plugin(...)``).
+SETTINGS_GROUP = "vsensor"
+ENV_CA_FILE = "VSENSOR_CA_FILE"
+ENV_FINGERPRINT = "VSENSOR_TLS_FINGERPRINT"
+ENV_TLS_VERIFY = "VSENSOR_TLS_VERIFY"
+
+def connection_settings() -> SettingsGroup:
+    """The vSensor connection settings (``ossensor_core.client.tls`` uses them): the core's, read
+    at start-up whatever plugins are loaded or disabled (``pipeline/startup.py``)."""
+    return SettingsGroup(SETTINGS_GROUP, [
+        Setting("ca_file", str, "",
+                "CA bundle (PEM) that verifies the vSensor's certificate; empty: the system CAs.",
+                env=ENV_CA_FILE),
+        Setting("fingerprint", str, "",
+                "SHA-256 fingerprint of the vSensor's DER certificate (hex; colons and case "
+                "ignored) to pin instead of CA verification; a self-signed certificate then "
+                "works.", env=ENV_FINGERPRINT),
+        Setting("tls_verify", bool, True,
+                "Verify the vSensor's certificate; false turns verification off (the connection "
+                "is then not authenticated, and a warning says so).", env=ENV_TLS_VERIFY),
+    ])

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ossensor_core.pipeline.config import SensorConfig
-from ossensor_core.plugin import hookimpl
+from ossensor_core.hookspecs import hookimpl
 from ossensor_core.wire.chunk import ChunkCodec
 
 

@@ -22,7 +22,7 @@ from ossensor_core import hookspecs
 from ossensor_core.errors import PluginError
 from ossensor_core.hookspecs import PROJECT
 from ossensor_core.pipeline import legacy
-from ossensor_core.plugin import CAPTURE_GROUP, PLUGIN_GROUP, TRANSPORT_GROUP
+from ossensor_core.hookspecs import CAPTURE_GROUP, PLUGIN_GROUP, TRANSPORT_GROUP
 
 log = logging.getLogger(__name__)
 

@@ -16,22 +16,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import signal
 import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ossensor_core.capture.batch import PacketBatch
 from ossensor_core.capture.bpf import BpfProgram, combine_filters, compile_filter
 from ossensor_core.capture.peer_exclusion import AddressSet, fit_exclusion
 from ossensor_core.errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
-from ossensor_core.ops.health import keep_status
 from ossensor_core.node.interfaces import Interface, InterfaceEvent, InterfaceWatch
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.chunker import Chunker
 from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
                                               InterfaceCounters, PacketFilter, Transport)
 from ossensor_core.pipeline.startup import Prepared
-from ossensor_core.ops.threads import named_executor
+from ossensor_core.runtime.threads import named_executor
 
 log = logging.getLogger("ossensor.sensor")
 
@@ -331,19 +331,17 @@ class Sensor:
 
     # -- the whole run ----------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event,
+                  companions: Sequence[Coroutine[Any, Any, None]] = ()) -> None:
+        """Capture and ship until ``stop`` is set, then flush. ``companions`` run beside the
+        pipeline and are cancelled at the stop (``ossensor run`` keeps the health status with
+        one)."""
         hook = self.prepared.plugins.hook
         # to_thread's pool (chunk encoding, netlink): named, so per-thread CPU is legible.
         asyncio.get_running_loop().set_default_executor(named_executor("ossensor-pool"))
         # Asked once, before start-up: the antigena plugin hands these to the actions it gets.
         enforcers = [e for e in hook.ossensor_response_enforcer(config=self.config)
                      if e is not None]
-        metrics = None
-        if self.config.metrics_address:  # before anything starts: a busy port stops start-up
-            from ossensor_core.ops.metrics import MetricsServer
-
-            metrics = MetricsServer(self, self.config.metrics_address)
-            await metrics.start()
         hook.ossensor_startup(config=self.config, control=self)
         await self.transport.start(self)
         sender = asyncio.create_task(self._send_loop(), name="sender")
@@ -354,7 +352,8 @@ class Sensor:
                         "(NETWORK_DEVICE_ANY=1)")
         background = [asyncio.create_task(coro, name=name) for coro, name in
                       ((self._watch(), "watch"), (self._flush_timer(), "flush"),
-                       (self._stats_timer(), "stats"), (keep_status(self), "health"))]
+                       (self._stats_timer(), "stats"))]
+        background += [asyncio.create_task(coro) for coro in companions]
         if self.config.antigena_enabled and ("antigena", "antigena") not in \
                 self.prepared.plugins.loaded:
             log.warning("ANTIGENA_ENABLED is true but the antigena plugin is not loaded "
@@ -383,22 +382,8 @@ class Sensor:
                 await self.transport.aclose()
             except TransportError as exc:
                 log.error("transport %s did not close cleanly: %s", self.transport.name, exc)
-            if metrics is not None:
-                await metrics.aclose()
             self.report_stats()
             log.info("stopped: %d chunks, %d packets handed to transport %s", self.chunks_sent,
                      self.packets_sent, self.transport.name)
             hook.ossensor_shutdown(config=self.config)
 
-
-async def run_sensor(prepared: Prepared, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM or SIGINT (or ``stop`` is set), then flush and return."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await Sensor(prepared).run(stop)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ossensor_core.client.tls import connection_settings
 from ossensor_core.capture.bpf import BpfProgram, combine_filters, compile_filter
 from ossensor_core.wire.names import LINKTYPE_ETHERNET
-from ossensor_core.pipeline.config import SensorConfig, read_core_config, write_config_file
+from ossensor_core.pipeline.config import (SensorConfig, connection_settings, read_core_config,
+                                          write_config_file)
 from ossensor_core.node.patterns import PatternError
 from ossensor_core.errors import ConfigError, FilterError, InterfaceError, PluginError
 from ossensor_core.node.interfaces import (Decision, Interface, InterfaceSelector, Primary, list_interfaces,

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import struct
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import zstandard
 
 from ossensor_core.capture.batch import PacketBatch
 from ossensor_core.wire.names import CHUNK_MEDIA_TYPE
-from ossensor_core.pipeline.contracts import Chunk, ChunkEncoder, InterfaceCounters
 
 MAGIC = b"OSCK"
 VERSION = 1  # what encode writes by default
@@ -46,6 +47,61 @@ _INTERFACE = struct.Struct("<IHQQ")
 def _name(value: str) -> bytes:
     encoded = value.encode()
     return struct.pack("<H", len(encoded)) + encoded
+
+
+@dataclass(frozen=True)
+class InterfaceCounters:
+    """One row of a chunk's interface table: a captured interface and its cumulative kernel
+    counters (:class:`CaptureStats`) when the chunk was cut."""
+
+    name: str
+    ifindex: int
+    linktype: int
+    packets: int = 0
+    drops: int = 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Batches cut together by size or time, the unit that a transport stores or sends.
+
+    ``instance`` (the sending process, stamped by the transport that has one) and
+    ``interfaces`` (every interface captured when the chunk was cut, with or without batches
+    here) travel in chunk format v2 only; v1 leaves them empty.
+    """
+
+    sensor: str
+    sequence: int
+    batches: tuple[PacketBatch, ...]
+    created_ns: int
+    instance: str = ""
+    interfaces: tuple[InterfaceCounters, ...] = ()
+    packets: int = field(init=False)
+    record_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "packets", sum(b.count for b in self.batches))
+        object.__setattr__(self, "record_bytes", sum(len(b.data) for b in self.batches))
+
+
+class ChunkEncoder(ABC):
+    """Turns a chunk into bytes for the wire (and back, for the receiving side).
+
+    ``versions`` lists the versions of ``ossensor-chunk`` that ``encode`` can write; the
+    transport asks for the highest one the vSensor also reads.
+    """
+
+    media_type: str = CHUNK_MEDIA_TYPE
+    versions: tuple[int, ...] = (1,)
+
+    @abstractmethod
+    def encode(self, chunk: Chunk, version: int = 1) -> bytes:
+        """Serialise and compress a chunk in format ``version``. Pure: no I/O."""
+
+    @abstractmethod
+    def decode(self, payload: bytes) -> Chunk:
+        """The inverse of :meth:`encode`; raises ValueError on a malformed payload."""
+
 
 
 class ChunkCodec(ChunkEncoder):

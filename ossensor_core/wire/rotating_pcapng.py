@@ -33,7 +33,7 @@ from pathlib import Path
 from ossensor_core.errors import StorageError
 from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW
 from ossensor_core.wire.pcapng import PcapngWriter
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from ossensor_core.capture.batch import PacketBatch
 from ossensor_core.pipeline.contracts import ResponseEnforcer
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 
 from .actions import (TCP_ACK, TCP_RST, TCP_SYN, Action, Segment, first_match,
                       parse_ethernet, parse_proc_tcp)

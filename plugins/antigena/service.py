@@ -26,7 +26,7 @@ from ossensor_core.capture.batch import LINKTYPE_ETHERNET, PacketBatch
 from ossensor_core.capture.bpf import attach_filter, compile_filter
 from ossensor_core.client import AiohttpTls, signed_headers
 from ossensor_core.errors import FilterError
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 from ossensor_core.wire.names import PATH_ANTIGENA
 from ossensor_core.pipeline.contracts import ResponseEnforcer
 

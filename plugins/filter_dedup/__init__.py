@@ -25,7 +25,7 @@ import struct
 from array import array
 from zlib import crc32
 
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 from ossensor_core.plugin import (ETH_P_IP, ETH_P_IPV6, LINKTYPE_ETHERNET, PacketBatch, SensorConfig, Setting,
                                   SettingsGroup, hookimpl, network_header)
 

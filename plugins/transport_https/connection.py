@@ -18,8 +18,8 @@ import aiohttp
 
 from ossensor_core.client import VSensorTls, base_url, new_instance, signed_headers
 from ossensor_core.client.tls import AiohttpTls
-from ossensor_core.ops.logsetup import level
-from ossensor_core.ops.threads import named_executor
+from ossensor_core.runtime.logsetup import level
+from ossensor_core.runtime.threads import named_executor
 from ossensor_core.wire.names import PATH_CHUNKS, PATH_REGISTER, SHA256
 
 from .answers import Refused, reason_of, retry_after, state_of

@@ -21,7 +21,7 @@ from typing import Any
 from ossensor_core.client import registration_body
 from ossensor_core.errors import InterfaceError
 from ossensor_core.node.workloads import WorkloadFinder
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.contracts import SensorControl
 from ossensor_core.wire.names import PATH_HEARTBEAT, PATH_REGISTER, PROTOCOL_VERSIONS, SHA256
 from ossensor_core.wire.signing import DIGESTS

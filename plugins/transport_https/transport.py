@@ -14,7 +14,7 @@ from pathlib import Path
 from ossensor_core.capture.peer_exclusion import AddressSet
 from ossensor_core.client import ENV_TLS_VERIFY, VSensorTls, load_instance
 from ossensor_core.errors import TransportError
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.contracts import (Chunk, ChunkEncoder, SensorControl, Transport,
                                               TransportStats)
 from ossensor_core.pipeline.sensor import SHUTDOWN_GRACE_SECONDS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ossensor_core.ops.threads import named_executor
+from ossensor_core.runtime.threads import named_executor
 
 
 def test_pool_threads_are_named_in_the_kernel():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ossensor_core.ops.memory import keep_buffers_mapped
+from ossensor_core.runtime.memory import keep_buffers_mapped
 
 from . import __version__
 from .app import create_app

@@ -32,7 +32,7 @@ from ossensor_core.wire.chunk import ChunkCodec
 from ossensor_core.pipeline.config import read_core_config
 from ossensor_core.errors import FilterError
 from ossensor_core.node.interfaces import Interface
-from ossensor_core.ops.logsetup import level
+from ossensor_core.runtime.logsetup import level
 from ossensor_core.wire.signing import (H_VERSION, PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER,
                                     PROTOCOL_VERSIONS, AuthError, NonceCache, verify)
 from ossensor_core.pipeline.contracts import CaptureStats, Chunk, Transport
