@@ -25,11 +25,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import zstandard
 
-from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.wire.names import CHUNK_MEDIA_TYPE
+from ossensor_core.capture.batch import TPACKET3_HDR, PacketBatch
+from ossensor_core.wire.names import (CHUNK_MEDIA_TYPE, MAX_CHUNK_BATCHES, MAX_CHUNK_BYTES,
+                                      MAX_CHUNK_INTERFACES, MAX_CHUNK_LINKTYPES, MAX_WIRE_LENGTH,
+                                      MAX_ZSTD_WINDOW, SNAPLEN)
 
 MAGIC = b"OSCK"
 VERSION = 1  # what encode writes by default
@@ -130,7 +133,13 @@ class ChunkCodec(ChunkEncoder):
         self._clock = clock
         self._backoff = backoff
         self._paused_until = 0.0
-        self._compressor = zstandard.ZstdCompressor(level=level)
+        # Levels over 19 would use windows past what a receiver allocates (MAX_ZSTD_WINDOW).
+        params = zstandard.ZstdCompressionParameters.from_level(level)
+        cap = MAX_ZSTD_WINDOW.bit_length() - 1
+        self._compressor = (zstandard.ZstdCompressor(level=level) if params.window_log <= cap
+                            else zstandard.ZstdCompressor(
+                                compression_params=zstandard.ZstdCompressionParameters.from_level(
+                                    level, window_log=cap)))
         self.compressed = 0  # chunks sent compressed
         self.uncompressed = 0  # chunks sent as they are (paused, or not worth it)
         self.attempts_wasted = 0  # compressions thrown away because they saved too little
@@ -172,57 +181,187 @@ class ChunkCodec(ChunkEncoder):
         size = sum(len(part) for part in parts)
         return b"".join([_OUTER.pack(MAGIC, version, CODEC_NONE, 0, size), *parts])
 
-    def decode(self, payload: bytes) -> Chunk:
-        try:
-            return self._decode(payload)
-        except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
-            raise ValueError(f"malformed chunk: {exc}") from exc
+    def decode(self, payload: bytes, max_size: int = MAX_CHUNK_BYTES) -> Chunk:
+        """The chunk in ``payload``, every count, length and offset checked against the data
+        (:func:`check_records`); raises :class:`ChunkError` (a ValueError) otherwise.
 
-    def _decode(self, payload: bytes) -> Chunk:
+        ``max_size`` bounds the decompressed body: decompression is streamed and stops there,
+        whatever size the frame declares, and nothing is allocated before it is read. So
+        decoding holds at most ``max_size`` bytes of batch data plus a bounded overhead.
+        """
+        try:
+            return self._decode(payload, max_size)
+        except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
+            raise ChunkError(f"malformed chunk: {exc}") from exc
+
+    def _decode(self, payload: bytes, max_size: int) -> Chunk:
         magic, version, codec, _, length = _OUTER.unpack_from(payload, 0)
         if magic != MAGIC:
-            raise ValueError("malformed chunk: bad magic")
+            raise ChunkError("malformed chunk: bad magic")
         if version not in VERSIONS:
-            raise ValueError(f"unsupported chunk version {version}")
-        body = payload[_OUTER.size:]
-        if len(body) != length:
-            raise ValueError(f"malformed chunk: body is {len(body)} bytes, header says {length}")
+            raise ChunkError(f"unsupported chunk version {version}")
+        if len(payload) - _OUTER.size != length:
+            raise ChunkError(f"malformed chunk: body is {len(payload) - _OUTER.size} bytes, "
+                             f"header says {length}")
+        packed = memoryview(payload)[_OUTER.size:]
         if codec == CODEC_ZSTD:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
-        elif codec != CODEC_NONE:
-            raise ValueError(f"unknown chunk codec {codec}")
-        view = memoryview(body)
-        sequence, created_ns = _HEAD.unpack_from(view, 0)
-        position = _HEAD.size
-
-        def read_name() -> str:
-            nonlocal position
-            (size,) = struct.unpack_from("<H", view, position)
-            text = bytes(view[position + 2:position + 2 + size]).decode()
-            position += 2 + size
-            return text
-
-        sensor = read_name()
+            declared = zstandard.get_frame_parameters(packed).content_size
+            if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > max_size:
+                raise ChunkError(f"malformed chunk: the zstd frame declares {declared} bytes, "
+                                 f"over the limit of {max_size}")
+            # One decompressor per chunk: they are not thread-safe, and chunks decode in threads.
+            decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+            source: _Reader = decompressor.stream_reader(packed, read_across_frames=True)
+        elif codec == CODEC_NONE:
+            source = _ViewReader(packed)
+        else:
+            raise ChunkError(f"unknown chunk codec {codec}")
+        body = _Body(source, max_size)
+        sequence, created_ns = _HEAD.unpack(body.take(_HEAD.size, "header"))
+        sensor = body.name("sensor name")
         instance, interfaces = "", []
         if version == 2:
-            instance = read_name()
-            (rows,) = struct.unpack_from("<I", view, position)
-            position += 4
+            instance = body.name("instance id")
+            rows = body.u32("interface count")
+            if rows > MAX_CHUNK_INTERFACES:
+                raise ChunkError(f"malformed chunk: {rows} interfaces, over the limit of "
+                                 f"{MAX_CHUNK_INTERFACES}")
             for _ in range(rows):
-                name = read_name()
-                ifindex, linktype, packets, drops = _INTERFACE.unpack_from(view, position)
-                position += _INTERFACE.size
+                name = body.name("interface name")
+                ifindex, linktype, packets, drops = _INTERFACE.unpack(
+                    body.take(_INTERFACE.size, "interface row"))
                 interfaces.append(InterfaceCounters(name, ifindex, linktype, packets, drops))
-        (count,) = struct.unpack_from("<I", view, position)
-        position += 4
+        count = body.u32("batch count")
+        if count > MAX_CHUNK_BATCHES:
+            raise ChunkError(f"malformed chunk: {count} batches, over the limit of "
+                             f"{MAX_CHUNK_BATCHES}")
         batches = []
-        for _ in range(count):
-            interface = read_name()
-            ifindex, linktype, packets, size = _BATCH.unpack_from(view, position)
-            position += _BATCH.size
-            data = bytes(view[position:position + size])
-            if len(data) != size:
-                raise ValueError("malformed chunk: truncated batch")
-            position += size
+        linktypes: set[int] = set()
+        for index in range(count):
+            interface = body.name("interface name")
+            ifindex, linktype, packets, size = _BATCH.unpack(body.take(_BATCH.size, "batch"))
+            linktypes.add(linktype)
+            if len(linktypes) > MAX_CHUNK_LINKTYPES:
+                raise ChunkError(f"malformed chunk: more than {MAX_CHUNK_LINKTYPES} link types")
+            if packets > size // TPACKET3_HDR.size:
+                raise ChunkError(f"malformed chunk: batch {index} claims {packets} packets in "
+                                 f"{size} bytes of records")
+            data = body.take(size, f"batch {index}")
+            try:
+                check_records(data, packets)
+            except ChunkError as exc:
+                raise ChunkError(f"malformed chunk: batch {index} ({interface[:64]!r}): "
+                                 f"{exc}") from None
             batches.append(PacketBatch(interface, ifindex, linktype, data, packets))
+        body.end()
         return Chunk(sensor, sequence, tuple(batches), created_ns, instance, tuple(interfaces))
+
+
+class _Reader(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+class ChunkError(ValueError):
+    """A chunk that fails a check: the vSensor answers 400 ``bad_chunk`` and stores nothing."""
+
+
+_HDR_SIZE = TPACKET3_HDR.size
+_NS = 1_000_000_000
+
+
+class _ViewReader:
+    """``read`` over a memoryview: each read copies only what it returns (io.BytesIO would
+    copy the whole body first)."""
+
+    __slots__ = ("view", "position")
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.position = 0
+
+    def read(self, size: int) -> bytes:
+        start = self.position
+        self.position = min(start + size, len(self.view))
+        return bytes(self.view[start:self.position])
+
+
+class _Body:
+    """The decoded body, read field by field against a budget: no length is trusted before
+    it fits what is left of ``limit``."""
+
+    __slots__ = ("source", "limit", "left")
+
+    def __init__(self, source: _Reader, limit: int) -> None:
+        self.source = source
+        self.limit = limit
+        self.left = limit
+
+    def take(self, size: int, what: str) -> bytes:
+        if size > self.left:
+            raise ChunkError(f"malformed chunk: {what} ({size} bytes) takes the body past "
+                             f"{self.limit} bytes (or past its end)")
+        data = self.source.read(size)
+        if len(data) < size:  # a stream may return less at a frame boundary
+            parts = [data]
+            got = len(data)
+            while got < size:
+                more = self.source.read(size - got)
+                if not more:
+                    raise ChunkError(f"malformed chunk: truncated {what}")
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        self.left -= size
+        return data
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), "little")
+
+    def name(self, what: str) -> str:
+        size = int.from_bytes(self.take(2, what), "little")
+        return self.take(size, what).decode()
+
+    def end(self) -> None:
+        if self.source.read(1):
+            raise ChunkError("malformed chunk: data after the last batch")
+
+
+def check_records(data: bytes, count: int) -> None:
+    """Check that ``data`` holds exactly ``count`` TPACKET_V3 records, chained by their
+    next-record offsets (the last one 0 or ending the data), each frame inside its record,
+    captured length <= min(wire length, SNAPLEN), wire length <= MAX_WIRE_LENGTH, nanoseconds
+    below a second. Raises ChunkError naming the first record that fails.
+
+    This is what makes the pcapng writer's walk safe: it trusts these fields.
+    """
+    size = len(data)
+    if not count:
+        if size:
+            raise ChunkError(f"{size} bytes of records for 0 packets")
+        return
+    unpack = TPACKET3_HDR.unpack_from
+    last = count - 1
+    offset = 0
+    for index in range(count):
+        if offset + _HDR_SIZE > size:
+            raise ChunkError(f"record {index} at {offset} is past the data ({size} bytes)")
+        step, _, nsec, snaplen, length, _, mac, _, _, _, _, _ = unpack(data, offset)
+        if index == last:
+            end = size if step == 0 else offset + step
+            if end != size:
+                raise ChunkError(f"the last record ({index}) ends at {end}, the data at {size}")
+        else:
+            end = offset + step
+            if step < _HDR_SIZE or end >= size:
+                raise ChunkError(f"record {index} at {offset}: next offset {step} is not "
+                                 f"inside the data ({size} bytes)")
+        if mac < _HDR_SIZE or offset + mac + snaplen > end:
+            raise ChunkError(f"record {index} at {offset}: frame at +{mac}, {snaplen} bytes, "
+                             f"is not inside its record ({end - offset} bytes)")
+        if snaplen > length or snaplen > SNAPLEN:
+            raise ChunkError(f"record {index}: captured length {snaplen} is over the wire "
+                             f"length {length} or the snap length {SNAPLEN}")
+        if length > MAX_WIRE_LENGTH or nsec >= _NS:
+            raise ChunkError(f"record {index}: wire length {length} or nanoseconds {nsec} out "
+                             f"of range")
+        offset = end

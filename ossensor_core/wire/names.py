@@ -43,7 +43,7 @@ CHUNK_MEDIA_TYPE = "application/vnd.ossensor.chunk.v1"
 
 
 class Reason:
-    """The reason codes that a 401 or 409 carries in its ``error`` field and that label the
+    """The reason codes that a 400, 401 or 409 carries in its ``error`` field and that label the
     vSensor's metrics. They tell an operator what to fix (clock, key, a proxy that rewrites
     bodies) without helping anyone guess a key."""
 
@@ -56,18 +56,43 @@ class Reason:
     REPLAY = "replay"
     UNKNOWN_SENSOR = "unknown_sensor"
     NAME_IN_USE = "name_in_use"
+    #: A chunk that fails a check of ``ossensor_core.wire.chunk`` (400, nothing stored).
+    BAD_CHUNK = "bad_chunk"
 
 
 #: Every reason code, in the order ``docs/protocol.md`` lists them.
 REASON_CODES: tuple[str, ...] = (
     Reason.MISSING_HEADER, Reason.BAD_SCHEME, Reason.BAD_TIMESTAMP, Reason.CLOCK_SKEW,
     Reason.BAD_BODY_HASH, Reason.BAD_SIGNATURE, Reason.REPLAY, Reason.UNKNOWN_SENSOR,
-    Reason.NAME_IN_USE)
+    Reason.NAME_IN_USE, Reason.BAD_CHUNK)
+
+# -- chunk bounds (what a decoder takes; the encoder stays inside them) ----------------------
+
+#: The largest chunk body, decompressed: decompression stops here whatever the frame declares.
+#: The vSensor's request limit (413) is the same 64 MiB; a sensor's chunk is
+#: ``OSSENSOR_CHUNK_BYTES`` (4 MiB by default) plus one ring block.
+MAX_CHUNK_BYTES = 64 << 20
+#: Distinct link types in one chunk. A receiver keeps one open file per link type; a host has a
+#: handful (Ethernet, raw IP for tunnels, cooked SLL, IPv4/IPv6), so 16 is never reached by a
+#: sensor and bounds what one chunk can make a vSensor open.
+MAX_CHUNK_LINKTYPES = 16
+#: Batches in one chunk. A batch is a ring block (or a filtered part of one) holding at least one
+#: record of 64 bytes or more, so a 4 MiB chunk has at most 65,536; each costs a Python object.
+MAX_CHUNK_BATCHES = 65536
+#: Rows of a v2 chunk's interface table (one per captured interface; a node with thousands of
+#: pods has thousands of veths).
+MAX_CHUNK_INTERFACES = 16384
+#: The largest zstd window a chunk may need (a receiver allocates it): zstd levels up to 19 use
+#: at most this; the encoder caps higher levels to it.
+MAX_ZSTD_WINDOW = 8 << 20
 
 # -- captured packets -----------------------------------------------------------------------
 
 #: The largest frame kept (libpcap's and tcpdump's default snap length).
 SNAPLEN = 262144
+#: The largest wire length a record may state (GSO frames exceed the MTU by far): room is left
+#: for the 802.1Q tag that is put back when the packet is written.
+MAX_WIRE_LENGTH = 0xFFFFFFFF - 4
 
 # Link types (LINKTYPE_* in pcap/pcapng files, DLT_* in libpcap).
 LINKTYPE_ETHERNET = 1

@@ -79,6 +79,8 @@ def epb_parts(batch: PacketBatch, interface_id: int) -> list[bytes | memoryview]
             frame = bytes(frame[:12]) + struct.pack("!HH", tag_type, tci) + bytes(frame[12:])
             snaplen += 4
             length += 4
+            if snaplen > SNAPLEN:  # as libpcap: never past the snap length (tshark refuses it)
+                frame, snaplen = frame[:SNAPLEN], SNAPLEN
         pad = -snaplen & 3
         total = 32 + snaplen + pad
         ts = sec * 1_000_000_000 + nsec

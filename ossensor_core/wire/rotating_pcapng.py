@@ -94,6 +94,7 @@ class _OpenFile:
     out: _Descriptor
     writer: PcapngWriter
     opened: float  # time.monotonic()
+    used: int = 0  # when a chunk last wrote to it (a counter): the least recent is closed first
 
     @property
     def part(self) -> Path:
@@ -130,13 +131,20 @@ class RotatingPcapngFiles:
     A file the failed chunk cannot be cut off is closed and left as a ``.part`` file, or with
     ``continue_after_failure`` completed as it is.
 
+    ``max_open`` bounds the open files (descriptors): before one more is opened, the least
+    recently written file that the current chunk has not written is completed (a later chunk of
+    its link type opens a new one). None: one per link type, without bound.
+
     ``packets_written`` and ``bytes_written`` (pcapng bytes) count stored chunks,
     ``files_completed`` the files renamed to their final name.
     """
 
     def __init__(self, directory: Path, prefix: str = "", rotate_bytes: int = 100 << 20,
-                 rotate_seconds: float = 300.0, *, continue_after_failure: bool = False) -> None:
+                 rotate_seconds: float = 300.0, *, continue_after_failure: bool = False,
+                 max_open: int | None = None) -> None:
         self.directory = Path(directory)
+        self.max_open = max_open
+        self._uses = 0
         self.prefix = prefix
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
@@ -170,6 +178,7 @@ class RotatingPcapngFiles:
                     continue
                 current = self._files.get(batch.linktype)
                 if current is None:
+                    self._make_room(marks)
                     final = self._next_name(batch.linktype)
                     path = part_path(final)
                     current = self._open_file(batch.linktype, final)
@@ -177,6 +186,8 @@ class RotatingPcapngFiles:
                 elif batch.linktype not in marks:
                     marks[batch.linktype] = _Mark.of(current)
                 path = current.part
+                self._uses += 1
+                current.used = self._uses
                 current.writer.write_batch(batch)
             if commit is not None:
                 commit(self.positions())
@@ -195,6 +206,22 @@ class RotatingPcapngFiles:
             added += mark.file.out.position - mark.position
         self.bytes_written += added
         return added
+
+    def _make_room(self, busy: dict[int, _Mark]) -> None:
+        """Complete least recently written files until one more may open (``max_open``); the
+        files the current chunk wrote (``busy``) stay open."""
+        if self.max_open is None:
+            return
+        while len(self._files) >= self.max_open:
+            idle = [f for f in self._files.values() if f.linktype not in busy]
+            if not idle:
+                return
+            self._complete_logged([min(idle, key=lambda f: f.used)])
+
+    @property
+    def open_files(self) -> int:
+        """How many ``.part`` files are open now."""
+        return len(self._files)
 
     def positions(self) -> list[tuple[Path, int]]:
         """(``.part`` path, bytes written) of every open file."""

@@ -234,3 +234,43 @@ def test_the_sensor_puts_every_capture_and_its_kernel_counters_in_the_chunk():
     assert chunk.instance == ""  # the transport's to stamp
     assert ChunkCodec().decode(ChunkCodec().encode(chunk, version=2)).interfaces == \
         chunk.interfaces
+
+
+def test_the_encoder_stays_inside_the_decoders_bounds_at_every_level():
+    """zstd levels over 19 (20: 32 MiB) would need windows past MAX_ZSTD_WINDOW, which a vSensor does not
+    allocate: the codec caps them, so its chunks always decode."""
+    import zstandard
+    from ossensor_core.wire.names import MAX_ZSTD_WINDOW
+    frame = bytes(range(256)) * 5
+    batch = PacketBatch.from_frames("eth0", 2, 1, [(i, len(frame) + 4, frame + i.to_bytes(4, "big"))
+                                                   for i in range(7000)])  # 9.5 MiB of records
+    chunk = Chunk("node-1", 1, (batch,), 0)
+    for level in (-3, 20):
+        payload = ChunkCodec(level=level).encode(chunk)
+        assert payload[5] == 1  # compressed
+        window = zstandard.get_frame_parameters(payload[12:]).window_size
+        assert window <= MAX_ZSTD_WINDOW, (level, window)
+        assert ChunkCodec().decode(payload).packets == 7000
+
+
+def test_vlan_frames_at_the_snap_length_stay_within_it_in_pcapng():
+    """A restored 802.1Q tag never takes a frame past SNAPLEN (tshark refuses longer ones)."""
+    from ossensor_core.wire.names import SNAPLEN
+    frame = bytes(SNAPLEN)
+    batch = PacketBatch.from_frames("eth0", 2, 1, [(0, 70000 * 4, frame)])
+    data = bytearray(batch.data)
+    struct.pack_into("<I", data, 20, TP_STATUS_VLAN_VALID)  # tp_status
+    batch = PacketBatch("eth0", 2, 1, bytes(data), 1)
+    out = io.BytesIO()
+    PcapngWriter(out, 1).write_batch(batch)
+    (packet,) = [p for p in _epb_lengths(out.getvalue())]
+    assert packet == (SNAPLEN, 70000 * 4 + 4)
+
+
+def _epb_lengths(data: bytes):
+    position = 0
+    while position < len(data):
+        kind, length = struct.unpack_from("<II", data, position)
+        if kind == 6:
+            yield struct.unpack_from("<II", data, position + 20)
+        position += length

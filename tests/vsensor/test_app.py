@@ -127,7 +127,7 @@ def test_malformed_chunks_and_foreign_sensor_names_get_400(tmp_path, tls):
             assert (await client.register())[0] == 200
             status, answer, _ = await client.post(
                 PATH_CHUNKS, b"OSCKgarbage", headers={"X-Ossensor-Chunk-Sequence": "1"})
-            assert status == 400 and "malformed" in answer["error"]
+            assert (status, answer["error"]) == (400, "bad_chunk") and "malformed" in answer["detail"]
             status, _, _ = await client.send_chunk(make_chunk(1, sensor="node-2"),
                                                    sensor=SENSOR)
             assert status == 400

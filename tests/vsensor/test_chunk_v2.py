@@ -76,7 +76,7 @@ def test_a_v2_chunk_of_another_instance_is_refused_and_nothing_stored(tmp_path, 
             assert (await client.register(instance=INSTANCE))[0] == 200
             # The header says the registered instance, the signed body another one.
             code, answer = await send(client, v2_chunk(1, 1000, 3, instance="0bad" * 8), 2)
-            assert code == 400 and "instance" in answer["error"]
+            assert (code, answer["error"]) == (400, "bad_chunk") and "instance" in answer["detail"]
             # The body's instance without the header is refused as well.
             code, _ = await send(client, v2_chunk(2, 1000, 3), 2, instance="")
             assert code == 400

@@ -16,7 +16,8 @@ from aiohttp import web
 
 from ossensor_core.pipeline.contracts import Chunk
 from ossensor_core.wire.chunk import ChunkCodec
-from ossensor_core.wire.names import H_CHUNK_SEQUENCE, H_INSTANCE, H_TEST
+from ossensor_core.wire.names import (H_CHUNK_SEQUENCE, H_INSTANCE, H_TEST,
+                                      MAX_CHUNK_BYTES, MAX_CHUNK_INTERFACES, Reason)
 
 from .answers import error_answer
 from .auth import Authenticator
@@ -51,36 +52,28 @@ class ChunkReceiver:
             refused = self.auth.refuse_unless_holder(sensor, request)
             if refused is not None:
                 return refused
-        try:
-            sequence = int(request.headers[H_CHUNK_SEQUENCE])
-        except (KeyError, ValueError):
-            self.metrics.chunks["malformed"] += 1
-            return error_answer(400, f"missing or bad {H_CHUNK_SEQUENCE} header")
+        text = request.headers.get(H_CHUNK_SEQUENCE, "")
+        if not (text.isascii() and text.isdigit() and len(text) <= 20):  # a u64
+            return self._refuse(sensor, None, f"missing or bad {H_CHUNK_SEQUENCE} header")
+        sequence = int(text)
         try:
             # Decompressing and parsing a large chunk takes a while: off the event loop.
-            chunk = await asyncio.to_thread(self.codec.decode, body)
+            chunk = await asyncio.to_thread(self.codec.decode, body, MAX_CHUNK_BYTES)
         except ValueError as exc:
-            self.metrics.chunks["malformed"] += 1
-            log.warning("malformed chunk %d from %r: %s", sequence, sensor, exc)
-            return error_answer(400, str(exc))
+            return self._refuse(sensor, sequence, str(exc))
         if chunk.sensor != sensor:
-            self.metrics.chunks["malformed"] += 1
-            log.warning("chunk %d from %r names sensor %r", sequence, sensor, chunk.sensor)
-            return error_answer(400, f"the chunk belongs to sensor {chunk.sensor!r}, "
-                                     f"not {sensor!r}")
+            return self._refuse(sensor, sequence, f"the chunk belongs to sensor "
+                                                  f"{chunk.sensor[:64]!r}, not {sensor!r}")
         if chunk.sequence != sequence:
-            self.metrics.chunks["malformed"] += 1
-            return error_answer(400, f"{H_CHUNK_SEQUENCE} {sequence} differs from the chunk's "
-                                     f"sequence {chunk.sequence}")
+            return self._refuse(sensor, sequence, f"{H_CHUNK_SEQUENCE} {sequence} differs from "
+                                                  f"the chunk's sequence {chunk.sequence}")
         # The body's instance (v2) is covered by the signature; the header, on which
         # name_in_use decided, is not. A chunk whose two disagree is refused.
         header_instance = request.headers.get(H_INSTANCE, "")
         if chunk.instance and chunk.instance != header_instance:
-            self.metrics.chunks["malformed"] += 1
-            log.warning("chunk %d from %r names instance %r, the request %r", sequence, sensor,
-                        chunk.instance[:64], header_instance[:64])
-            return error_answer(400, f"the chunk belongs to instance {chunk.instance[:64]!r}, "
-                                     f"not {header_instance[:64]!r} ({H_INSTANCE})")
+            return self._refuse(sensor, sequence,
+                                f"the chunk belongs to instance {chunk.instance[:64]!r}, "
+                                f"not {header_instance[:64]!r} ({H_INSTANCE})")
         if test:
             # A sensor checking the whole path (key, clock, TLS, chunk format) before it
             # captures: nothing is stored and the sequence is not remembered.
@@ -93,6 +86,13 @@ class ChunkReceiver:
         # Shielded: should the client go away mid-write, the chunk is still stored and its
         # sequence remembered, so the sensor's retry is answered as a duplicate.
         return await asyncio.shield(self._store(state, chunk))
+
+    def _refuse(self, sensor: str, sequence: int | None, detail: str) -> web.Response:
+        """400 ``bad_chunk``: counted, one log line, nothing stored."""
+        self.metrics.chunks["malformed"] += 1
+        log.warning("refused chunk %s from %r (%s): %s",
+                    "?" if sequence is None else sequence, sensor, Reason.BAD_CHUNK, detail)
+        return bad_chunk(detail)
 
     async def _store(self, state: SensorState, chunk: Chunk) -> web.Response:
         try:
@@ -120,12 +120,21 @@ class ChunkReceiver:
         return web.json_response({"stored": chunk.packets})
 
 
+def bad_chunk(detail: str) -> web.Response:
+    """``400 {"error": "bad_chunk", "detail": ...}``: a chunk that fails a check; retrying
+    cannot help."""
+    return web.json_response({"error": Reason.BAD_CHUNK, "detail": detail}, status=400)
+
+
 def note_kernel_counters(state: SensorState, chunk: Chunk) -> None:
     """Kernel counters from a v2 chunk's interface table. They only move forward: a chunk
     that waited in a spool carries older counters than the last heartbeat, which stays
-    authoritative (it also resets them when a capture was reopened)."""
+    authoritative (it also resets them when a capture was reopened). New names stop at
+    MAX_CHUNK_INTERFACES, so chunks with ever new names cannot grow the table without end."""
     for row in chunk.interfaces:
         known = state.kernel.get(row.name)
+        if known is None and len(state.kernel) >= MAX_CHUNK_INTERFACES:
+            continue
         if known is None or (row.packets >= known.get("packets", 0)
                              and row.drops >= known.get("drops", 0)):
             state.kernel[row.name] = {"packets": row.packets, "drops": row.drops}

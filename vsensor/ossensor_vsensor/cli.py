@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -201,6 +202,25 @@ async def serve(settings: VSensorSettings, host: str, port: int, context) -> Non
     log.info("stopped")
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard limit (logged), and return both.
+
+    Each sensor may hold up to MAX_CHUNK_LINKTYPES pcapng files and a journal open, plus its
+    connections; the usual soft limit of 1,024 would be reached by a few dozen sensors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+            return soft, hard
+        log.info("open-files limit raised from %d to %d", soft, hard)
+        return hard, hard
+    log.info("open-files limit: %d", soft)
+    return soft, hard
+
+
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -213,6 +233,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     keep_buffers_mapped()
     try:
         settings, host, port, context = prepare(args, environ)
+        raise_open_files_limit()
         asyncio.run(serve(settings, host, port, context))
     except UsageError as exc:
         print(f"ossensor-vsensor: error: {exc}", file=sys.stderr)

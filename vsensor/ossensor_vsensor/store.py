@@ -33,9 +33,11 @@ import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 from ossensor_core.wire import rotating_pcapng as pcapng_files
 from ossensor_core.errors import StorageError
+from ossensor_core.wire.names import MAX_CHUNK_LINKTYPES
 from ossensor_core.wire.rotating_pcapng import RotatingPcapngFiles
 from ossensor_core.pipeline.contracts import Chunk
 
@@ -76,8 +78,11 @@ class SensorStore:
         self.directory = Path(data_dir) / safe_name(sensor)
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
+        # One chunk never needs more files than its link types (MAX_CHUNK_LINKTYPES); older
+        # link types' files are completed to make room.
         self._files = RotatingPcapngFiles(self.directory, "", rotate_bytes, rotate_seconds,
-                                          continue_after_failure=True)
+                                          continue_after_failure=True,
+                                          max_open=MAX_CHUNK_LINKTYPES)
         self._sequences: OrderedDict[int, None] = OrderedDict()
         self._journal: int | None = None  # descriptor, opened by the first write
         self._journal_lines = 0
@@ -97,6 +102,12 @@ class SensorStore:
     @property
     def files_completed(self) -> int:
         return self._files.files_completed
+
+    @property
+    def idle(self) -> bool:
+        """No file open: every chunk stored is in a completed file; the store may be closed
+        (its journal too) and opened again by the next chunk."""
+        return self._files.open_files == 0
 
     # Sequences ---------------------------------------------------------------------------
 
@@ -188,13 +199,24 @@ def read_journal(path: Path) -> list[tuple[int, str]]:
     return entries
 
 
-def _complete_blocks(data: bytes) -> tuple[int, bool]:
-    """Length of the complete pcapng blocks at the start of ``data``, and whether a packet
-    block is among them."""
+#: How much of a ``.part`` file recovery reads at a time: it walks the block headers, never
+#: holding the file (up to the rotation size, 100 MiB by default) in memory.
+RECOVERY_READ = 1 << 20
+
+
+def _complete_blocks(handle: BinaryIO, limit: int) -> tuple[int, bool]:
+    """End of the last complete pcapng block within the first ``limit`` bytes of ``handle``,
+    and whether a packet block is among them. Reads the file a window at a time."""
     position, packets = 0, False
-    while position + 12 <= len(data):
-        kind, length = struct.unpack_from("<II", data, position)
-        if length < 12 or length % 4 or position + length > len(data):
+    window, start = b"", 0  # window holds the file's bytes [start, start + len(window))
+    while position + 12 <= limit:
+        if position + 8 > start + len(window):
+            handle.seek(position)
+            window, start = handle.read(RECOVERY_READ), position
+            if len(window) < 8:
+                break
+        kind, length = struct.unpack_from("<II", window, position - start)
+        if length < 12 or length % 4 or position + length > limit:
             break
         packets = packets or kind in (3, 6)
         position += length
@@ -214,26 +236,25 @@ def recover(folder: Path) -> list[str]:
                 ends[name] = int(end)
     done = []
     for part in sorted(folder.glob("*" + pcapng_files.PART_SUFFIX)):
-        data = part.read_bytes()
-        if data[:4] != b"\x0a\x0d\x0d\x0a":  # not a pcapng file of ours: not ours to cut
-            done.append(f"{part.name}: left alone (not a pcapng file)")
-            continue
-        complete, _ = _complete_blocks(data)
-        if has_journal:
-            keep = min(ends.get(part.name, 0), complete)
-        else:  # written by a vSensor without a journal: keep whole blocks
-            keep = complete
-        _, packets = _complete_blocks(data[:keep])
+        with open(part, "r+b") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if handle.read(4) != b"\x0a\x0d\x0d\x0a":  # not a pcapng file of ours: not ours to cut
+                done.append(f"{part.name}: left alone (not a pcapng file)")
+                continue
+            # With a journal: up to the last acknowledged end; without (an older vSensor):
+            # every whole block.
+            limit = min(ends.get(part.name, 0), size) if has_journal else size
+            keep, packets = _complete_blocks(handle, limit)
+            if packets:
+                handle.truncate(keep)
+                os.fsync(handle.fileno())
         final = part.with_name(part.name[:-len(pcapng_files.PART_SUFFIX)])
         if not packets:
             part.unlink()
             done.append(f"{part.name}: removed (no acknowledged packet)")
             continue
-        with open(part, "r+b") as handle:
-            handle.truncate(keep)
-            os.fsync(handle.fileno())
         os.replace(part, final)
-        done.append(f"{part.name}: {len(data) - keep} bytes past the last acknowledged chunk "
+        done.append(f"{part.name}: {size - keep} bytes past the last acknowledged chunk "
                     f"cut off, completed as {final.name}")
     return done
 

@@ -1,7 +1,9 @@
 """Every sensor's :class:`~.store.SensorStore`, kept by the running vSensor.
 
 A sensor's store is opened on its first chunk and written by one task at a time (a lock per
-sensor; the writes themselves run in a worker thread). Beside the chunks, this is where files are
+sensor; the writes themselves run in a worker thread). Once its files are completed by age (the
+sensor fell silent) the store is closed, journal included, and dropped: the next chunk opens it
+again and reads the journal, so a silent sensor costs no descriptor and no memory. Beside the chunks, this is where files are
 completed by age, retention deletes old ones, a crashed run's ``.part`` files are recovered at
 start and every open file is completed at shutdown.
 """
@@ -124,6 +126,9 @@ class SensorStores:
                         log.exception("rotating the files of %r failed", sensor)
                     if store.files_completed != completed:
                         self._retention_wake.set()
+                    if store.idle:  # a silent sensor keeps no descriptor (journal) open
+                        await asyncio.to_thread(store.close)
+                        del self.stores[sensor]
 
     async def _retain(self) -> None:
         """Retention on a timer and after every completed file (``.part`` files are kept)."""
