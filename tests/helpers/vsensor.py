@@ -16,7 +16,7 @@ from aiohttp import web
 from ossensor_vsensor.app import VSENSOR, VSensorSettings, create_app
 
 from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 from ossensor_core.wire.chunk import MEDIA_TYPE, ChunkCodec
 from ossensor_core.wire.signing import H_VERSION, PATH_CHUNKS, PATH_REGISTER, sign
 

@@ -10,7 +10,7 @@ import json
 
 from ossensor_core.wire.chunk import MEDIA_TYPE, ChunkCodec
 from ossensor_core.wire.signing import H_INSTANCE, PATH_CHUNKS, PATH_HEARTBEAT
-from ossensor_core.pipeline.contracts import Chunk, InterfaceCounters
+from ossensor_core.wire.chunk import Chunk, InterfaceCounters
 from tests.helpers.vsensor import Client, make_chunk, running, settings, stored_files
 
 INSTANCE = "5e1f" * 8

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 from tests.helpers.vsensor import SENSOR, ether_frame, running, settings, stored_files
 
 

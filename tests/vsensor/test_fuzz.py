@@ -26,7 +26,7 @@ from ossensor_core.capture.batch import PacketBatch
 from ossensor_core.wire.chunk import CODEC_NONE, MAGIC, VERSION, VERSIONS, ChunkCodec
 from ossensor_core.wire.names import MAX_CHUNK_BATCHES, MAX_CHUNK_BYTES, MAX_CHUNK_INTERFACES
 from ossensor_core.wire.signing import PATH_CHUNKS
-from ossensor_core.pipeline.contracts import Chunk, InterfaceCounters
+from ossensor_core.wire.chunk import Chunk, InterfaceCounters
 from tests.helpers.vsensor import SENSOR, running, settings
 
 MAX_TIMESTAMP_NS = 2**32 * 10**9 - 1  # tpacket3_hdr keeps seconds in a u32

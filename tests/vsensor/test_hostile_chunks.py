@@ -18,7 +18,7 @@ import pytest
 import zstandard
 
 from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 from ossensor_core.wire.chunk import CODEC_NONE, CODEC_ZSTD, MAGIC, ChunkCodec
 from ossensor_core.wire.names import MAX_CHUNK_BYTES, MAX_CHUNK_LINKTYPES, PATH_CHUNKS
 from tests.helpers.vsensor import (SENSOR, ether_frame, make_chunk, running, settings,

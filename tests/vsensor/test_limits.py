@@ -12,7 +12,7 @@ import time
 import tracemalloc
 
 from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 from ossensor_core.wire.names import MAX_CHUNK_LINKTYPES
 from ossensor_vsensor.store import JOURNAL, SensorStore, recover
 from tests.helpers.vsensor import SENSOR, ether_frame, make_chunk, running, settings, stored_files

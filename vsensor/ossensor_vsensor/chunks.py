@@ -14,7 +14,7 @@ import logging
 
 from aiohttp import web
 
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 from ossensor_core.wire.chunk import ChunkCodec
 from ossensor_core.wire.names import (H_CHUNK_SEQUENCE, H_INSTANCE, H_TEST,
                                       MAX_CHUNK_BYTES, MAX_CHUNK_INTERFACES, Reason)

@@ -39,7 +39,7 @@ from ossensor_core.wire import rotating_pcapng as pcapng_files
 from ossensor_core.errors import StorageError
 from ossensor_core.wire.names import MAX_CHUNK_LINKTYPES
 from ossensor_core.wire.rotating_pcapng import RotatingPcapngFiles
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 
 log = logging.getLogger(__name__)
 

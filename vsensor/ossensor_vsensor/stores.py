@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 
-from ossensor_core.pipeline.contracts import Chunk
+from ossensor_core.wire.chunk import Chunk
 
 from .settings import VSensorSettings
 from .store import SensorStore, enforce_retention, recover
