@@ -38,7 +38,9 @@ Everything a plugin needs is importable from here (a third-party package imports
 of ``ossensor_core``, and ``ossensor_core.testing`` in its tests): the hook marker and entry
 point groups, settings, the contracts (``Transport``, ``ChunkEncoder`` and ``ResponseEnforcer``
 are base classes to subclass), batches, kernel filter programs, the walk to a packet's network
-header (:func:`network_header`) with the EtherType and link type constants, and the errors.
+header (:func:`network_header`) with the EtherType and link type constants, the vSensor client
+(TLS, identity, registration, signed requests) for plugins that talk to the vSensor, the
+``Check`` values of ``ossensor_diagnose``, and the errors.
 """
 
 from __future__ import annotations
@@ -47,10 +49,14 @@ from ossensor_core.capture.batch import TPACKET3_HDR, TPACKET_ALIGNMENT, Packet,
 from ossensor_core.capture.bpf import BpfProgram, compile_filter
 from ossensor_core.capture.headers import (ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP,
                                            ETH_P_IPV6, VLAN_TPIDS, network_header)
+from ossensor_core.client import (INSTANCE_FILE, AiohttpTls, VSensorTls, base_url, client_context,
+                                  load_instance, new_instance, normalise_fingerprint,
+                                  read_instance, registration_body, signed_headers, tls_setting)
 from ossensor_core.errors import (CaptureError, ConfigError, FilterError, OssensorError,
                                   PluginError, TransportError)
 from ossensor_core.hookspecs import CAPTURE_GROUP, PLUGIN_GROUP, PROJECT, TRANSPORT_GROUP, hookimpl
 from ossensor_core.node.interfaces import Decision, Interface, InterfaceEvent
+from ossensor_core.ops.diagnose.checks import Check, Context
 from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
                                               ChunkEncoder, InterfaceCounters, MetricSample,
@@ -75,6 +81,12 @@ __all__ = [
     "BpfProgram", "ETH_P_8021AD", "ETH_P_8021Q", "ETH_P_ARP", "ETH_P_IP", "ETH_P_IPV6",
     "LINKTYPE_ETHERNET", "LINKTYPE_LINUX_SLL", "LINKTYPE_RAW", "Packet", "PacketBatch", "SNAPLEN",
     "TPACKET3_HDR", "TPACKET_ALIGNMENT", "VLAN_TPIDS", "compile_filter", "network_header",
+    # talking to the vSensor (TLS, identity, registration, signed requests)
+    "INSTANCE_FILE", "AiohttpTls", "VSensorTls", "base_url", "client_context", "load_instance",
+    "new_instance", "normalise_fingerprint", "read_instance", "registration_body",
+    "signed_headers", "tls_setting",
+    # diagnose checks (ossensor_diagnose)
+    "Check", "Context",
     # errors
     "CaptureError", "ConfigError", "FilterError", "OssensorError", "PluginError",
     "TransportError",
