@@ -23,6 +23,7 @@ their figures.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import time
@@ -41,6 +42,20 @@ log = logging.getLogger("ossensor_vsensor")
 RETRY_AFTER_SECONDS = 5
 #: At most one "connection refused" log line per this many seconds (a flood must not fill logs).
 _REFUSAL_LOG_SECONDS = 10.0
+
+
+def client_key(address: str) -> str:
+    """What the per-address caps count by: an IPv4 address, or an IPv6 address's /64 (one
+    host usually holds a whole /64, so counting single IPv6 addresses would cap nothing)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class ConnectionCounts:
@@ -131,7 +146,7 @@ class _Gate(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.raw = transport
         peer = transport.get_extra_info("peername")
-        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self.address = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
         if not self.site.counts.admit_connection(self.address):
             transport.abort()
             return
@@ -300,7 +315,7 @@ def request_gate(counts: ConnectionCounts) -> Callable[[web.Request, Handler],
 
     @web.middleware
     async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        address = request.remote or "?"
+        address = client_key(request.remote or "?")
         if not counts.admit_request(address):
             log.warning("refused %s %s from %s: too many requests in flight (%d from it, %d in "
                         "all)", request.method, request.path, address, counts.requests[address],
