@@ -40,6 +40,10 @@ _STATUS = {Reason.BAD_SENSOR_NAME: 400, Reason.BAD_HEADER: 400}
 #: A request's share of the body budget, kept until its answer is written (``release_body``).
 _BODY_SHARE = web.RequestKey("ossensor_body_share", int)
 RETRY_AFTER_SECONDS = 5
+#: A body up to this size is read (and dropped) after a refusal from the headers, within
+#: DRAIN_SECONDS, so that its sender sees the answer; beyond, the connection is closed unread.
+DRAIN_BYTES = 64 << 10
+DRAIN_SECONDS = 1.0
 
 
 def auth_reason(error: AuthError) -> str:
@@ -82,7 +86,7 @@ class Authenticator:
                                     request.headers, self.nonces, now=self.settings.now(),
                                     skew_seconds=self.settings.skew_seconds)
         except AuthError as exc:
-            raise self._refused(request, exc) from None
+            raise await self._unread(request, length, self._refused(request, exc)) from None
         if request.path != PATH_REGISTER:
             offered = request.headers.get(H_VERSION)
             if offered is not None and negotiate(_ints(offered)) is None:
@@ -150,9 +154,23 @@ class Authenticator:
         exception = (web.HTTPBadRequest if status == 400 else web.HTTPUnauthorized)(
             text=json.dumps({"error": reason, "server_time": self.settings.now()}),
             content_type="application/json")
-        if reason != Reason.BAD_BODY_HASH:
-            exception.force_close()
         return exception
+
+    async def _unread(self, request: web.Request, length: int,
+                      answer: web.HTTPException) -> web.HTTPException:
+        """``answer`` to a request refused from its headers, its body unread. A small body
+        (registrations, heartbeats: up to :data:`DRAIN_BYTES`) is read and dropped so that
+        the client, still sending it, gets the answer (its reason code and the vSensor's clock)
+        instead of a reset; a larger one closes the connection unread."""
+        if length <= DRAIN_BYTES:
+            try:
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await request.content.readexactly(length)
+                return answer
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                pass
+        answer.force_close()
+        return answer
 
     def _input_refusal(self, request: web.Request, reason: str,
                        answer: Callable[..., web.HTTPException], message: str, close: bool,
