@@ -90,9 +90,9 @@ class Authenticator:
         if request.path != PATH_REGISTER:
             offered = request.headers.get(H_VERSION)
             if offered is not None and negotiate(_ints(offered)) is None:
-                raise web.HTTPUpgradeRequired(
+                raise await self._unread(request, length, web.HTTPUpgradeRequired(
                     text=json.dumps({"supported": list(PROTOCOL_VERSIONS)}),
-                    content_type="application/json")
+                    content_type="application/json"))
         self._reserve_body(request, length)
         try:
             async with asyncio.timeout(self.settings.body_seconds):
