@@ -351,3 +351,42 @@ def test_a_refused_sender_of_a_small_body_gets_the_answer_not_a_reset(tmp_path, 
     status, answer = run(scenario())
     assert (status, answer["error"]) == (401, "clock_skew")
     assert abs(answer["server_time"] - time.time()) < 30
+
+
+def test_many_sensors_at_once_pass_the_gate(tmp_path, tls):
+    """100 sensors from 100 addresses, each with its own connections, register, send chunks
+    and open Antigena's websocket at once: every request answered, every count back to 0."""
+    from tests.helpers.vsensor import make_chunk
+
+    async def sensor(g, n: int) -> list[int]:
+        name = f"node-{n}"
+        connector = aiohttp.TCPConnector(ssl=g.client_ctx, local_addr=(f"127.0.1.{n}", 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            statuses = []
+            body = (b'{"versions": [1], "addresses": ["10.0.%d.%d"]}' % (n >> 8, n & 255))
+            headers = {H_VERSION: "1", **sign(KEY, "POST", PATH_REGISTER, body, name)}
+            async with session.post(g.base + PATH_REGISTER, data=body, headers=headers) as r:
+                statuses.append(r.status)
+            ws_headers = {H_VERSION: "1", **sign(KEY, "GET", PATH_ANTIGENA, b"", name)}
+            async with session.ws_connect(g.base + PATH_ANTIGENA, headers=ws_headers) as ws:
+                statuses.append(200 if (await ws.receive_json(timeout=10))["type"] == "sync"
+                                else 0)
+                for sequence in (1, 2):
+                    chunk = g.app[VSENSOR].chunks.codec.encode(make_chunk(sequence, sensor=name))
+                    headers = {H_VERSION: "1", "X-Ossensor-Chunk-Sequence": str(sequence),
+                               **sign(KEY, "POST", PATH_CHUNKS, chunk, name)}
+                    async with session.post(g.base + PATH_CHUNKS, data=chunk,
+                                            headers=headers) as r:
+                        statuses.append(r.status)
+            return statuses
+
+    async def scenario():
+        async with guarded(settings(tmp_path, header_seconds=5.0), tls) as g:
+            results = await asyncio.gather(*(sensor(g, n) for n in range(1, 101)))
+            await asyncio.sleep(0.3)
+            counts = g.app[VSENSOR].counts
+            return results, counts.total_connections, counts.total_requests
+
+    results, connections, requests = run(scenario())
+    assert all(r == [200, 200, 200, 200] for r in results), results
+    assert (connections, requests) == (0, 0)

@@ -186,8 +186,9 @@ class _Gate(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.handler is None:
-            if sum(map(len, self.pending)) < 1 << 16:  # bounded: TLS finishes first
-                self.pending.append(data)
+            # Only between the handshake's end and the handler's start (one turn of the loop):
+            # at most one TLS read, which asyncio bounds (256 KiB).
+            self.pending.append(data)
             return
         if not self.in_request and self.timer is None:
             self._arm(self.site.settings.header_seconds, "request headers incomplete")
