@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 import time
@@ -390,3 +391,38 @@ def test_many_sensors_at_once_pass_the_gate(tmp_path, tls):
     results, connections, requests = run(scenario())
     assert all(r == [200, 200, 200, 200] for r in results), results
     assert (connections, requests) == (0, 0)
+
+
+@pytest.mark.parametrize("field", ["software", "interfaces", "instance"])
+def test_json_strings_that_are_not_text_get_400(tmp_path, tls, caplog, field):
+    """``"\\ud800"`` parses but is no character: it would break log lines and pages."""
+    value = ["eth0", "\ud800"] if field == "interfaces" else "x\udcff"
+    body = json.dumps({"versions": [1], "addresses": ["192.0.2.1"], field: value}).encode()
+
+    async def scenario():
+        async with guarded(settings(tmp_path), tls) as g:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                    ssl=g.client_ctx)) as session:
+                headers = {H_VERSION: "1", **sign(KEY, "POST", PATH_REGISTER, body, SENSOR)}
+                async with session.post(g.base + PATH_REGISTER, data=body,
+                                        headers=headers) as r:
+                    return r.status, await r.json()
+
+    status, answer = run(scenario())
+    assert (status, answer["reason"]) == (400, "bad_json")
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_stray_bytes_in_an_unsigned_protocol_header_get_400(tmp_path, tls):
+    async def scenario():
+        async with guarded(settings(tmp_path), tls) as g:
+            reader, writer = await g.open()
+            writer.write(request_head("POST", PATH_REGISTER, {
+                **sign(KEY, "POST", PATH_REGISTER, b"{}", SENSOR),
+                "X-Ossensor-Instance": b"\xffinstance"}, 2) + b"{}")
+            answer = await response(reader)
+            writer.close()
+            return answer
+
+    status, answer = run(scenario())
+    assert (status, answer["error"]) == (400, "bad_header")

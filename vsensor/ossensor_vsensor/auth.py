@@ -22,8 +22,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ossensor_core.wire.names import (AUTHORIZATION, H_INSTANCE, H_SENSOR, H_VERSION,
-                                      PATH_REGISTER, PROTOCOL_VERSIONS, Reason)
+from ossensor_core.wire.names import (AUTHORIZATION, H_CHUNK_SEQUENCE, H_INSTANCE, H_SENSOR,
+                                      H_TEST, H_VERSION, PATH_REGISTER, PROTOCOL_VERSIONS,
+                                      Reason)
 from ossensor_core.wire.signing import AuthError, Verified, negotiate, verify_headers
 
 from .answers import refusal
@@ -82,6 +83,7 @@ class Authenticator:
         HTTP error response otherwise. Nothing of the body is read before the headers pass."""
         length = self._declared_length(request)
         try:
+            _check_optional_headers(request)
             signed = verify_headers(self.settings.keys, request.method, request.raw_path,
                                     request.headers, self.nonces, now=self.settings.now(),
                                     skew_seconds=self.settings.skew_seconds)
@@ -241,6 +243,16 @@ def check_admin_token(settings: VSensorSettings, request: web.Request) -> None:
         raise web.HTTPUnauthorized(
             text=json.dumps({"error": "admin token required"}),
             content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _check_optional_headers(request: web.Request) -> None:
+    """The protocol's unsigned headers, when present, are printable ASCII (they are logged,
+    compared and shown): AuthError ``bad_header`` otherwise."""
+    for name in (H_INSTANCE, H_CHUNK_SEQUENCE, H_TEST, H_VERSION):
+        value = request.headers.get(name)
+        if value is not None and (len(value) > 256 or not (value.isascii()
+                                                           and value.isprintable())):
+            raise AuthError(Reason.BAD_HEADER, f"{name} is not printable ASCII (or too long)")
 
 
 def _shown(text: str) -> str:

@@ -146,10 +146,14 @@ def _no_constant(name: str) -> Any:
 
 def json_object(body: bytes) -> dict[str, Any]:
     """A JSON object from a sensor, refusing what Python's parser takes beyond JSON
-    (``Infinity``, ``NaN``) and numbers that overflow to infinity (``1e999``)."""
+    (``Infinity``, ``NaN``), numbers that overflow to infinity (``1e999``) and strings that
+    are not text (lone surrogates)."""
     message = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     if not isinstance(message, dict):
         raise ValueError("not a JSON object")
+    # "\ud800" is valid JSON but no character: it would break every log line and page that
+    # shows it. Encoding the whole message finds one (UnicodeEncodeError is a ValueError).
+    json.dumps(message, ensure_ascii=False).encode()
     return message
 
 
