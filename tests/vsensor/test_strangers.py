@@ -426,3 +426,21 @@ def test_stray_bytes_in_an_unsigned_protocol_header_get_400(tmp_path, tls):
 
     status, answer = run(scenario())
     assert (status, answer["error"]) == (400, "bad_header")
+
+
+def test_a_non_finite_number_on_the_antigena_websocket_is_logged_not_a_traceback(
+        tmp_path, tls, caplog):
+    async def scenario():
+        async with guarded(settings(tmp_path), tls) as g:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                    ssl=g.client_ctx)) as session:
+                headers = {H_VERSION: "1", **sign(KEY, "GET", PATH_ANTIGENA, b"", SENSOR)}
+                async with session.ws_connect(g.base + PATH_ANTIGENA, headers=headers) as ws:
+                    await ws.receive_json(timeout=2)
+                    await ws.send_str('{"type": "report", "seq": Infinity}')
+                    await asyncio.sleep(0.3)
+                    assert not ws.closed
+
+    run(scenario())
+    assert "malformed Antigena message" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
