@@ -444,3 +444,20 @@ def test_a_non_finite_number_on_the_antigena_websocket_is_logged_not_a_traceback
     run(scenario())
     assert "malformed Antigena message" in caplog.text
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_registrations_and_heartbeats_are_bounded_to_1_mib(tmp_path, tls):
+    from ossensor_vsensor.registration import JSON_BODY_LIMIT
+    body = b'{"versions": [1], "software": "' + b"x" * JSON_BODY_LIMIT + b'"}'
+
+    async def scenario():
+        async with guarded(settings(tmp_path), tls) as g:
+            reader, writer = await g.open()
+            writer.write(request_head("POST", PATH_REGISTER, {
+                **sign(KEY, "POST", PATH_REGISTER, body, SENSOR)}, len(body)))
+            answer = await response(reader)
+            writer.close()
+            return answer
+
+    status, answer = run(scenario())
+    assert (status, answer["error"]) == (413, "body_too_large")

@@ -78,10 +78,12 @@ class Authenticator:
                                       settings.now())
         self.body_bytes_in_flight = 0
 
-    async def authenticate(self, request: web.Request) -> tuple[Verified, bytes]:
+    async def authenticate(self, request: web.Request,
+                           limit: int | None = None) -> tuple[Verified, bytes]:
         """Verify the request's headers, then read its body and check its digest; raise an
-        HTTP error response otherwise. Nothing of the body is read before the headers pass."""
-        length = self._declared_length(request)
+        HTTP error response otherwise. Nothing of the body is read before the headers pass.
+        ``limit``: the largest body this endpoint takes (default: ``client_max_size``)."""
+        length = self._declared_length(request, limit or self.settings.client_max_size)
         try:
             _check_optional_headers(request)
             signed = verify_headers(self.settings.keys, request.method, request.raw_path,
@@ -114,18 +116,17 @@ class Authenticator:
             state.last_seen = self.settings.now()  # not by another instance under the name
         return verified, body
 
-    def _declared_length(self, request: web.Request) -> int:
+    def _declared_length(self, request: web.Request, limit: int) -> int:
         """The body's declared length, refused when missing (chunked) or over the limit."""
         if "Transfer-Encoding" in request.headers:
             raise self._input_refusal(request, Reason.LENGTH_REQUIRED, web.HTTPLengthRequired,
                                       "chunked body: Content-Length is required", close=True)
         length = request.content_length or 0
-        if length > self.settings.client_max_size:
+        if length > limit:
             raise self._input_refusal(
                 request, Reason.BODY_TOO_LARGE, functools.partial(
-                    web.HTTPRequestEntityTooLarge, self.settings.client_max_size, length),
-                f"Content-Length {length} is over the limit of {self.settings.client_max_size}",
-                close=True)
+                    web.HTTPRequestEntityTooLarge, limit, length),
+                f"Content-Length {length} is over the limit of {limit}", close=True)
         return length
 
     def _reserve_body(self, request: web.Request, length: int) -> None:

@@ -28,6 +28,10 @@ from .settings import VSensorSettings
 
 log = logging.getLogger("ossensor_vsensor")
 
+#: Registrations and heartbeats are small (addresses, workload ranges, interface counters):
+#: larger bodies get 413 from their Content-Length, unread, and never reach the JSON parser.
+JSON_BODY_LIMIT = 1 << 20
+
 
 class Registrar:
     """Registers sensors and takes their heartbeats."""
@@ -41,7 +45,7 @@ class Registrar:
         self._background: set[asyncio.Task[None]] = set()
 
     async def register(self, request: web.Request) -> web.Response:
-        verified, body = await self.auth.authenticate(request)
+        verified, body = await self.auth.authenticate(request, JSON_BODY_LIMIT)
         sensor = verified.sensor
         try:
             message = json_object(body)
@@ -112,7 +116,7 @@ class Registrar:
             "server_time": self.settings.now()})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        verified, body = await self.auth.authenticate(request)
+        verified, body = await self.auth.authenticate(request, JSON_BODY_LIMIT)
         sensor = verified.sensor
         refused = self.auth.refuse_unless_holder(sensor, request)
         if refused is not None:
