@@ -23,6 +23,7 @@ from ossensor_core.node.patterns import ExtendedRegex, PatternError
 from ossensor_core.errors import ConfigError
 from ossensor_core.pipeline.settings import (PluginSettings, ResolvedSetting, Setting, SettingsGroup,
                                             resolve_settings, split_words)
+from ossensor_core.wire.names import SENSOR_NAME_HELP, valid_sensor_name
 
 CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("VSENSOR_HOSTNAME", str, None, "Host name or IP address of the vSensor, without a port.",
@@ -174,6 +175,12 @@ def read_core_config(environ: Mapping[str, str]) -> tuple[SensorConfig, list[str
             problems.append(problem)
         host = host.strip("[]")
 
+    name = values["OSSENSOR_NAME"].strip()
+    if not valid_sensor_name(name):
+        source = resolved["OSSENSOR_NAME"].from_variable or "the host name (OSSENSOR_NAME unset)"
+        problems.append(f"{source}: {name[:64]!r} is not a sensor name ({SENSOR_NAME_HELP}); "
+                        f"the vSensor refuses it: set OSSENSOR_NAME")
+
     exclude = split_words(values["NETWORK_DEVICE_EXCLUDELIST"])
     include = split_words(values["NETWORK_DEVICE_INCLUDELIST"])
     compile_patterns(resolved["NETWORK_DEVICE_EXCLUDELIST"].from_variable or
@@ -195,7 +202,7 @@ def read_core_config(environ: Mapping[str, str]) -> tuple[SensorConfig, list[str
         device_any=values["NETWORK_DEVICE_ANY"],
         bpf=values["BPF"].strip(),
         logfile=values["OSSENSOR_LOGFILE_PATH"],
-        name=values["OSSENSOR_NAME"].strip(),
+        name=name,
         capture_backend=values["OSSENSOR_CAPTURE_BACKEND"].strip(),
         transport=values["OSSENSOR_TRANSPORT"].strip(),
         plugins=split_words(values["OSSENSOR_PLUGINS"]),

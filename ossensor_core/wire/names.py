@@ -7,6 +7,8 @@ added here first.
 
 from __future__ import annotations
 
+import re
+
 # -- the vSensor protocol -------------------------------------------------------------------
 
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
@@ -43,7 +45,7 @@ CHUNK_MEDIA_TYPE = "application/vnd.ossensor.chunk.v1"
 
 
 class Reason:
-    """The reason codes that a 400, 401 or 409 carries in its ``error`` field and that label the
+    """The reason codes that a 4xx or 503 carries in its ``error`` field and that label the
     vSensor's metrics. They tell an operator what to fix (clock, key, a proxy that rewrites
     bodies) without helping anyone guess a key."""
 
@@ -58,9 +60,23 @@ class Reason:
     NAME_IN_USE = "name_in_use"
     #: A chunk that fails a check of ``ossensor_core.wire.chunk`` (400, nothing stored).
     BAD_CHUNK = "bad_chunk"
+    #: 400: the sensor name breaks :data:`SENSOR_NAME_RULE` (checked on every request).
+    BAD_SENSOR_NAME = "bad_sensor_name"
+    #: 400: a header or token holds bytes that are not printable ASCII.
+    BAD_HEADER = "bad_header"
+    #: 400: a JSON body is not valid JSON (``Infinity`` and ``NaN`` included) or not an object.
+    BAD_JSON = "bad_json"
+    #: 411: a signed request without ``Content-Length`` (chunked bodies are refused).
+    LENGTH_REQUIRED = "length_required"
+    #: 413: the declared ``Content-Length`` is over the vSensor's limit.
+    BODY_TOO_LARGE = "body_too_large"
+    #: 408: the body did not arrive within the body deadline.
+    BODY_TIMEOUT = "body_timeout"
+    #: 503 with ``Retry-After``: too many requests or body bytes in flight; retry later.
+    BUSY = "busy"
 
 
-#: Every reason code, in the order ``docs/protocol.md`` lists them.
+#: The authentication reason codes (401 and 409), in the order ``docs/protocol.md`` lists them.
 REASON_CODES: tuple[str, ...] = (
     Reason.MISSING_HEADER, Reason.BAD_SCHEME, Reason.BAD_TIMESTAMP, Reason.CLOCK_SKEW,
     Reason.BAD_BODY_HASH, Reason.BAD_SIGNATURE, Reason.REPLAY, Reason.UNKNOWN_SENSOR,
@@ -85,6 +101,22 @@ MAX_CHUNK_INTERFACES = 16384
 #: The largest zstd window a chunk may need (a receiver allocates it): zstd levels up to 19 use
 #: at most this; the encoder caps higher levels to it.
 MAX_ZSTD_WINDOW = 8 << 20
+
+#: The reason codes of malformed or unwelcome requests (400, 408, 411, 413, 503), checked
+#: from the headers before a body is read where they can be; same order as the docs.
+INPUT_REASON_CODES: tuple[str, ...] = (
+    Reason.BAD_SENSOR_NAME, Reason.BAD_HEADER, Reason.BAD_JSON, Reason.LENGTH_REQUIRED,
+    Reason.BODY_TOO_LARGE, Reason.BODY_TIMEOUT, Reason.BUSY)
+
+#: A sensor name, at both ends: 1-253 characters from ``A-Za-z0-9._-``, not starting with a
+#: dot (every Kubernetes node name fits). The vSensor's folder for a sensor is its name.
+SENSOR_NAME_RULE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,252}")
+SENSOR_NAME_HELP = "1-253 characters from A-Za-z0-9._-, not starting with a dot"
+
+
+def valid_sensor_name(name: str) -> bool:
+    """Whether ``name`` follows :data:`SENSOR_NAME_RULE`."""
+    return SENSOR_NAME_RULE.fullmatch(name) is not None
 
 # -- captured packets -----------------------------------------------------------------------
 

@@ -274,7 +274,7 @@ class AntigenaHub:
             rejected = message.get("rejected") or []
             if not isinstance(actions, dict) or not isinstance(rejected, list):
                 raise ValueError("bad report fields")
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # "seq": Infinity
             log.warning("sensor %r sent a malformed Antigena message: %s", name, exc)
             return
         if sequence not in state.sequences:  # a report resent after a lost ack counts once

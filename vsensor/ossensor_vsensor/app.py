@@ -23,6 +23,7 @@ from .chunks import ChunkReceiver
 from .metrics import Metrics, metrics_registry, request_counter
 from .registration import Registrar
 from .registry import SensorRegistry, SensorState
+from .server import ConnectionCounts, Handler, request_gate
 from .sensor_filters import SensorFilters
 from .settings import VSensorSettings
 from .status import StatusPages
@@ -38,6 +39,7 @@ class VSensor:
     def __init__(self, settings: VSensorSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.counts = ConnectionCounts(settings)
         self.registry = SensorRegistry(settings)
         self.auth = Authenticator(settings, self.registry, self.metrics)
         self.filters = SensorFilters(settings, self.registry)
@@ -63,6 +65,7 @@ class VSensor:
     async def close(self, app: web.Application | None = None) -> None:
         """Complete every open file (``.part`` renamed); later chunks get 503."""
         await self.stores.close()
+        self.auth.close()
 
 
 VSENSOR = web.AppKey("vsensor", VSensor)
@@ -73,11 +76,26 @@ async def _add_server_time(request: web.Request, response: web.StreamResponse) -
     response.headers[H_SERVER_TIME] = f"{request.app[VSENSOR].now():.3f}"
 
 
+def _body_budget(vsensor: VSensor):
+    """Middleware: a request's share of the body budget is given back once it is answered."""
+
+    @web.middleware
+    async def release(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            vsensor.auth.release_body(request)
+
+    return release
+
+
 def create_app(settings: VSensorSettings) -> web.Application:
-    """The vSensor as an aiohttp application; files are completed in its cleanup."""
+    """The vSensor as an aiohttp application; files are completed in its cleanup. Serve it
+    through :func:`.server.start_guarded` for the connection caps and deadlines."""
     vsensor = VSensor(settings)
     app = web.Application(client_max_size=settings.client_max_size,
-                          middlewares=[request_counter(vsensor.metrics)])
+                          middlewares=[request_counter(vsensor.metrics),
+                                       request_gate(vsensor.counts), _body_budget(vsensor)])
     app[VSENSOR] = vsensor
     pages = StatusPages(settings, vsensor.registry,
                         metrics_registry(vsensor.metrics, vsensor.registry))

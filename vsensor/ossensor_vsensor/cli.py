@@ -22,19 +22,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
 
 from ossensor_core.runtime.memory import keep_buffers_mapped
 
 from . import __version__
-from .app import create_app
-from .settings import VSensorSettings
+from .app import VSENSOR, create_app
+from .server import start_guarded
+from .settings import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, VSensorSettings
 from .tls import certificate_fingerprint, ensure_self_signed, server_context
 
 log = logging.getLogger("ossensor_vsensor")
 
 KEY_VARIABLE = "VSENSOR_HMAC_KEY"
 ADMIN_TOKEN_VARIABLE = "VSENSOR_ADMIN_TOKEN"
+#: Keys and tokens shorter than this are warned about at start.
+MIN_SECRET_LENGTH = 16
 
 
 class UsageError(Exception):
@@ -85,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock-offset-seconds", type=float, default=0.0, metavar="N",
                         help="for testing only: act as if this clock were N seconds ahead "
                              "(negative: behind), to reproduce a clock skew")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                        help="connections (and requests in flight) at once, beyond which new "
+                             f"ones are reset before TLS (default {MAX_CONNECTIONS})")
+    parser.add_argument("--max-connections-per-address", type=int,
+                        default=MAX_CONNECTIONS_PER_ADDRESS, metavar="N",
+                        help="the same from one client address (default "
+                             f"{MAX_CONNECTIONS_PER_ADDRESS}; raise it behind a NAT or a load "
+                             "balancer that hides the sensors' addresses)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -132,7 +142,9 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
     for option, value in (("--skew-seconds", args.skew_seconds),
                           ("--rotate-bytes", args.rotate_bytes),
                           ("--rotate-seconds", args.rotate_seconds),
-                          ("--heartbeat-seconds", args.heartbeat_seconds)):
+                          ("--heartbeat-seconds", args.heartbeat_seconds),
+                          ("--max-connections", args.max_connections),
+                          ("--max-connections-per-address", args.max_connections_per_address)):
         if value <= 0:
             raise UsageError(f"{option} {value}: must be positive")
     for option, value in (("--retain-seconds", args.retain_seconds),
@@ -149,11 +161,13 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         raise UsageError(f"--data-dir {str(data_dir)!r}: is not a folder")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    direct = parse_listen(args.advertise, "--advertise") if args.advertise else None
     if args.tls_cert:
         cert_file, key_file = args.tls_cert, args.tls_key
     else:
         try:
-            cert_file, key_file, created = ensure_self_signed(data_dir, host)
+            cert_file, key_file, created = ensure_self_signed(
+                data_dir, host, direct[0] if direct else None)
         except OSError as exc:
             raise UsageError(f"--data-dir {str(data_dir)!r}: cannot keep a self-signed "
                              f"certificate there ({exc.strerror or exc})") from None
@@ -172,22 +186,44 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         rotate_seconds=args.rotate_seconds, heartbeat_seconds=args.heartbeat_seconds,
         vsensor_ports=tuple(args.sensor_port) or (port,),
         retain_seconds=args.retain_seconds, retain_bytes=args.retain_bytes,
-        clock_offset=args.clock_offset_seconds,
-        direct=parse_listen(args.advertise, "--advertise") if args.advertise else None)
+        clock_offset=args.clock_offset_seconds, direct=direct,
+        max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
+        max_requests=args.max_connections,
+        max_requests_per_address=args.max_connections_per_address)
+    warn_about(settings)
     return settings, host, port, context
+
+
+def warn_about(settings: VSensorSettings) -> None:
+    """Warnings at start for what works but is weak: open status pages, short secrets, a
+    descriptor limit below the connection cap. Never the secrets themselves."""
+    if not settings.admin_token:
+        log.warning("the status pages (/status, /status.json, /metrics) are open to anyone who "
+                    "can reach this port: set %s", ADMIN_TOKEN_VARIABLE)
+    elif len(settings.admin_token) < MIN_SECRET_LENGTH:
+        log.warning("%s is shorter than %d characters: easy to guess", ADMIN_TOKEN_VARIABLE,
+                    MIN_SECRET_LENGTH)
+    short = [i + 1 for i, key in enumerate(settings.keys) if len(key) < MIN_SECRET_LENGTH]
+    if short:
+        log.warning("HMAC key%s number %s %s shorter than %d characters: easy to guess",
+                    "s" if len(short) > 1 else "", ", ".join(map(str, short)),
+                    "are" if len(short) > 1 else "is", MIN_SECRET_LENGTH)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < settings.max_connections + 1024:
+        log.warning("the open-files limit (%d) is below --max-connections (%d) plus room for "
+                    "files: connections beyond it will fail to be accepted", soft,
+                    settings.max_connections)
 
 
 async def serve(settings: VSensorSettings, host: str, port: int, context) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=context)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise UsageError(f"--listen {host}:{port}: cannot listen "
-                             f"({exc.strerror or exc})") from None
+        runner, _ = await start_guarded(app, settings, app[VSENSOR].counts, host, port, context)
+    except OSError as exc:
+        raise UsageError(f"--listen {host}:{port}: cannot listen "
+                         f"({exc.strerror or exc})") from None
+    try:
         log.info("vSensor %s listening on https://%s:%d/, storing under %s (%d key%s)",
                  __version__, f"[{host}]" if ":" in host else host, port, settings.data_dir,
                  len(settings.keys), "" if len(settings.keys) == 1 else "s")
@@ -231,9 +267,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return run_cli(argv[1:], environ)
     args = build_parser().parse_args(argv)
     keep_buffers_mapped()
+    raise_open_files_limit()  # before prepare() warns about a limit below the connection cap
     try:
         settings, host, port, context = prepare(args, environ)
-        raise_open_files_limit()
         asyncio.run(serve(settings, host, port, context))
     except UsageError as exc:
         print(f"ossensor-vsensor: error: {exc}", file=sys.stderr)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any
 
 from aiohttp import web
 
 from ossensor_core.wire.chunk import VERSIONS as CHUNK_VERSIONS
-from ossensor_core.wire.names import PROTOCOL_VERSIONS
+from ossensor_core.wire.names import PROTOCOL_VERSIONS, Reason
 from ossensor_core.wire.signing import DIGESTS, negotiate
 
 from . import antigena
-from .answers import error_answer
 from .auth import Authenticator
 from .filters import claimed_set, parse_address, self_expression
 from .registry import SensorRegistry
@@ -27,6 +27,10 @@ from .sensor_filters import SensorFilters
 from .settings import VSensorSettings
 
 log = logging.getLogger("ossensor_vsensor")
+
+#: Registrations and heartbeats are small (addresses, workload ranges, interface counters):
+#: larger bodies get 413 from their Content-Length, unread, and never reach the JSON parser.
+JSON_BODY_LIMIT = 1 << 20
 
 
 class Registrar:
@@ -41,12 +45,10 @@ class Registrar:
         self._background: set[asyncio.Task[None]] = set()
 
     async def register(self, request: web.Request) -> web.Response:
-        verified, body = await self.auth.authenticate(request)
+        verified, body = await self.auth.authenticate(request, JSON_BODY_LIMIT)
         sensor = verified.sensor
         try:
-            message = json.loads(body)
-            if not isinstance(message, dict):
-                raise ValueError("not a JSON object")
+            message = json_object(body)
             if message.get("sensor", sensor) != sensor:
                 raise ValueError(f"sensor {message.get('sensor')!r} in the body is not the "
                                  f"authenticated sensor {sensor!r}")
@@ -60,8 +62,8 @@ class Registrar:
             primary = message.get("primary_address")
             claim = claimed_set(addresses + ([str(primary)] if primary else []), workloads)
             features = frozenset(str(f) for f in message.get("features", []))
-        except (ValueError, TypeError) as exc:
-            return error_answer(400, f"bad registration: {exc}")
+        except (ValueError, TypeError, OverflowError) as exc:
+            return bad_json(request, sensor, f"bad registration: {exc}")
         version = negotiate(offered)
         if version is None:
             log.warning("sensor %r speaks protocol versions %s, this vSensor %s",
@@ -114,20 +116,18 @@ class Registrar:
             "server_time": self.settings.now()})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
-        verified, body = await self.auth.authenticate(request)
+        verified, body = await self.auth.authenticate(request, JSON_BODY_LIMIT)
         sensor = verified.sensor
         refused = self.auth.refuse_unless_holder(sensor, request)
         if refused is not None:
             return refused
         try:
-            message = json.loads(body) if body else {}
-            if not isinstance(message, dict):
-                raise ValueError("'interfaces' is not an object")
+            message = json_object(body) if body else {}
             kernel = _kernel_counters(message.get("interfaces", {}))
             known_id = message.get("peer_ranges_id")
             note = str(message.get("filter_note") or "")[:500]
-        except (ValueError, TypeError) as exc:
-            return error_answer(400, f"bad heartbeat: {exc}")
+        except (ValueError, TypeError, OverflowError) as exc:
+            return bad_json(request, sensor, f"bad heartbeat: {exc}")
         state = self.registry.sensors[sensor]
         state.kernel = kernel
         if message.get("leaving") is True:
@@ -142,6 +142,37 @@ class Registrar:
                 log.warning("sensor %r reports about its filter: %s", sensor, note)
         return web.json_response(await self.filters.filter_for(
             sensor, request, known_id if isinstance(known_id, str) else None))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object from a sensor, refusing what Python's parser takes beyond JSON
+    (``Infinity``, ``NaN``), numbers that overflow to infinity (``1e999``) and strings that
+    are not text (lone surrogates)."""
+    message = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    # "\ud800" is valid JSON but no character: it would break every log line and page that
+    # shows it. Encoding the whole message finds one (UnicodeEncodeError is a ValueError).
+    json.dumps(message, ensure_ascii=False).encode()
+    return message
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def bad_json(request: web.Request, sensor: str, message: str) -> web.Response:
+    """``400`` with the ``bad_json`` reason code and the message, logged once."""
+    log.warning("refused %s %s from %s (sensor %r): %s", request.method, request.path,
+                request.remote, sensor, message[:300])
+    return web.json_response({"error": message[:300], "reason": Reason.BAD_JSON}, status=400)
 
 
 def _kernel_counters(interfaces: Any) -> dict[str, dict[str, int]]:

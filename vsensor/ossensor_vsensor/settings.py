@@ -7,9 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ossensor_core.wire.names import DEFAULT_SKEW_SECONDS
+from ossensor_core.wire.names import DEFAULT_SKEW_SECONDS, MAX_CHUNK_BYTES
 
-CLIENT_MAX_SIZE = 64 << 20  # larger bodies get 413 before they are read
+CLIENT_MAX_SIZE = MAX_CHUNK_BYTES  # larger bodies get 413 before they are read
+
+#: Sized so that 5,000 sensors with three connections each (chunks, heartbeats, Antigena's
+#: websocket) are admitted with room to spare; ``docs/security.md`` explains each bound.
+MAX_CONNECTIONS = 16_384
+MAX_CONNECTIONS_PER_ADDRESS = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,20 @@ class VSensorSettings:
     #: ``(host, port)`` that sensors should use once registered, when they register through a
     #: load balancer in front of several vSensors (None: keep the address they used).
     direct: tuple[str, int] | None = None
+    #: Connection bounds (``server.py``): a TLS handshake, a request's headers (from its first
+    #: byte), its body (``auth.py``), and the quiet time between requests on a connection.
+    handshake_seconds: float = 10.0
+    header_seconds: float = 10.0
+    body_seconds: float = 60.0
+    idle_seconds: float = 60.0
+    #: Caps applied at accept, before TLS, and on requests in flight (503 ``busy`` beyond).
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
+    max_requests: int = MAX_CONNECTIONS
+    max_requests_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
+    #: Declared body bytes being read or handled at once, over all requests (503 ``busy``
+    #: beyond): what key holders can make the vSensor hold in memory.
+    max_body_bytes_in_flight: int = 8 * CLIENT_MAX_SIZE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -52,6 +71,16 @@ class VSensorSettings:
                 raise ValueError(f"VSensorSettings.{name} must be positive, not {value}")
         if self.retention_interval <= 0:
             raise ValueError("VSensorSettings.retention_interval must be positive")
+        bounds = {"handshake_seconds": self.handshake_seconds,
+                  "header_seconds": self.header_seconds, "body_seconds": self.body_seconds,
+                  "idle_seconds": self.idle_seconds, "max_connections": self.max_connections,
+                  "max_connections_per_address": self.max_connections_per_address,
+                  "max_requests": self.max_requests,
+                  "max_requests_per_address": self.max_requests_per_address,
+                  "max_body_bytes_in_flight": self.max_body_bytes_in_flight}
+        for name, value in bounds.items():
+            if not value > 0:
+                raise ValueError(f"VSensorSettings.{name} must be positive, not {value}")
 
     def now(self) -> float:
         """The vSensor's clock (Unix time, shifted by ``clock_offset``): every timestamp it

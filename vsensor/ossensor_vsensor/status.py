@@ -18,6 +18,12 @@ from .metrics import exposition
 from .registry import SensorRegistry
 from .settings import VSensorSettings
 
+#: Every page: no script, style, frame or form from anywhere (the page needs none), and no
+#: content-type guessing by the browser.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; "
+                                           "base-uri 'none'; form-action 'none'",
+                "X-Content-Type-Options": "nosniff"}
+
 _COLUMNS = ("sensor", "protocol", "addresses", "registered", "last seen", "packets", "bytes",
             "chunks", "kernel drops")
 
@@ -37,7 +43,7 @@ class StatusPages:
             "vsensor": __version__, "server_time": self.settings.now(),
             "sensors": [s.as_json() for s in self.registry.sorted_by_name()],
             "antigena": request.app[antigena.ANTIGENA].status(),
-        })
+        }, headers=PAGE_HEADERS)
 
     async def status_html(self, request: web.Request) -> web.Response:
         check_admin_token(self.settings, request)
@@ -52,13 +58,13 @@ class StatusPages:
                 "</title></head><body><h1>ossensor vSensor</h1>"
                 f"<table border=\"1\"><tr>{head}</tr>{''.join(rows)}</table>"
                 f"{antigena.status_rows(request.app[antigena.ANTIGENA])}</body></html>")
-        return web.Response(text=page, content_type="text/html")
+        return web.Response(text=page, content_type="text/html", headers=PAGE_HEADERS)
 
     async def metrics(self, request: web.Request) -> web.Response:
         check_admin_token(self.settings, request)
         return web.Response(body=exposition(self.collectors),
                             content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+                            headers=PAGE_HEADERS)
 
 
 def _when(stamp: float | None) -> str:

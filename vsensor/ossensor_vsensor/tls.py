@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -38,22 +39,32 @@ def certificate_fingerprint(cert_file: Path) -> str:
     return fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
-def _san_entries(host: str) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    seen: set[str] = set()
-    for value in (host, "localhost", "127.0.0.1", "::1"):
-        if not value or value in seen or value in ("0.0.0.0", "::"):
-            continue
-        seen.add(value)
+def certificate_names(host: str, advertised: str | None = None) -> list[str]:
+    """What the self-signed certificate names: the listen address (unless a wildcard such as
+    ``0.0.0.0``, which no client can use), the advertised address, this machine's host name
+    and fully qualified name, and the loopback names."""
+    names = [host, advertised or "", socket.gethostname(), socket.getfqdn(), "localhost",
+             "127.0.0.1", "::1"]
+    return [n for n in dict.fromkeys(names) if n and n not in ("0.0.0.0", "::")]
+
+
+def _san_entries(names: list[str]) -> list[x509.GeneralName]:
+    entries: list[x509.GeneralName] = []
+    for value in names:
         try:
-            names.append(x509.IPAddress(ipaddress.ip_address(value)))
+            entries.append(x509.IPAddress(ipaddress.ip_address(value)))
         except ValueError:
-            names.append(x509.DNSName(value))
-    return names
+            try:
+                entries.append(x509.DNSName(value.encode("idna").decode("ascii")))
+            except (UnicodeError, ValueError):
+                log.warning("the self-signed certificate cannot name %r: not a DNS name", value)
+    return entries
 
 
-def ensure_self_signed(data_dir: Path, host: str) -> tuple[Path, Path, bool]:
-    """(certificate file, key file, created) in ``data_dir/.tls``; made when missing."""
+def ensure_self_signed(data_dir: Path, host: str,
+                       advertised: str | None = None) -> tuple[Path, Path, bool]:
+    """(certificate file, key file, created) in ``data_dir/.tls``; made when missing, naming
+    :func:`certificate_names` (an existing one is kept: sensors may pin its fingerprint)."""
     directory = Path(data_dir) / TLS_DIR
     cert_file, key_file = directory / CERT_NAME, directory / KEY_NAME
     if cert_file.exists() and key_file.exists():
@@ -69,7 +80,8 @@ def ensure_self_signed(data_dir: Path, host: str) -> tuple[Path, Path, bool]:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-            .add_extension(x509.SubjectAlternativeName(_san_entries(host)), critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                _san_entries(certificate_names(host, advertised))), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)

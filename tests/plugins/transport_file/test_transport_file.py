@@ -335,11 +335,15 @@ def test_names_never_collide_with_an_earlier_run(tmp_path: Path) -> None:
     assert len(completed(tmp_path / "out")) == 3
 
 
-def test_sensor_name_is_made_safe_for_a_file_name(tmp_path: Path) -> None:
-    transport = make_transport(tmp_path, OSSENSOR_NAME="node/1 x")
+def test_sensor_name_is_the_file_name_and_other_names_are_refused(tmp_path: Path) -> None:
+    """One rule for sensor names at both ends (issue 15): a name outside it never reaches the
+    transport (start-up refuses it, naming the variable); a name inside it is the file name."""
+    _, problems = make_config(environ(tmp_path, OSSENSOR_NAME="node/1 x"))
+    assert len(problems) == 1 and problems[0].startswith("OSSENSOR_NAME: 'node/1 x'")
+    transport = make_transport(tmp_path, OSSENSOR_NAME="node-1.a_b")
     asyncio.run(send_all(transport, chunk(batch("eth0", LINKTYPE_ETHERNET, ethernet_frames(1)))))
     (path,) = completed(tmp_path / "out")
-    assert path.name.startswith("node_1_x-")
+    assert path.name.startswith("node-1.a_b-")
 
 
 # Reading with the usual tools --------------------------------------------------------------
