@@ -32,8 +32,9 @@ def test_two_minute_soak_leaves_descriptors_threads_and_data_intact(tmp_path):
         f"{result['stored_twice_or_more']} stored more than once")
     start, end = result["start"]["sensor"], result["end"]["sensor"]
     assert (end["fds"], end["threads"]) == (start["fds"], start["threads"]), result["start_end"]
-    # While it ran: one pod veth at most, so two descriptors above the quiet state at most
-    # (its ring socket, and Antigena's watch socket), and never a thread more.
+    # While it ran: three descriptors above the quiet state at most (the pod veth's ring,
+    # Antigena's watch socket, a connection to the vSensor being replaced: 15-18 in the
+    # 22-minute run of docs/soak.md), and never a thread more.
     during = [s["sensor"] for s in result["samples"] if s["phase"] == "run"]
-    assert max(s["fds"] for s in during) <= start["fds"] + 2, result["ranges_after_warmup"]
+    assert max(s["fds"] for s in during) <= start["fds"] + 3, result["ranges_after_warmup"]
     assert max(s["threads"] for s in during) == start["threads"]
