@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench test-image
+.PHONY: setup test demo bench soak test-image
 
 setup:
 	bash scripts/setup.sh
@@ -25,3 +25,12 @@ demo: setup
 BENCH_ARGS ?=
 bench: setup
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+# Months on a node in an hour: the DaemonSet's sensor under steady traffic while pods come and go,
+# the vSensor restarts and Antigena actions expire; memory, descriptors and threads of the sensor
+# and the vSensor, slopes after the warm-up, a table and a plot (docs/soak.md; root).
+# make soak MINUTES=120; SOAK_ARGS="--help" for the options.
+MINUTES ?= 60
+SOAK_ARGS ?=
+soak: setup
+	$(PYTHON) -m bench.soak --minutes $(MINUTES) $(SOAK_ARGS)

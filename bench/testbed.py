@@ -225,6 +225,23 @@ def count_pcap(path: Path) -> int:
     return count
 
 
+def pcapng_frames(paths: list[Path]) -> Iterator[memoryview]:
+    """The captured bytes of every enhanced packet block in pcapng files (as the vSensor
+    writes them: little-endian, one section per file), one file in memory at a time."""
+    header = struct.Struct("<II")
+    for path in paths:
+        data = memoryview(path.read_bytes())
+        position = 0
+        while position + 8 <= len(data):
+            kind, length = header.unpack_from(data, position)
+            if length < 12:
+                raise ValueError(f"{path}: corrupt block at {position}")
+            if kind == 6:
+                captured = header.unpack_from(data, position + 20)[0]
+                yield data[position + 28:position + 28 + captured]
+            position += length
+
+
 def count_pcapng(paths: list[Path]) -> int:
     """Enhanced and simple packet blocks in pcapng files."""
     count = 0

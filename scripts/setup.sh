@@ -20,5 +20,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 bash scripts/install-k8s-tools.sh  # helm and kubectl for tests/deploy
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]' -e ./vsensor
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test,bench]' -e ./vsensor
 echo "setup: done (python $(python3 -c 'import sys; print(sys.version.split()[0])'), $(tcpdump --version 2>&1 | head -1))"

@@ -105,11 +105,13 @@ def cmd_interfaces(environ: Mapping[str, str], watch: float | None) -> int:
 
 
 def cmd_run(environ: Mapping[str, str]) -> int:
+    from ossensor_core.ops.run import run_sensor
+    from ossensor_core.runtime.heap import snapshots_on_signal
     from ossensor_core.runtime.logsetup import setup_logging
     from ossensor_core.runtime.memory import keep_buffers_mapped
-    from ossensor_core.ops.run import run_sensor
     from ossensor_core.pipeline.startup import prepare
 
+    snapshots_on_signal(environ)  # diagnosis only: off unless OSSENSOR_TRACEMALLOC is set
     try:
         prepared = prepare(environ)
     except ConfigError as exc:

@@ -40,6 +40,10 @@ SHUTDOWN_GRACE_SECONDS = 4.0
 # is the buffer for bursts; four raised the peak RSS at full rate by about 5 MiB (make bench,
 # 512-byte UDP unpaced: 92-97 MiB outside the ring with four, 86-91 with two).
 _QUEUE_CHUNKS = 2
+# Counters of interfaces that went away, kept for /metrics and the stats line. Pods' veths come
+# and go for months under new names: only the latest are kept (make soak: every one ever seen
+# was reported every stats period, and kept, before).
+_CLOSED_KEPT = 32
 
 
 @dataclass
@@ -202,10 +206,14 @@ class Sensor:
                     await self._accept(batch)
             except CaptureError as exc:
                 log.warning("final read on %s failed: %s", capture.source.interface.name, exc)
+        name = capture.source.interface.name
         try:
-            self.closed_stats[capture.source.interface.name] = capture.source.stats()
+            self.closed_stats.pop(name, None)  # re-inserted last: the front is the oldest
+            self.closed_stats[name] = capture.source.stats()
         except CaptureError:
             pass
+        while len(self.closed_stats) > _CLOSED_KEPT:
+            del self.closed_stats[next(iter(self.closed_stats))]
         capture.source.close()
 
     async def _capture_loop(self, source: CaptureSource) -> None:

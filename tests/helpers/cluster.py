@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +166,9 @@ class VSensor(LoopbackVSensor):
 
     def __init__(self, ns: Namespace, data: Path, key: str, host: str = VSENSOR_ADDRESS,
                  port: int = VSENSOR_PORT, heartbeat_seconds: float = 1.0,
-                 options: Sequence[str] = ()) -> None:
+                 options: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+        """``env``: added to the process's environment (an admin token, where the code
+        comes from)."""
         self.data = data
         self.log = data.parent / "vsensor.log"
         with open(self.log, "w") as log:
@@ -174,7 +176,7 @@ class VSensor(LoopbackVSensor):
                                  "--heartbeat-seconds", str(heartbeat_seconds),
                                  "--rotate-seconds", "600", *options,
                                  env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                      "VSENSOR_HMAC_KEY": key},
+                                      "VSENSOR_HMAC_KEY": key, **(env or {})},
                                  stdout=subprocess.DEVNULL, stderr=log)
         self.fingerprint = wait_for(self.log, r"fingerprint: ([0-9A-Fa-f:]+)", self.proc)
 

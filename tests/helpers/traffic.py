@@ -125,6 +125,7 @@ def cmd_udp(args: argparse.Namespace) -> int:
     ports = [int(p) for p in args.ports.split(",")]
     total = args.count or len(sizes) * len(ports)
     sent: dict[int, int] = {}
+    started = time.monotonic()
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         if args.src:
             sock.bind((args.src, 0))
@@ -146,7 +147,10 @@ def cmd_udp(args: argparse.Namespace) -> int:
             else:
                 raise SystemExit(f"cannot send datagram {n}")
             sent[port] = sent.get(port, 0) + 1
-            if args.pace and n % args.pace == args.pace - 1:
+            if args.rate:  # on a schedule, in bursts of 50: no drift over hours
+                if n % 50 == 49 and (due := started + (n + 1) / args.rate - time.monotonic()) > 0:
+                    time.sleep(due)
+            elif args.pace and n % args.pace == args.pace - 1:
                 time.sleep(0.001)
     _emit(done=True, sent=total, per_port=sent)
     return 0
@@ -301,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     udp.add_argument("--count", type=int, default=0, help="datagrams (default: sizes x ports)")
     udp.add_argument("--seq", action="store_true", help="number the datagrams")
     udp.add_argument("--pace", type=int, default=20, help="sleep 1 ms after this many")
+    udp.add_argument("--rate", type=float, default=0.0,
+                     help="datagrams per second, kept on a schedule (instead of --pace)")
     udp.set_defaults(func=cmd_udp)
 
     ether = sub.add_parser("ether")
