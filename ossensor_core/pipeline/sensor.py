@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.capture.bounded import bounded_and
 from ossensor_core.capture.bpf import BpfProgram, combine_filters, compile_filter
 from ossensor_core.capture.peer_exclusion import AddressSet, fit_exclusion
 from ossensor_core.errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
@@ -108,7 +109,10 @@ class Sensor:
     def program(self, linktype: int) -> BpfProgram:
         """libpcap's program for the expressions, behind the generated peer exclusion (when the
         vSensor sent one and it fits; otherwise without it, noted in ``filter_note``)."""
-        program = compile_filter(self.kernel_filter(), linktype)
+        # The vSensor's part is compiled alone and bounds-checked (``capture/bounded.py``): a
+        # frame too short for it is left to the user's program instead of being rejected.
+        program = bounded_and(compile_filter(self.vsensor_filter, linktype),
+                              compile_filter(self.prepared.kernel_filter, linktype))
         program.check_kernel_limit()
         if self.vsensor_peers is None or not len(self.vsensor_peers):
             return program
