@@ -9,6 +9,8 @@ import random
 import time
 from email.utils import parsedate_to_datetime
 
+import aiohttp
+
 #: ``Retry-After`` bounds: one second (the header's own unit; a load balancer's "0" or a date in
 #: the past must not turn retries into a tight loop) to five minutes (a broken or hostile
 #: server's 10^9 must not stall the queue for days; a vSensor that needs longer answers again).
@@ -89,6 +91,17 @@ def retry_after(value: str | None) -> float | None:
     if not math.isfinite(seconds):
         seconds = 0.0
     return min(max(seconds, RETRY_AFTER_FLOOR), RETRY_AFTER_CAP)
+
+
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """An answer's body, or None when it is longer than ``limit`` (not read beyond it)."""
+    body = b""
+    while len(body) <= limit:
+        more = await content.read(limit + 1 - len(body))
+        if not more:
+            return body
+        body += more
+    return None
 
 
 class OnceLog:

@@ -22,7 +22,7 @@ from ossensor_core.runtime.logsetup import level
 from ossensor_core.runtime.threads import named_executor
 from ossensor_core.wire.names import MAX_ANSWER_BYTES, PATH_CHUNKS, PATH_REGISTER, SHA256
 
-from .answers import Refused, reason_of, retry_after, state_of
+from .answers import Refused, read_bounded, reason_of, retry_after, state_of
 from .bulk import BulkAnswer, BulkConnection, BulkError
 
 log = logging.getLogger(__package__)  # one logger for the whole transport
@@ -137,13 +137,8 @@ class VSensorConnection:
         try:
             async with self._session.post(self.url(path), data=body,
                                           headers=headers) as response:
-                body = await response.content.read(MAX_ANSWER_BYTES + 1)
-                while body and len(body) <= MAX_ANSWER_BYTES:
-                    more = await response.content.read(MAX_ANSWER_BYTES + 1 - len(body))
-                    if not more:
-                        break
-                    body += more
-                if len(body) > MAX_ANSWER_BYTES:
+                body = await read_bounded(response.content, MAX_ANSWER_BYTES)
+                if body is None:
                     raise Refused("bad-answer", f"the vSensor's answer is larger than "
                                   f"{MAX_ANSWER_BYTES} bytes (not read)", None, response.status)
                 text = self.without_key(body.decode(errors="replace"))

@@ -19,7 +19,7 @@ import itertools
 import time
 from collections.abc import Iterator
 
-from ossensor_core.pipeline.contracts import Chunk, ChunkEncoder
+from ossensor_core.pipeline.contracts import ChunkEncoder
 
 PART_SEQUENCE_BASE = 1 << 63
 
