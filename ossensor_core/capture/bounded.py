@@ -22,7 +22,7 @@ for very large expressions).
 
 from __future__ import annotations
 
-from ossensor_core.capture.bpf import BPF_MAXINSNS, BpfProgram
+from ossensor_core.capture.bpf import BPF_MAXINSNS, BpfProgram, combine_filters, compile_filter
 from ossensor_core.capture.bpfasm import (ALU_SUB_X, JA, JGE_K, JGE_X, JGT_K, LD_MEM, LD_W_LEN,
                                           LDX_B_MSH, RET_A, RET_K, ST, Asm)
 from ossensor_core.errors import FilterError
@@ -104,3 +104,18 @@ def bounded_and(first: BpfProgram, rest: BpfProgram) -> BpfProgram:
     if rest.expression:
         expression += f" and ({rest.expression})"
     return BpfProgram(expression, first.linktype, tuple(code) + rest.instructions)
+
+
+def fit_bounded(vsensor: str, user: str, linktype: int) -> tuple[BpfProgram, str]:
+    """``(vsensor) and (user)`` for ``linktype``: bounded (:func:`bounded_and`) when it can be,
+    else as one libpcap program, as before (a long expression whose rewritten jumps no longer
+    reach, or that no longer fits): never a filter refused only for its bounds checks. Returns
+    the program and a note saying why the checks are left out ("" when they are not).
+    FilterError when an expression does not compile."""
+    first, rest = compile_filter(vsensor, linktype), compile_filter(user, linktype)
+    try:
+        return bounded_and(first, rest), ""
+    except FilterError as exc:
+        return (compile_filter(combine_filters(vsensor, user), linktype),
+                f"the vSensor's filter is applied without bounds checks (frames too short for "
+                f"it are dropped): {exc}")

@@ -461,8 +461,7 @@ class HttpsTransport(Transport):
         raise Refused(state_of(status), f"HTTP {status} ({reason})", retry_after, status)
 
     async def _split(self, entry: QueuedChunk, payload: bytes, reason: str) -> bool:
-        """A 413: the chunk's two halves take its place in the queue (``split.py``); a single
-        record is dropped, counted and logged. False: the chunk itself is not stored."""
+        """A 413: the chunk's halves take its place (``split.py``), or its single record goes."""
         sequences = (next(self._part_sequences), next(self._part_sequences))
         try:
             parts = await asyncio.to_thread(split_chunk, self.encoder, payload,
@@ -480,16 +479,20 @@ class HttpsTransport(Transport):
         queued = [QueuedChunk(entry.order, sequence, packets, len(data), data,
                               digest=(algorithm, content_digest(data, algorithm)))
                   for sequence, packets, data in parts]
-        spooled = 0  # from the spool: so are its parts (each written whole), before it goes
+        paths: list[Path] = []  # from the spool: so are its parts, before the original goes
         try:
-            while entry.path is not None and self.spool is not None and spooled < len(queued):
-                part = queued[spooled]
-                self.spool.add(part, await asyncio.to_thread(self.spool.write, part))
-                spooled += 1
+            while entry.path is not None and self.spool is not None and len(paths) < 2:
+                paths.append(await asyncio.to_thread(self.spool.write, queued[len(paths)]))
         except OSError as exc:
             log.warning("cannot spool the parts of chunk %d (%s); they stay in memory",
                         entry.sequence, exc.strerror or exc)
-        self._memory.extendleft(reversed(queued[spooled:]))
+        except BaseException:  # cancelled: the original is put back, its parts go
+            for path in paths:
+                path.unlink(missing_ok=True)
+            raise
+        for part, path in zip(queued, paths):
+            self.spool.add(part, path)  # type: ignore[union-attr]  # paths only with a spool
+        self._memory.extendleft(reversed(queued[len(paths):]))
         self.chunks_split += 1
         log.warning("the vSensor refused chunk %d (%d packets, %d bytes) as too large (HTTP 413: "
                     "%s): sending it again in two parts, chunks %d and %d", entry.sequence,

@@ -22,7 +22,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from ossensor_core.capture.bounded import bounded_code, fit_bounded
 from ossensor_core.capture.bpf import LINKTYPE_ETHERNET, LINKTYPE_RAW, BpfProgram, compile_filter
+from ossensor_core.errors import FilterError
 from ossensor_core.capture.peer_exclusion import AddressSet, with_exclusion
 from ossensor_core.pipeline.sensor import Sensor
 from ossensor_vsensor.filters import self_expression
@@ -144,3 +146,26 @@ def test_the_user_program_still_decides_what_the_filters_keep(kernel):
     assert kernel.frames(sensor_program(LINKTYPE_ETHERNET, "len >= 34"), [cut],
                          whole) == set()
     assert kernel.frames(old_program(LINKTYPE_ETHERNET), [cut], whole) == set()  # the bug
+
+
+def test_a_long_vsensor_filter_falls_back_to_one_program_with_a_note(caplog):
+    """Rewritten jumps that no longer reach (a third-party vSensor's long expression): the
+    filter is applied as before, without the checks, and the sensor says so."""
+    hosts = " or ".join(f"host 10.0.{i // 250}.{i % 250}" for i in range(200))
+    program, note = fit_bounded(f"not ({hosts})", "not port 53", LINKTYPE_ETHERNET)
+    assert program == compile_filter(f"(not ({hosts})) and (not port 53)", LINKTYPE_ETHERNET)
+    assert note.startswith("the vSensor's filter is applied without bounds checks")
+    assert "out of range" in note
+    short, none = fit_bounded(self_expression(VSENSOR4, [PORT]), "", LINKTYPE_ETHERNET)
+    assert none == "" and short.expression.startswith("(bounded: ")
+
+
+def test_programs_using_the_scratch_slot_of_the_checks_are_refused():
+    program = BpfProgram("uses M[15]", LINKTYPE_ETHERNET,
+                         ((0x80, 0, 0, 0), (0x02, 0, 0, 15), (0x06, 0, 0, 0)))
+    with pytest.raises(FilterError, match="scratch slot 15"):
+        bounded_code(program)
+    # Accepts become jumps past the part; ret #0 stays; loads get their checks.
+    code = bounded_code(compile_filter("ip", LINKTYPE_ETHERNET))
+    assert (0x06, 0, 0, 0) in code and not any(c == 0x06 and k for c, _, _, k in code)
+    assert code[:3] == [(0x80, 0, 0, 0), (0x35, 1, 0, 14), (0x05, 0, 0, len(code) - 3)]
