@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ossensor_core.errors import FilterError
-from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, SNAPLEN
+from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_RAW, SNAPLEN
 
 SO_ATTACH_FILTER = 26  # asm-generic/socket.h; Python's socket module does not export it
 BPF_MAXINSNS = 4096  # the kernel refuses longer classic BPF programs (include/uapi/linux/bpf_common.h)

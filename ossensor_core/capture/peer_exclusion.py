@@ -20,10 +20,14 @@ address)::
     IPv6: X = offset of min(src, dst) (128-bit compare); search word by word on [x+0..x+12]
     keep: ja to the first instruction of the user's (libpcap) program, appended after us
 
-Non-IP frames and truncated IP headers always reach the user's program. Conditional jumps reach
-255 instructions at most, so the search tree is cut into regions, each ending with its own pair of
-exits (``ret #0`` and a long ``ja`` to the user's program), and far subtrees are reached with
-``ja``. Only forward jumps are emitted, as the kernel requires.
+Non-IP frames, frames cut before the end of a header it reads (the link header, VLAN tag,
+EtherType, the fixed IP header with both addresses) and IP headers of the wrong version (or an
+IPv4 header length under 20 bytes) always reach the user's program: a classic BPF load past
+the end of a packet rejects the packet, so every load is preceded by a length check.
+
+Conditional jumps reach 255 instructions at most, so the search tree is cut into regions, each
+ending with its own pair of exits (``ret #0`` and a long ``ja`` to the user's program), and far
+subtrees are reached with ``ja``. Only forward jumps are emitted, as the kernel requires.
 """
 
 from __future__ import annotations
@@ -36,22 +40,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ossensor_core.capture.bpf import BPF_MAXINSNS, BpfProgram
+from ossensor_core.capture.bpfasm import (ALU_ADD_K, ALU_AND_K, ALU_SUB_X, JA, JEQ_K, JEQ_X, JGE_K,
+                                           JGT_K, JGT_X, LD_B_ABS, LD_B_IND, LD_H_ABS, LD_MEM, LD_W_IND, LD_W_LEN,
+                                           LDX_IMM, LDX_MEM, RET_K, ST, TAX, TXA, Asm)
 from ossensor_core.capture.headers import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6
 from ossensor_core.wire.names import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from ossensor_core.errors import FilterError
 
 Interval = tuple[int, int]  # first and last address, inclusive
-
-# Opcodes (linux/filter.h, linux/bpf_common.h).
-LD_W_ABS, LD_H_ABS, LD_B_ABS = 0x20, 0x28, 0x30
-LD_W_IND = 0x40
-LD_W_LEN = 0x80
-LD_MEM, LDX_MEM, LDX_IMM = 0x60, 0x61, 0x01
-ST, ALU_AND_K, ALU_ADD_K, ALU_SUB_X = 0x02, 0x54, 0x04, 0x1C
-TAX, TXA = 0x07, 0x87
-JA, JEQ_K, JGT_K, JGE_K = 0x05, 0x15, 0x25, 0x35
-JEQ_X, JGT_X = 0x1D, 0x2D
-RET_K = 0x06
 
 _REGION = 200  # largest size of a search region with local exits (jumps reach 255)
 _WORD = (1 << 32) - 1
@@ -151,56 +147,6 @@ def _merge(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
     return tuple((a, b) for a, b in merged)
 
 
-# -- a small assembler with symbolic forward jumps ---------------------------------------------
-
-
-@dataclass
-class _Insn:
-    code: int
-    k: int | str = 0  # ja: a label
-    jt: int | str = 0
-    jf: int | str = 0
-
-
-class _Asm:
-    def __init__(self) -> None:
-        self.code: list[_Insn] = []
-        self.labels: dict[str, int] = {}
-        self.used: set[str] = set()  # labels jumped to
-        self._n = 0
-
-    def new(self, hint: str = "L") -> str:
-        self._n += 1
-        return f"{hint}{self._n}"
-
-    def mark(self, label: str) -> None:
-        self.labels[label] = len(self.code)
-
-    def op(self, code: int, k: int | str = 0, jt: int | str = 0, jf: int | str = 0) -> None:
-        self.used.update(x for x in (k, jt, jf) if isinstance(x, str))
-        self.code.append(_Insn(code, k, jt, jf))
-
-    def resolve(self, end: str) -> list[tuple[int, int, int, int]]:
-        self.labels[end] = len(self.code)
-        out = []
-        for i, insn in enumerate(self.code):
-            k, jt, jf = insn.k, insn.jt, insn.jf
-            if insn.code == JA:
-                k = self._offset(i, k, 1 << 32)
-            elif insn.code & 0x07 == 0x05:  # conditional jump
-                jt, jf = self._offset(i, jt, 256), self._offset(i, jf, 256)
-            out.append((insn.code, int(jt), int(jf), int(k) & 0xFFFFFFFF))
-        return out
-
-    def _offset(self, i: int, target: int | str, limit: int) -> int:
-        if isinstance(target, int):
-            return target
-        offset = self.labels[target] - i - 1
-        if not 0 <= offset < limit:  # a bug in the generator, never a property of the input
-            raise FilterError(f"generated BPF jump {offset} out of range")
-        return offset
-
-
 # -- the search over intervals -------------------------------------------------------------------
 
 
@@ -225,7 +171,7 @@ class _Search:
     """Binary searches over 32-bit words in A, cut into regions whose conditional jumps all
     reach their targets (see the module docstring)."""
 
-    def __init__(self, asm: _Asm, keep: str) -> None:
+    def __init__(self, asm: Asm, keep: str) -> None:
         self.asm = asm
         self.keep = keep  # the global label of the user's program
 
@@ -296,7 +242,7 @@ class _Search:
         self._plain(spans[mid:], pivot, high, drop, keep, jumps)
 
 
-def _word_spans(intervals: Sequence[Interval], level: int, base: int, asm: _Asm,
+def _word_spans(intervals: Sequence[Interval], level: int, base: int, asm: Asm,
                 later: list[tuple[str, list[Interval], int, int]]) -> list[_Span]:
     """IPv6 as four 32-bit words: the spans of word ``level`` for intervals that lie in the
     cell ``base`` (the words before ``level`` fixed). A word value whose cell the intervals
@@ -332,7 +278,7 @@ def _word_spans(intervals: Sequence[Interval], level: int, base: int, asm: _Asm,
     return sorted(spans, key=lambda s: s.first)
 
 
-def _emit_ipv6(asm: _Asm, intervals: Sequence[Interval], keep: str) -> None:
+def _emit_ipv6(asm: Asm, intervals: Sequence[Interval], keep: str) -> None:
     """The search over the lower address at ``[x+0..x+12]``, one word at a time: A holds one
     word, and the next word is loaded only where the intervals' edges need it."""
     later: list[tuple[str, list[Interval], int, int]] = []
@@ -357,7 +303,7 @@ def exclusion_code(peers: AddressSet, linktype: int) -> list[tuple[int, int, int
     """The generated part alone: drops (``ret #0``) what the rule excludes, and jumps past its
     own end for everything else (where the user's program goes). FilterError for a link type
     it does not know."""
-    asm = _Asm()
+    asm = Asm()
     end = "END"
     out = asm.new("OUT")  # a near "ja END" for the dispatch's conditional jumps
     ip4, ip6 = asm.new("IP4_"), asm.new("IP6_")
@@ -365,6 +311,8 @@ def exclusion_code(peers: AddressSet, linktype: int) -> list[tuple[int, int, int
 
     def ethertype(offset: int, base: int, tagged: str | None) -> None:
         e4, e6 = asm.new("E4_"), asm.new("E6_")
+        asm.op(LD_W_LEN)  # a frame cut before its EtherType is never dropped here
+        asm.op(JGE_K, offset + 2, 0, out)
         asm.op(LD_H_ABS, offset)
         asm.op(JEQ_K, ETH_P_IP, e4, 0)
         if tagged is None:
@@ -382,6 +330,8 @@ def exclusion_code(peers: AddressSet, linktype: int) -> list[tuple[int, int, int
         ethertype(16, 18, None)
     elif linktype == LINKTYPE_RAW:
         r4, r6 = asm.new("R4_"), asm.new("R6_")
+        asm.op(LD_W_LEN)
+        asm.op(JGE_K, 1, 0, out)
         asm.op(LD_B_ABS, 0)
         asm.op(ALU_AND_K, 0xF0)
         asm.op(JEQ_K, 0x40, r4, 0)
@@ -397,17 +347,28 @@ def exclusion_code(peers: AddressSet, linktype: int) -> list[tuple[int, int, int
     asm.mark(out)
     asm.op(JA, end)
 
-    # Both families: the header must be there (else the user's program decides), then A or X
-    # is set to the lower address.
+    # Both families: the fixed header must be there and well formed (version 4 with a header
+    # length of at least 20 bytes, or version 6), else the user's program decides: a truncated
+    # or malformed frame is never dropped here. Then A or X is set to the lower address.
     for label, version, search in ((ip4, 4, peers.v4), (ip6, 6, peers.v6)):
         asm.mark(label)
         if not search:
             asm.op(JA, end)
             continue
+        keep, whole = asm.new("KH"), asm.new("WH")
         asm.op(LD_W_LEN)
-        asm.op(ALU_SUB_X)
-        asm.op(JGE_K, 20 if version == 4 else 40, 1, 0)
+        asm.op(ALU_SUB_X)  # len >= X: the dispatch loaded the bytes just before X
+        asm.op(JGE_K, 20 if version == 4 else 40, 0, keep)
+        asm.op(LD_B_IND, 0)
+        if version == 4:
+            asm.op(JGE_K, 0x45, 0, keep)
+            asm.op(JGT_K, 0x4F, keep, whole)
+        else:
+            asm.op(ALU_AND_K, 0xF0)
+            asm.op(JEQ_K, 0x60, whole, keep)
+        asm.mark(keep)
         asm.op(JA, end)
+        asm.mark(whole)
         if version == 4:
             asm.op(LD_W_IND, 12)
             asm.op(ST, 0)

@@ -23,7 +23,12 @@ from ossensor_core.node.patterns import ExtendedRegex, PatternError
 from ossensor_core.errors import ConfigError
 from ossensor_core.pipeline.settings import (PluginSettings, ResolvedSetting, Setting, SettingsGroup,
                                             resolve_settings, split_words)
-from ossensor_core.wire.names import SENSOR_NAME_HELP, valid_sensor_name
+from ossensor_core.wire.names import MAX_CHUNK_BYTES, SENSOR_NAME_HELP, valid_sensor_name
+
+#: The largest OSSENSOR_CHUNK_BYTES: half the vSensor's body limit, so that a chunk (its records,
+#: plus up to one ring block cut with it, plus the format's framing when zstd does not help)
+#: stays under the limit. A proxy with a lower limit answers 413: the transport splits then.
+CHUNK_BYTES_MAX = MAX_CHUNK_BYTES // 2
 
 CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("VSENSOR_HOSTNAME", str, None, "Host name or IP address of the vSensor, without a port.",
@@ -60,7 +65,8 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "Extra plugins to load, in order, separated by spaces or commas."),
     Setting("OSSENSOR_DISABLE_PLUGINS", str, "", "Plugins not to load, separated by spaces or commas."),
     Setting("OSSENSOR_CHUNK_BYTES", int, 4 << 20,
-            "A chunk is cut when its packet records reach this many bytes.", minimum=4096),
+            "A chunk is cut when its packet records reach this many bytes.", minimum=4096,
+            maximum=CHUNK_BYTES_MAX),
     Setting("OSSENSOR_CHUNK_SECONDS", float, 1.0,
             "A chunk is cut at the latest this many seconds after its first batch.",
             positive=True, maximum=60),

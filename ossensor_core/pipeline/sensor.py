@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ossensor_core.capture.batch import PacketBatch
-from ossensor_core.capture.bpf import BpfProgram, combine_filters, compile_filter
+from ossensor_core.capture.bounded import fit_bounded
+from ossensor_core.capture.bpf import BpfProgram, combine_filters
 from ossensor_core.capture.peer_exclusion import AddressSet, fit_exclusion
 from ossensor_core.errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
 from ossensor_core.node.interfaces import Interface, InterfaceEvent, InterfaceWatch
@@ -112,17 +113,23 @@ class Sensor:
     def program(self, linktype: int) -> BpfProgram:
         """libpcap's program for the expressions, behind the generated peer exclusion (when the
         vSensor sent one and it fits; otherwise without it, noted in ``filter_note``)."""
-        program = compile_filter(self.kernel_filter(), linktype)
+        # The vSensor's part is compiled alone and bounds-checked (``capture/bounded.py``): a
+        # frame too short for it is left to the user's program instead of being rejected.
+        program, note = fit_bounded(self.vsensor_filter, self.prepared.kernel_filter, linktype)
         program.check_kernel_limit()
+        self._note(linktype, note, "")
         if self.vsensor_peers is None or not len(self.vsensor_peers):
             return program
         # Never a blind sensor: what does not fit is left out, and stored twice instead.
         program, note = fit_exclusion(self.vsensor_peers, program)
+        self._note(linktype, note, "; that traffic with other sensors is stored twice")
+        return program
+
+    def _note(self, linktype: int, note: str, consequence: str) -> None:
+        """A part of the filter left out: logged once, reported with the heartbeats."""
         if note and f"link type {linktype}: {note}" not in self.filter_notes:
             self.filter_notes[f"link type {linktype}: {note}"] = None
-            log.warning("link type %d: %s; that traffic with other sensors is stored twice",
-                        linktype, note)
-        return program
+            log.warning("link type %d: %s%s", linktype, note, consequence)
 
     def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
         """Compile for every link type in use first, then swap: all or nothing. ``peers``: the

@@ -102,6 +102,22 @@ MAX_CHUNK_INTERFACES = 16384
 #: at most this; the encoder caps higher levels to it.
 MAX_ZSTD_WINDOW = 8 << 20
 
+# -- bounds on the vSensor's answers (what a sensor takes; the vSensor stays inside them) ------
+
+#: The largest answer body a sensor reads (registration, heartbeat, chunk acknowledgement).
+MAX_ANSWER_BYTES = 8 << 20
+#: ``heartbeat_seconds`` is used within these (a hostile 0 or 1e-9 is no tight loop, infinity
+#: no silence); a value that is not a finite number is ignored.
+HEARTBEAT_SECONDS_MIN = 0.1
+HEARTBEAT_SECONDS_MAX = 3600.0
+#: ``peer_ranges``: at most this many ranges of at most this many characters each
+#: (``first-last`` of two full IPv6 addresses is 79), an ``id`` of at most this many.
+MAX_PEER_RANGES = 65536
+MAX_PEER_RANGE_CHARS = 100
+MAX_PEER_RANGES_ID_CHARS = 64
+#: The vSensor's filter expression (its libpcap form for older sensors stays far below).
+MAX_FILTER_CHARS = 256 << 10
+
 #: The reason codes of malformed or unwelcome requests (400, 408, 411, 413, 503), checked
 #: from the headers before a body is read where they can be; same order as the docs.
 INPUT_REASON_CODES: tuple[str, ...] = (

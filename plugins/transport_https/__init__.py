@@ -34,12 +34,17 @@ Answers: 200 (also ``{"duplicate": true}``) drops our copy; 400 is logged, count
 (retrying cannot help); 409 (the vSensor does not know us, e.g. after it restarted) registers
 again and sends the chunk again; 401, 5xx, 507, connection errors and time-outs keep the chunk
 and back off (exponential with equal jitter, ``backoff_min`` doubling to ``backoff_max``, or what
-``Retry-After`` says). Failures are logged once per change of state, not per attempt. The HMAC
-key is used for signing only and never logged.
+``Retry-After`` says, within 1 s to 300 s); 413 splits the chunk and sends its parts at once
+(``split.py``; a single record refused is dropped, counted and logged). Every number and size in
+an answer is bounded before use (``docs/protocol.md``); a filter or range set that breaks a
+bound or does not apply is refused whole and reported in the heartbeats' ``filter_note``.
+Failures are logged once per change of state, not per attempt. The HMAC key is used for signing
+only and never logged.
 
 The modules: ``transport.py`` (the sender: memory queue, delivery, shutdown), ``spool.py``,
 ``registration.py`` (registration and heartbeats), ``filters.py`` (the vSensor's filter and peer
 ranges), ``connection.py`` and ``bulk.py`` (posting), ``answers.py`` (answers and back-off),
+``split.py`` (a chunk refused as too large),
 ``diagnose.py`` (the vSensor checks of ``ossensor diagnose``). TLS set-up, the instance id, the
 registration body and request signing are the core's vSensor client (``ossensor_core.client``),
 shared with Antigena and diagnose.

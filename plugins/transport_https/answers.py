@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+
+#: ``Retry-After`` bounds: one second (the header's own unit; a load balancer's "0" or a date in
+#: the past must not turn retries into a tight loop) to five minutes (a broken or hostile
+#: server's 10^9 must not stall the queue for days; a vSensor that needs longer answers again).
+RETRY_AFTER_FLOOR = 1.0
+RETRY_AFTER_CAP = 300.0
 
 
 class Backoff:
@@ -19,11 +29,12 @@ class Backoff:
         self._ceiling = minimum
 
     def next(self, retry_after: float | None = None) -> float:
-        """The wait before the next attempt; ``Retry-After`` (capped at an hour) wins."""
+        """The wait before the next attempt; ``Retry-After`` (already within
+        [``RETRY_AFTER_FLOOR``, ``RETRY_AFTER_CAP``], see :func:`retry_after`) wins."""
         ceiling = self._ceiling
         self._ceiling = min(self._ceiling * 2, self.maximum)
         if retry_after is not None:
-            return min(retry_after, 3600.0)
+            return min(max(retry_after, RETRY_AFTER_FLOOR), RETRY_AFTER_CAP)
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def reset(self) -> None:
@@ -61,18 +72,36 @@ def reason_of(text: str) -> str:
 
 
 def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (a number; an HTTP date is rarely used by servers)."""
-    if not value:
+    """Seconds from a ``Retry-After`` header, strictly (RFC 9110: delta-seconds, digits only, or
+    an HTTP date), within [``RETRY_AFTER_FLOOR``, ``RETRY_AFTER_CAP``]: 0, a negative number,
+    NaN, a fraction, a date in the past or garbage give the floor (the server asked for a
+    wait, just not a usable one: never a tight loop), anything longer than the cap the cap.
+    None when there is no header."""
+    if value is None:
         return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        from email.utils import parsedate_to_datetime
+    text = value.strip()[:64]
+    if text.isascii() and text.isdigit():
+        seconds = float(int(text[:12]))  # 12 digits are far beyond the cap already
+    else:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return max(seconds, 0.0)
+            when = parsedate_to_datetime(text)
+            seconds = when.timestamp() - time.time() if when.tzinfo is not None else 0.0
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = 0.0
+    if not math.isfinite(seconds):
+        seconds = 0.0
+    return min(max(seconds, RETRY_AFTER_FLOOR), RETRY_AFTER_CAP)
+
+
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """An answer's body, or None when it is longer than ``limit`` (not read beyond it)."""
+    body = b""
+    while len(body) <= limit:
+        more = await content.read(limit + 1 - len(body))
+        if not more:
+            return body
+        body += more
+    return None
 
 
 class OnceLog:

@@ -20,6 +20,7 @@ import ssl
 from dataclasses import dataclass
 
 from ossensor_core.client.tls import client_context
+from ossensor_core.wire.names import MAX_ANSWER_BYTES
 
 __all__ = ["BulkAnswer", "BulkConnection", "BulkError", "client_context"]
 
@@ -73,7 +74,12 @@ class BulkConnection:
                     self._conn = self._connect()
                 self._conn.request("POST", path, body=body, headers=headers)
                 response = self._conn.getresponse()
-                text = response.read().decode(errors="replace")
+                data = response.read(MAX_ANSWER_BYTES + 1)  # an acknowledgement: a few bytes
+                if len(data) > MAX_ANSWER_BYTES:
+                    self.close()
+                    raise BulkError("bad-answer", f"the vSensor's answer is larger than "
+                                    f"{MAX_ANSWER_BYTES} bytes")
+                text = data.decode(errors="replace")
                 if response.will_close:
                     self.close()
                 return BulkAnswer(response.status, text, response.getheader("Retry-After"))

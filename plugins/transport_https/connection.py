@@ -20,9 +20,9 @@ from ossensor_core.client import VSensorTls, base_url, new_instance, signed_head
 from ossensor_core.client.tls import AiohttpTls
 from ossensor_core.runtime.logsetup import level
 from ossensor_core.runtime.threads import named_executor
-from ossensor_core.wire.names import PATH_CHUNKS, PATH_REGISTER, SHA256
+from ossensor_core.wire.names import MAX_ANSWER_BYTES, PATH_CHUNKS, PATH_REGISTER, SHA256
 
-from .answers import Refused, reason_of, retry_after, state_of
+from .answers import Refused, read_bounded, reason_of, retry_after, state_of
 from .bulk import BulkAnswer, BulkConnection, BulkError
 
 log = logging.getLogger(__package__)  # one logger for the whole transport
@@ -96,7 +96,8 @@ class VSensorConnection:
         target = None
         if isinstance(direct, dict) and time.monotonic() >= self._direct_refused_until:
             host, port = direct.get("host"), direct.get("port")
-            if isinstance(host, str) and host and isinstance(port, int) and 0 < port < 65536 \
+            if isinstance(host, str) and 0 < len(host) <= 253 and type(port) is int \
+                    and 0 < port < 65536 \
                     and (host, port) != (self.host, self.port):
                 target = (host, port)
         if target == self._direct:
@@ -136,7 +137,11 @@ class VSensorConnection:
         try:
             async with self._session.post(self.url(path), data=body,
                                           headers=headers) as response:
-                text = self.without_key(await response.text(errors="replace"))
+                body = await read_bounded(response.content, MAX_ANSWER_BYTES)
+                if body is None:
+                    raise Refused("bad-answer", f"the vSensor's answer is larger than "
+                                  f"{MAX_ANSWER_BYTES} bytes (not read)", None, response.status)
+                text = self.without_key(body.decode(errors="replace"))
                 return response.status, text, retry_after(response.headers.get("Retry-After"))
         except aiohttp.ServerFingerprintMismatch:
             raise Refused("tls", "the vSensor's certificate does not match the pinned "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import ssl
 import time
@@ -34,7 +35,10 @@ from ossensor_core.pipeline.config import SensorConfig
 from ossensor_core.pipeline.contracts import Chunk
 from ossensor_core.wire.chunk import ChunkCodec
 from ossensor_core.wire.names import (DEFAULT_SKEW_SECONDS, H_CHUNK_SEQUENCE, H_SERVER_TIME,
-                                      H_TEST, PATH_ANTIGENA, PATH_CHUNKS, PATH_REGISTER)
+                                      H_TEST, MAX_ANSWER_BYTES, MAX_FILTER_CHARS, PATH_ANTIGENA,
+                                      PATH_CHUNKS, PATH_REGISTER)
+
+from .answers import read_bounded
 
 #: Variables whose invalid value makes every vSensor check meaningless.
 NEEDED_VARIABLES = {"VSENSOR_HOSTNAME", "VSENSOR_PORT", "VSENSOR_CA_FILE",
@@ -227,7 +231,9 @@ class VSensorProbe:
         try:
             async with session.request(method, self.base_url + path, data=body,
                                        headers=dict(headers)) as r:
-                text = await r.text(errors="replace")
+                raw = await read_bounded(r.content, MAX_ANSWER_BYTES)
+                text = "(an answer over 8 MiB, not read)" if raw is None else \
+                    raw.decode(errors="replace")
                 middle = (started + time.time()) / 2
                 status, answer_headers = r.status, r.headers
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -252,6 +258,8 @@ class VSensorProbe:
         except (KeyError, ValueError):
             if isinstance(answer, dict) and isinstance(answer.get("server_time"), (int, float)):
                 server = float(answer["server_time"])
+        if server is not None and not math.isfinite(server):
+            server = None  # NaN or infinity: no time at all
         if server is None:
             return Check("vsensor.clock", "warning", f"HTTP {status} without the vSensor's "
                                                      "time", "is this an ossensor vSensor?")
@@ -292,10 +300,10 @@ class VSensorProbe:
         data = {"status": status, "reason": reason, "sensor": self.config.name}
         if status == 200 and isinstance(answer, dict):
             self.registered = True
-            self.vsensor_filter = str(answer.get("filter") or "")
-            data["version"] = answer.get("version")
+            self.vsensor_filter = str(answer.get("filter") or "")[:MAX_FILTER_CHARS]
+            data["version"] = version = str(answer.get("version"))[:20]
             figure = (f"the vSensor accepts {self.config.name!r} (protocol "
-                      f"{answer.get('version')}, addresses: {', '.join(addresses) or 'none'})")
+                      f"{version}, addresses: {', '.join(addresses) or 'none'})")
             if answer.get("name_in_use") is True:
                 data["name_in_use"] = True
                 return Check("vsensor.register", "warning",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,8 @@ from ossensor_core.errors import InterfaceError
 from ossensor_core.node.workloads import WorkloadFinder
 from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.contracts import SensorControl
-from ossensor_core.wire.names import PATH_HEARTBEAT, PATH_REGISTER, PROTOCOL_VERSIONS, SHA256
+from ossensor_core.wire.names import (HEARTBEAT_SECONDS_MAX, HEARTBEAT_SECONDS_MIN, PATH_HEARTBEAT,
+                                     PATH_REGISTER, PROTOCOL_VERSIONS, SHA256)
 from ossensor_core.wire.signing import DIGESTS
 
 from .answers import Backoff, OnceLog, Refused
@@ -110,17 +112,16 @@ class Registration:
         connection = self.connection
         answer = await connection.post_json(PATH_REGISTER, body)
         version = answer.get("version")
-        if version not in PROTOCOL_VERSIONS:
-            raise Refused("version", f"the vSensor picked protocol version {version!r}; this "
+        if type(version) is not int or version not in PROTOCOL_VERSIONS:  # not True, not 1.0
+            raise Refused("version", f"the vSensor picked protocol version {version!r:.40}; this "
                           f"sensor speaks {list(PROTOCOL_VERSIONS)}")
         connection.protocol_version = version
         connection.use_direct(answer.get("direct"))
         digests = answer.get("digests")
         connection.digest = next((d for d in DIGESTS
                                   if isinstance(digests, list) and d in digests), SHA256)
-        seconds = answer.get("heartbeat_seconds")
-        if isinstance(seconds, (int, float)) and seconds > 0:
-            self.heartbeat_seconds = float(seconds)
+        self.heartbeat_seconds = heartbeat_interval(answer.get("heartbeat_seconds"),
+                                                    self.heartbeat_seconds)
         readable = answer.get("chunk_versions")
         self.chunk_version = max((v for v in self.encoder_versions
                                   if isinstance(readable, list) and v in readable), default=1)
@@ -153,7 +154,8 @@ class Registration:
             "interfaces": {name: {"packets": s.packets, "drops": s.drops}
                            for name, s in stats.items()},
             "dropped": {"chunks": chunks, "packets": packets}}
-        note = self.control.filter_note() if self.control else ""
+        note = "; ".join(n for n in (self.control.filter_note() if self.control else "",
+                                     self.filter.refused) if n)
         if note:  # e.g. the peer exclusion did not fit: shown on the vSensor's page
             body["filter_note"] = note
         if self.filter.peers_id is not None:
@@ -206,3 +208,19 @@ def failure_message(answer: Refused, what: str, base_url: str, then: str) -> str
     if answer.status == 401:
         return f"vSensor rejected the key or the clock ({what} {base_url}): {answer}; {then}"
     return f"{what} the vSensor at {base_url}: {answer}; {then}"
+
+
+def heartbeat_interval(value: Any, current: float) -> float:
+    """The vSensor's ``heartbeat_seconds`` within [``HEARTBEAT_SECONDS_MIN``,
+    ``HEARTBEAT_SECONDS_MAX``] (a hostile 0 is no tight loop, a huge one no silence); ``current``
+    when it is not a finite number (a bool, a string, NaN, infinity)."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        if value is not None:
+            log.warning("the vSensor's heartbeat_seconds %.40r is not a finite number; keeping "
+                        "%g s", value, current)
+        return current
+    bounded = min(max(float(value), HEARTBEAT_SECONDS_MIN), HEARTBEAT_SECONDS_MAX)
+    if bounded != value:
+        log.warning("the vSensor's heartbeat_seconds %g is outside [%g, %g]; using %g s",
+                    value, HEARTBEAT_SECONDS_MIN, HEARTBEAT_SECONDS_MAX, bounded)
+    return bounded

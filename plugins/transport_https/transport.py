@@ -25,6 +25,7 @@ from .answers import Backoff, OnceLog, Refused, reason_of, state_of
 from .connection import VSensorConnection
 from .filters import VSensorFilter
 from .registration import Registration, failure_message
+from .split import part_sequences, split_chunk
 from .spool import QueuedChunk, Spool
 
 log = logging.getLogger(__package__)  # one logger for the whole transport
@@ -70,6 +71,9 @@ class HttpsTransport(Transport):
         self.spool_full_packets = 0
         self.reregistrations = 0  # after a 409 (the vSensor forgot us)
         self.chunk_retries = 0  # deliveries that failed and will be tried again
+        self.chunks_split = 0  # refused as too large (413) and sent again in two parts
+        self.records_too_large = 0  # included in chunks_dropped: a single record got a 413
+        self._part_sequences = part_sequences()
 
         self._report = OnceLog(log)
         self.connection = VSensorConnection(host, port, key, sensor, self.tls, timeout_seconds)
@@ -447,9 +451,50 @@ class HttpsTransport(Transport):
             self.bytes_sent += len(payload)
             return True
         reason = reason_of(text)
+        if status == 413:
+            return await self._split(entry, payload, reason)
         if status == 400:
             log.error("the vSensor refused chunk %d as malformed (%s); dropped its %d packets",
                       entry.sequence, reason, entry.packets)
             self._count_drop(entry)
             return False
         raise Refused(state_of(status), f"HTTP {status} ({reason})", retry_after, status)
+
+    async def _split(self, entry: QueuedChunk, payload: bytes, reason: str) -> bool:
+        """A 413: the chunk's halves take its place (``split.py``), or its single record goes."""
+        sequences = (next(self._part_sequences), next(self._part_sequences))
+        try:
+            parts = await asyncio.to_thread(split_chunk, self.encoder, payload,
+                                            self.chunk_version, sequences)
+        except ValueError as exc:  # our own bytes, so never expected: still no blocked queue
+            parts, reason = None, f"{reason}; it does not decode: {exc}"
+        if parts is None:
+            log.error("the vSensor refused chunk %d as too large (HTTP 413: %s) and it holds a "
+                      "single record of %d bytes, which cannot be split: dropped %d packets",
+                      entry.sequence, reason, len(payload), entry.packets)
+            self._count_drop(entry)
+            self.records_too_large += 1
+            return False
+        algorithm = self.connection.digest
+        queued = [QueuedChunk(entry.order, sequence, packets, len(data), data,
+                              digest=(algorithm, content_digest(data, algorithm)))
+                  for sequence, packets, data in parts]
+        paths: list[Path] = []  # from the spool: so are its parts, before the original goes
+        try:
+            while entry.path is not None and self.spool is not None and len(paths) < 2:
+                paths.append(await asyncio.to_thread(self.spool.write, queued[len(paths)]))
+        except OSError as exc:
+            log.warning("cannot spool the parts of chunk %d (%s); they stay in memory",
+                        entry.sequence, exc.strerror or exc)
+        except BaseException:  # cancelled: the original is put back, its parts go
+            for path in paths:
+                path.unlink(missing_ok=True)
+            raise
+        for part, path in zip(queued, paths):
+            self.spool.add(part, path)  # type: ignore[union-attr]  # paths only with a spool
+        self._memory.extendleft(reversed(queued[len(paths):]))
+        self.chunks_split += 1
+        log.warning("the vSensor refused chunk %d (%d packets, %d bytes) as too large (HTTP 413: "
+                    "%s): sending it again in two parts, chunks %d and %d", entry.sequence,
+                    entry.packets, len(payload), reason, *(p[0] for p in parts))
+        return False

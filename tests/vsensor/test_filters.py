@@ -1,9 +1,7 @@
 """The peer exclusion: the vSensor's ranges, the generated BPF, checked by the kernel itself.
 
-The kernel is the oracle: an ``oracle`` process in a test namespace attaches each program to a
-real AF_PACKET socket (``SO_ATTACH_FILTER``) on a veth (Ethernet) or a tun (raw IP), sends the
-test packets through the other end and reports which ones the socket received. Run inside a
-namespace as ``python -m tests.vsensor.test_filters oracle``.
+The kernel is the oracle (``tests/helpers/bpf_oracle.py``): a process in a test namespace
+attaches each program to a real AF_PACKET socket and reports which test packets it received.
 """
 
 from __future__ import annotations
@@ -11,136 +9,30 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
 import random
-import select
-import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ossensor_core.capture.bpf import (BPF_MAXINSNS, LINKTYPE_ETHERNET, LINKTYPE_RAW, BpfProgram,
-                               combine_filters, compile_filter)
+from ossensor_core.capture.bpf import (BPF_MAXINSNS, LINKTYPE_ETHERNET, LINKTYPE_RAW,
+                                       combine_filters, compile_filter)
+from ossensor_core.capture.bounded import bounded_and
 from ossensor_core.capture.peer_exclusion import AddressSet, exclusion_code, lower_address_excluded, with_exclusion
 from ossensor_core.errors import FilterError
 from ossensor_core.node.workloads import Route, workload_ranges
 from ossensor_vsensor.filters import (build_filter, claimed_once, claimed_set, peer_set,
                                       peers_expression)
 from tests.helpers.traffic import udp4_packet, udp6_packet
-from tests.helpers.netns import Namespace, have_netns, namespaces
-
-ROOT = Path(__file__).resolve().parents[2]
-MARK = b"OSFT"  # test packets end with MARK and their index
-
-
-# -- the kernel oracle (runs inside the namespace) ----------------------------------------------
-
-TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
-
-
-def _oracle() -> int:
-    import fcntl
-
-    from ossensor_core.capture.bpf import attach_filter
-
-    tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-    fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH22x", b"tn0", IFF_TUN | IFF_NO_PI))
-    subprocess.run(["ip", "link", "set", "tn0", "up"], check=True)
-    sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    sender.bind(("va", 0))
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        raw = request["linktype"] == LINKTYPE_RAW
-        receiver = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
-        receiver.bind(("tn0" if raw else "vb", 0))
-        program = BpfProgram("test", request["linktype"],
-                             tuple(tuple(i) for i in request["program"]))
-        attach_filter(receiver.fileno(), program)
-        frames = [bytes.fromhex(f) for f in request["frames"]]
-        # The end marker: a non-IP frame (Ethernet) or a truncated IPv4 header (raw), which the
-        # generated part always hands to the user's program, and the tests' user programs keep.
-        marker = (b"\x45" + bytes(18) if raw else
-                  b"\xff" * 6 + b"\x02\0\0\0\0\x01" + b"\x88\xb5" + MARK + b"\xff\xff\xff\xff")
-        for frame in [*frames, marker]:
-            if raw:
-                os.write(tun, frame)
-            else:
-                sender.send(frame)
-        received: list[int] = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([receiver], [], [], 0.5)
-            if not ready:
-                continue
-            data = receiver.recv(65536)
-            if data == marker or (raw and len(data) == 19):
-                break
-            if data[-8:-4] == MARK:
-                received.append(int.from_bytes(data[-4:], "big"))
-        else:
-            raise SystemExit("the marker never arrived")
-        receiver.close()
-        print(json.dumps({"received": received}), flush=True)
-    return 0
-
-
-class Kernel:
-    """The test side of the oracle."""
-
-    def __init__(self, ns: Namespace) -> None:
-        ns.exec("ip", "link", "add", "va", "type", "veth", "peer", "name", "vb")
-        for name in ("va", "vb"):
-            ns.exec("ip", "link", "set", name, "up")
-        self.proc = ns.popen(sys.executable, "-m", "tests.vsensor.test_filters", "oracle",
-                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        assert json.loads(self._line(20))["ready"]
-
-    def _line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.proc.kill()
-            raise AssertionError(f"oracle: {self.proc.stderr.read() if self.proc.stderr else ''}")
-        return line
-
-    def accepted(self, program: BpfProgram, frames: list[bytes]) -> set[int]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"linktype": program.linktype,
-                                          "program": program.instructions,
-                                          "frames": [f.hex() for f in frames]}) + "\n")
-        self.proc.stdin.flush()
-        return set(json.loads(self._line(30))["received"])
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+from tests.helpers.bpf_oracle import MARK, Kernel, kernel_oracle
 
 
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[Kernel]:
-    if not have_netns():
-        pytest.skip("needs root and iproute2")
-    with namespaces(1) as (ns,):
-        oracle = Kernel(ns)
-        try:
-            yield oracle
-        finally:
-            oracle.close()
+    yield from kernel_oracle()
 
 
 # -- test packets --------------------------------------------------------------------------------
@@ -343,7 +235,9 @@ def test_the_sensor_falls_back_to_the_rest_of_its_filter_when_the_peers_do_not_f
     assert sensor.set_vsensor_filter("not (host 192.0.2.254 and tcp port 8443)", small) == ""
     program = sensor.program(LINKTYPE_ETHERNET)
     assert program.expression.startswith("(not lower address in peers [2 IPv4")
-    alone = compile_filter("(not (host 192.0.2.254 and tcp port 8443)) and (not port 53)")
+    # The vSensor's part bounds-checked (a frame too short for it goes on), then the rest.
+    alone = bounded_and(compile_filter("not (host 192.0.2.254 and tcp port 8443)"),
+                        compile_filter("not port 53"))
     assert program.instructions[-len(alone):] == alone.instructions
 
     rng = random.Random(11)
@@ -494,5 +388,3 @@ def test_workload_ranges_rule():
                                               "2001:db8:9::/80"]
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["oracle"]:
-    sys.exit(_oracle())

@@ -3,7 +3,13 @@
 Two parts:
 
 * ``not (host <vSensor address> and tcp port <ports>)``: the sensor's own uploads. Always a
-  libpcap expression (short, and readable in logs and on the status page).
+  libpcap expression (short, and readable in logs and on the status page). It reads addresses
+  and ports a cut frame may not have, and a classic BPF load past the end of a frame rejects
+  the frame; it is not wrapped here (``(len < N) or (...)``) because ``len`` counts the link
+  header and the sensor's link types are not known here: N would be right for one link type
+  only. The sensor compiles it alone and adds a length check before each of its loads
+  (``ossensor_core/capture/bounded.py``), so a frame too short for it is kept (its own ``BPF``
+  still decides). Older sensors compile it with their ``BPF`` in one program, as before.
 * The peer exclusion, so that traffic between two registered sensors is stored exactly once.
   Each sensor *claims* its addresses and the workload ranges behind it (pod CIDRs). The rule,
   per flow: a packet belongs to the sensor that claims the **lower** of its two addresses

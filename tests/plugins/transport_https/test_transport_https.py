@@ -326,7 +326,7 @@ def test_backoff_is_exponential_with_equal_jitter() -> None:
     assert all(c / 2 <= w <= c for w, c in zip(waits, ceilings))
     assert waits[-1] >= 15.0
     assert backoff.next(retry_after=7.0) == 7.0
-    assert backoff.next(retry_after=10_000.0) == 3600.0
+    assert backoff.next(retry_after=10_000.0) == 300.0  # RETRY_AFTER_CAP (issue 16: was 3600)
     backoff.reset()
     assert 0.25 <= backoff.next() <= 0.5
     # Jitter: many sensors that start together spread out.
@@ -359,7 +359,7 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
 
     assert retry_after("7") == 7.0
     assert retry_after(None) is None
-    assert retry_after("soon") is None
+    assert retry_after("soon") == 1.0  # garbage: the floor, never a tight loop (issue 16)
     assert 25 <= retry_after(formatdate(time.time() + 30, usegmt=True)) <= 31
 
 
