@@ -31,9 +31,9 @@ def ossensor_settings() -> SettingsGroup:
         Setting("bytes", int, 0, "Keep the first N bytes of each packet (0: whole packets).",
                 minimum=0, maximum=262144),
         Setting("packets", int, 0, "Keep the first N packets of each flow (0: every packet).",
-                minimum=0),
+                minimum=0, maximum=(1 << 31) - 1),
         Setting("max_flows", int, 1 << 16, "Flows remembered for OSSENSOR_SLICE_PACKETS.",
-                minimum=16),
+                minimum=16, maximum=1 << 24),
     ])
 
 

@@ -51,10 +51,10 @@ def ossensor_settings() -> SettingsGroup:
                 env=OUTPUT_DIR_VARIABLE),
         Setting("rotate_bytes", int, 100 << 20,
                 "Start a new file once the current one reaches this size (a file may exceed it "
-                "by the last chunk written to it).", minimum=4096),
+                "by the last chunk written to it).", minimum=4096, maximum=1 << 40),
         Setting("rotate_seconds", float, 300,
                 "Complete a file this many seconds after it was opened, even when idle.",
-                positive=True),
+                positive=True, maximum=7 * 86400),
     ])
 
 
