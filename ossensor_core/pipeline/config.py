@@ -77,16 +77,24 @@ def check_writable_file(text: str) -> None:
 
 
 def check_not_a_file(text: str) -> None:
-    """A folder (created when missing): refuse a path that exists and is something else."""
-    path = Path(text.strip())
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{shown(text)} exists and is not a folder")
+    """A folder (created when missing): refuse a path that is, or lies under, something else."""
+    path = Path(text.strip()).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"{shown(text)}: {shown(str(folder))} is not a folder")
+            return
 
 
 def check_config_path(text: str) -> None:
-    """The generated file: refuse a folder (the file is replaced atomically beside it)."""
-    if Path(text).is_dir():
+    """The generated file, replaced atomically: never a folder, a device or a FIFO (root would
+    replace ``/dev/zero``), never under a file."""
+    path = Path(text)
+    if path.is_dir():
         raise ValueError(f"{shown(text)} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{shown(text)} is not a regular file")
+    check_not_a_file(str(path.parent))
 
 
 CORE_SETTINGS: tuple[Setting, ...] = (
@@ -340,8 +348,8 @@ def check_fingerprint(text: str) -> None:
 
 def check_ca_file(text: str) -> None:
     """A readable regular file of a sane size that holds at least one PEM certificate."""
-    try:
-        with open(text, "rb") as handle:
+    try:  # O_NONBLOCK: a FIFO must not block start-up
+        with open(text, "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)) as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise ValueError(f"{shown(text)} is not a file")
             pem = handle.read(MAX_CA_FILE_BYTES + 1)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-Source = Literal["default", "variable", "legacy"]
+#: ``refused``: the variable held a bad value; the default stands in while start-up reports it.
+Source = Literal["default", "variable", "legacy", "refused"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -201,6 +202,12 @@ class PluginSettings(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         return self.resolved[name].value
 
+    def refused(self, *names: str) -> bool:
+        """Whether any of these settings held a bad value (already reported, one line each):
+        a plugin's own check of them would only repeat it."""
+        return any(self.resolved[name].source == "refused" for name in names
+                   if name in self.resolved)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.resolved)
 
@@ -239,7 +246,8 @@ def resolve_settings(
         except ValueError as exc:
             reason = "invalid value (not shown: the setting is secret)" if setting.secret else exc
             problems.append(f"{from_variable}: {reason}")
-            resolved[setting.name] = ResolvedSetting(setting, variable, setting.default, "default")
+            resolved[setting.name] = ResolvedSetting(setting, variable, setting.default, "refused",
+                                                     from_variable)
             continue
         resolved[setting.name] = ResolvedSetting(setting, variable, value, source, from_variable)
     return resolved

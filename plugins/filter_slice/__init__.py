@@ -40,6 +40,8 @@ def ossensor_settings() -> SettingsGroup:
 @hookimpl
 def ossensor_configure(config: SensorConfig) -> None:
     settings = config.plugin("slice")
+    if settings.refused("bytes", "packets"):
+        return
     if not settings.bytes and not settings.packets:
         raise ConfigError(["OSSENSOR_SLICE_BYTES or OSSENSOR_SLICE_PACKETS: the slice plugin is "
                            "loaded but neither is set, so it would keep everything"])

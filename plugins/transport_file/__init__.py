@@ -61,7 +61,7 @@ def ossensor_settings() -> SettingsGroup:
 @hookimpl
 def ossensor_configure(config: SensorConfig) -> None:
     """Refuse to start without a folder we can write, before any capture opens."""
-    if config.transport != "file":
+    if config.transport != "file" or config.plugin("file").refused("output_dir"):
         return
     problem = check_output_dir(config.plugin("file").output_dir)
     if problem:
