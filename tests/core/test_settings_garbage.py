@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import import_module
@@ -246,3 +248,18 @@ def test_every_setting_refuses_garbage_in_one_line_naming_it(ns: Namespace, fold
     wrong = [problem for batch, result in zip(work, ran)
              for problem in judge(batch, result, all_names)]
     assert not wrong, f"{len(wrong)} findings:\n" + "\n".join(wrong[:40])
+
+
+def test_the_issues_fingerprint_slip_in_a_process_of_its_own(ns: Namespace, tmp_path: Path) -> None:
+    """``VSENSOR_TLS_FINGERPRINT=SHA-256`` (issue 16) and a value that is not UTF-8, exec'd as
+    a user runs it: one line each, naming the variable, exit 1."""
+    env = {**profiles(tmp_path)["afpacket+https"], b"VSENSOR_TLS_FINGERPRINT": b"SHA-256",
+           b"OSSENSOR_DEBUG": b"\xff", b"PYTHONPATH": os.environb.get(b"PYTHONPATH", b"")}
+    done = subprocess.run([*ns.prefix(), sys.executable, "-m", "ossensor_core.ops.cli", "check"],
+                          env=env, cwd=tmp_path, capture_output=True, timeout=60)
+    lines = done.stderr.decode(errors="backslashreplace").splitlines()
+    assert done.returncode == 1, lines
+    assert lines == [
+        "ossensor: cannot start: OSSENSOR_DEBUG: is not valid UTF-8",
+        "ossensor: cannot start: VSENSOR_TLS_FINGERPRINT: 'SHA-256' is not a SHA-256 "
+        "fingerprint (64 hex digits, colons allowed)"]

@@ -231,7 +231,8 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         raise UsageError(f"--data-dir {shown(data_dir)}: is not a folder")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
-    direct = parse_listen(args.advertise, "--advertise") if args.advertise else None
+    direct = (parse_listen(args.advertise, "--advertise") if args.advertise is not None
+              else None)  # an empty value is a slip (an unset variable), not "none"
     if args.tls_cert:
         cert_file, key_file = args.tls_cert, args.tls_key
     else:
