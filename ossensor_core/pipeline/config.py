@@ -93,8 +93,14 @@ def check_config_path(text: str) -> None:
     if path.is_dir():
         raise ValueError(f"{shown(text)} is a folder, not a file")
     if path.exists() and not path.is_file():
-        raise ValueError(f"{shown(text)} is not a regular file")
-    check_not_a_file(str(path.parent))
+        raise ValueError(f"cannot write the configuration file {shown(text)}: it is not a "
+                         "regular file")
+    for folder in path.absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"cannot write the configuration file {shown(text)} "
+                                 f"({shown(str(folder))} is not a folder)")
+            return
 
 
 CORE_SETTINGS: tuple[Setting, ...] = (

@@ -33,7 +33,7 @@ LARGEST_FLOAT = 1e9
 #: Longest string value unless a setting says otherwise (``PATH_MAX``).
 DEFAULT_MAX_LENGTH = 4096
 #: Characters of a bad value quoted in a message; the rest is cut.
-SHOWN = 40
+SHOWN = 160
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 

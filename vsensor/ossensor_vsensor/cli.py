@@ -42,7 +42,7 @@ MIN_SECRET_LENGTH = 16
 #: The largest key file read; a key is a line.
 MAX_KEY_FILE_BYTES = 1 << 20
 #: Characters of a bad value quoted in a message.
-SHOWN = 40
+SHOWN = 160
 
 
 class UsageError(Exception):
