@@ -8,7 +8,6 @@ transport is loaded.
 
 from __future__ import annotations
 
-import re
 import ssl
 from dataclasses import dataclass
 
@@ -17,20 +16,11 @@ import aiohttp
 from ossensor_core.errors import TransportError
 # The settings are the core's (read at start-up whatever is loaded); this module uses them.
 from ossensor_core.pipeline.config import (ENV_CA_FILE, ENV_FINGERPRINT, ENV_TLS_VERIFY,
-                                          SETTINGS_GROUP, SensorConfig, connection_settings)
-
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+                                          SETTINGS_GROUP, SensorConfig, connection_settings,
+                                          normalise_fingerprint)
 
 #: What ``aiohttp`` takes as its ``ssl`` argument.
 AiohttpTls = ssl.SSLContext | aiohttp.Fingerprint | bool
-
-
-def normalise_fingerprint(text: str) -> str:
-    """Lower-case hex without separators; raises ValueError unless it is a SHA-256."""
-    value = text.strip().lower().replace(":", "").replace(" ", "")
-    if not _FINGERPRINT.match(value):
-        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
-    return value
 
 
 def tls_setting(ca_file: str, fingerprint: str, tls_verify: bool) -> AiohttpTls:
@@ -44,7 +34,8 @@ def tls_setting(ca_file: str, fingerprint: str, tls_verify: bool) -> AiohttpTls:
     try:
         context = ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
-        raise TransportError(f"cannot read the CA file {ca_file!r}: {exc}") from exc
+        raise TransportError(f"{ENV_CA_FILE}: cannot read the CA file {ca_file!r}: {exc}") \
+            from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 

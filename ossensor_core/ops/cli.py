@@ -22,9 +22,10 @@ from ossensor_core.pipeline.settings import SettingsGroup
 
 
 def _fail(problems: Sequence[str]) -> int:
-    print("ossensor: cannot start:", file=sys.stderr)
+    """One line per problem on stderr (each names its variable), exit status 1: what an operator
+    and a log collector read, never a traceback."""
     for problem in problems:
-        print(f"  - {problem}", file=sys.stderr)
+        print(f"ossensor: cannot start: {' '.join(problem.split(chr(10)))}", file=sys.stderr)
     return 1
 
 

@@ -11,7 +11,9 @@ import configparser
 import io
 import ipaddress
 import os
+import re
 import socket
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any
 from ossensor_core.node.patterns import ExtendedRegex, PatternError
 from ossensor_core.errors import ConfigError
 from ossensor_core.pipeline.settings import (PluginSettings, ResolvedSetting, Setting, SettingsGroup,
-                                            resolve_settings, split_words)
+                                            resolve_settings, shown, split_words)
 from ossensor_core.wire.names import MAX_CHUNK_BYTES, SENSOR_NAME_HELP, valid_sensor_name
 
 #: The largest OSSENSOR_CHUNK_BYTES: half the vSensor's body limit, so that a chunk (its records,
@@ -30,22 +32,99 @@ from ossensor_core.wire.names import MAX_CHUNK_BYTES, SENSOR_NAME_HELP, valid_se
 #: stays under the limit. A proxy with a lower limit answers 413: the transport splits then.
 CHUNK_BYTES_MAX = MAX_CHUNK_BYTES // 2
 
+# -- checks of single values (``Setting.check``): raise ValueError without the variable's name --
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def check_host(text: str) -> None:
+    """A host name (DNS labels) or an IP address, without a port."""
+    host = text.strip()
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"must not contain a port ({shown(host)}): give the host alone and "
+                             "set the port in VSENSOR_PORT") from None
+        return
+    if not all(_HOST_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
+        raise ValueError(f"{shown(host)} is not a host name or IP address")
+
+
+def check_address(text: str) -> None:
+    """``host:port`` or ``[IPv6]:port`` with an IP address (or localhost) as the host."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isascii() or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise ValueError(f"{shown(text)}: give host:port, e.g. 127.0.0.1:9853")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{shown(text)}: the host must be an IP address (or localhost)") \
+                from None
+
+
+def check_writable_file(text: str) -> None:
+    """A file we can append to (or create): not a folder, its folder present and writable."""
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{shown(text)} is a folder, not a file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{shown(text)} is not writable")
+        return
+    if not path.parent.is_dir():
+        raise ValueError(f"{shown(text)}: the folder {shown(str(path.parent))} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{shown(text)}: cannot create files in {shown(str(path.parent))}")
+
+
+def check_not_a_file(text: str) -> None:
+    """A folder (created when missing): refuse a path that is, or lies under, something else."""
+    path = Path(text.strip()).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"{shown(text)}: {shown(str(folder))} is not a folder")
+            return
+
+
+def check_config_path(text: str) -> None:
+    """The generated file, replaced atomically: never a folder, a device or a FIFO (root would
+    replace ``/dev/zero``), never under a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{shown(text)} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"cannot write the configuration file {shown(text)}: it is not a "
+                         "regular file")
+    for folder in path.absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"cannot write the configuration file {shown(text)} "
+                                 f"({shown(str(folder))} is not a folder)")
+            return
+
+
 CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("VSENSOR_HOSTNAME", str, None, "Host name or IP address of the vSensor, without a port.",
-            required=True),
+            required=True, max_length=255, check=check_host),
     Setting("VSENSOR_HMAC_KEY", str, None, "Shared HMAC key for talking to the vSensor.",
-            required=True, secret=True),
+            required=True, secret=True, max_length=1024),
     Setting("VSENSOR_PORT", int, 443, "Port of the vSensor.", minimum=1, maximum=65535),
     Setting("OSSENSOR_NETWORK_DEVICE", str, "",
             "Capture this interface only. Unset: every selected interface; the default-route "
             "interface identifies the sensor."),
     Setting("OSSENSOR_CONFIG_PATH", str, "/etc/darktrace/ossensor.cfg",
-            "Where the generated configuration file is written."),
+            "Where the generated configuration file is written.", check=check_config_path),
     Setting("OSSENSOR_DEBUG", int, 1, "Log detail, 0 (basic) to 5 (every packet as hex).",
             minimum=0, maximum=5),
     Setting("ANTIGENA_ENABLED", bool, True, "Receive and enforce Antigena response actions."),
     Setting("ANTIGENA_TIME_PERIOD", float, 5.0,
-            "Seconds between reports of Antigena actions to the vSensor.", positive=True),
+            "Seconds between reports of Antigena actions to the vSensor.", positive=True,
+            maximum=3600),
     Setting("NETWORK_DEVICE_EXCLUDELIST", str, "",
             "White-space separated egrep patterns of interfaces never captured; wins over the "
             "include list.", legacy=("NETWORK_DEVICE_BLACKLIST",)),
@@ -54,8 +133,10 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "captured.", legacy=("NETWORK_DEVICE_WHITELIST",)),
     Setting("NETWORK_DEVICE_ANY", bool, False,
             "Also capture interfaces that appear after start-up (same include/exclude rules)."),
-    Setting("BPF", str, "", "Berkeley Packet Filter expression, AND-ed with the vSensor's filter."),
-    Setting("OSSENSOR_LOGFILE_PATH", str, "/dev/stdout", "Where the log is written."),
+    Setting("BPF", str, "", "Berkeley Packet Filter expression, AND-ed with the vSensor's filter.",
+            max_length=65536),
+    Setting("OSSENSOR_LOGFILE_PATH", str, "/dev/stdout", "Where the log is written.",
+            check=check_writable_file),
     Setting("OSSENSOR_NAME", str, socket.gethostname(),
             "Name of this sensor at the vSensor (a DaemonSet sets it to the node name)."),
     Setting("OSSENSOR_CAPTURE_BACKEND", str, "afpacket",
@@ -71,13 +152,15 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "A chunk is cut at the latest this many seconds after its first batch.",
             positive=True, maximum=60),
     Setting("OSSENSOR_STATS_SECONDS", float, 10.0,
-            "Seconds between capture counter reports (debug level 1).", positive=True),
+            "Seconds between capture counter reports (debug level 1).", positive=True,
+            maximum=86400),
     Setting("OSSENSOR_TRACE_HOOKS", bool, False, "Log every plugin hook call (for plugin authors)."),
     Setting("OSSENSOR_RUN_DIR", str, "",
             "Folder of the status file that `ossensor health` reads; empty: the folder of "
-            "OSSENSOR_CONFIG_PATH."),
+            "OSSENSOR_CONFIG_PATH.", check=check_not_a_file),
     Setting("OSSENSOR_METRICS_ADDRESS", str, "",
-            "host:port of the Prometheus metrics endpoint (e.g. 127.0.0.1:9853); empty: off."),
+            "host:port of the Prometheus metrics endpoint (e.g. 127.0.0.1:9853); empty: off.",
+            check=check_address),
 )
 
 
@@ -136,22 +219,6 @@ class SensorConfig:
         return found
 
 
-def _check_hostname(host: str) -> str | None:
-    """Return a problem with ``VSENSOR_HOSTNAME``, or None."""
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host.strip("[]"))
-        except ValueError:
-            return (
-                f"VSENSOR_HOSTNAME must not contain a port ({host!r}): "
-                "give the host alone and set the port in VSENSOR_PORT"
-            )
-        return None
-    if any(ch.isspace() for ch in host) or "/" in host:
-        return f"VSENSOR_HOSTNAME {host!r} is not a host name or IP address"
-    return None
-
-
 def compile_patterns(variable: str, patterns: tuple[str, ...], problems: list[str]) -> None:
     """Append a problem for every pattern that is not a valid extended regular expression."""
     for pattern in patterns:
@@ -174,12 +241,7 @@ def read_core_config(environ: Mapping[str, str]) -> tuple[SensorConfig, list[str
     resolved = resolve_settings(CORE_SETTINGS, environ, None, problems)
     values: dict[str, Any] = {name: item.value for name, item in resolved.items()}
 
-    host = (values["VSENSOR_HOSTNAME"] or "").strip()
-    if host:
-        problem = _check_hostname(host)
-        if problem:
-            problems.append(problem)
-        host = host.strip("[]")
+    host = (values["VSENSOR_HOSTNAME"] or "").strip().strip("[]")
 
     name = values["OSSENSOR_NAME"].strip()
     if not valid_sensor_name(name):
@@ -278,6 +340,38 @@ SETTINGS_GROUP = "vsensor"
 ENV_CA_FILE = "VSENSOR_CA_FILE"
 ENV_FINGERPRINT = "VSENSOR_TLS_FINGERPRINT"
 ENV_TLS_VERIFY = "VSENSOR_TLS_VERIFY"
+#: The largest CA bundle read (the system's is about 200 KiB).
+MAX_CA_FILE_BYTES = 16 << 20
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def normalise_fingerprint(text: str) -> str:
+    """Lower-case hex without separators; raises ValueError unless it is a SHA-256."""
+    value = text.strip().lower().replace(":", "").replace(" ", "")
+    if not _FINGERPRINT.fullmatch(value):
+        raise ValueError(f"{shown(text)} is not a SHA-256 fingerprint (64 hex digits, colons "
+                         "allowed)")
+    return value
+
+
+def check_fingerprint(text: str) -> None:
+    normalise_fingerprint(text)
+
+
+def check_ca_file(text: str) -> None:
+    """A readable regular file of a sane size that holds at least one PEM certificate."""
+    try:  # O_NONBLOCK: a FIFO must not block start-up
+        with open(text, "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ValueError(f"{shown(text)} is not a file")
+            pem = handle.read(MAX_CA_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {shown(text)} ({exc.strerror or exc})") from None
+    if len(pem) > MAX_CA_FILE_BYTES:
+        raise ValueError(f"{shown(text)} is larger than {MAX_CA_FILE_BYTES >> 20} MiB")
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError(f"{shown(text)} holds no PEM certificate")
+
 
 def connection_settings() -> SettingsGroup:
     """The vSensor connection settings (``ossensor_core.client.tls`` uses them): the core's, read
@@ -285,11 +379,11 @@ def connection_settings() -> SettingsGroup:
     return SettingsGroup(SETTINGS_GROUP, [
         Setting("ca_file", str, "",
                 "CA bundle (PEM) that verifies the vSensor's certificate; empty: the system CAs.",
-                env=ENV_CA_FILE),
+                env=ENV_CA_FILE, check=check_ca_file),
         Setting("fingerprint", str, "",
                 "SHA-256 fingerprint of the vSensor's DER certificate (hex; colons and case "
                 "ignored) to pin instead of CA verification; a self-signed certificate then "
-                "works.", env=ENV_FINGERPRINT),
+                "works.", env=ENV_FINGERPRINT, max_length=200, check=check_fingerprint),
         Setting("tls_verify", bool, True,
                 "Verify the vSensor's certificate; false turns verification off (the connection "
                 "is then not authenticated, and a warning says so).", env=ENV_TLS_VERIFY),

@@ -15,10 +15,33 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-Source = Literal["default", "variable", "legacy"]
+#: ``refused``: the variable held a bad value; the default stands in while start-up reports it.
+Source = Literal["default", "variable", "legacy", "refused"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+#: Plain ASCII numbers only: ``int()`` and ``float()`` also take ``1_000`` and other scripts'
+#: digits, which an operator never means.
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+#: Beyond these no setting means anything (a C ``int64``; about 31 years in seconds): a backstop
+#: under each setting's own maximum.
+LARGEST_INT = (1 << 63) - 1
+LARGEST_FLOAT = 1e9
+#: Longest string value unless a setting says otherwise (``PATH_MAX``).
+DEFAULT_MAX_LENGTH = 4096
+#: Characters of a bad value quoted in a message; the rest is cut.
+SHOWN = 160
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a message, cut to :data:`SHOWN` characters."""
+    if len(text) <= SHOWN:
+        return repr(text)
+    return f"{text[:SHOWN]!r}... ({len(text)} characters)"
 
 
 def parse_bool(text: str) -> bool:
@@ -28,23 +51,29 @@ def parse_bool(text: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError(f"{text!r} is not a boolean (use true/false, 1/0 or yes/no)")
+    raise ValueError(f"{shown(text)} is not a boolean (use true/false, 1/0 or yes/no)")
 
 
 def _parse_int(text: str) -> int:
-    try:
-        return int(text.strip(), 10)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
+    stripped = text.strip()
+    if not _INT.fullmatch(stripped):
+        raise ValueError(f"{shown(text)} is not a whole number")
+    value = int(stripped, 10)
+    if abs(value) > LARGEST_INT:
+        raise ValueError(f"{shown(text)} is out of range")
+    return value
 
 
 def _parse_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite number")
+    stripped = text.strip()
+    lowered = stripped.lower().lstrip("+-")
+    if lowered in ("nan", "inf", "infinity"):
+        raise ValueError(f"{shown(text)} is not a finite number")
+    if not _FLOAT.fullmatch(stripped):
+        raise ValueError(f"{shown(text)} is not a number")
+    value = float(stripped)
+    if not math.isfinite(value) or abs(value) > LARGEST_FLOAT:
+        raise ValueError(f"{shown(text)} is out of range")
     return value
 
 
@@ -65,9 +94,12 @@ _PARSERS: dict[type, Callable[[str], Any]] = {
 class Setting:
     """One setting: its name, type, default and a one-line description.
 
-    ``minimum``/``maximum`` bound numbers (inclusive), ``choices`` restricts strings, ``secret``
-    hides the value everywhere it is shown, ``required`` makes a missing or empty value an error.
-    ``legacy`` lists older variable names that are honoured when the main one is unset.
+    ``minimum``/``maximum`` bound numbers (inclusive), ``max_length`` strings, ``choices``
+    restricts strings, ``secret`` hides the value everywhere it is shown, ``required`` makes a
+    missing or empty value an error. ``check`` is called with the parsed value and raises
+    ValueError (a message without the value's name) when it is unusable: a path that is not a
+    file, a malformed fingerprint. ``legacy`` lists older variable names that are honoured when
+    the main one is unset.
     """
 
     name: str
@@ -82,6 +114,8 @@ class Setting:
     choices: tuple[str, ...] | None = None
     required: bool = False
     secret: bool = False
+    max_length: int = DEFAULT_MAX_LENGTH
+    check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         if self.type not in _PARSERS:
@@ -96,17 +130,31 @@ class Setting:
         return f"OSSENSOR_{plugin}_{self.name}".upper().replace("-", "_")
 
     def parse(self, text: str) -> Any:
-        """Parse and check one value; raises ValueError with a message that omits secrets."""
+        """Parse and check one value; raises ValueError (the caller hides a secret's message).
+
+        Bytes that are not UTF-8 (``os.environ`` keeps them as lone surrogates), control
+        characters and over-long values are refused before anything else reads them."""
+        if len(text) > self.max_length:
+            raise ValueError(f"is {len(text)} characters long, more than the "
+                             f"{self.max_length} allowed")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid UTF-8") from None
+        if _CONTROL.search(text):
+            raise ValueError(f"{shown(text)} holds control characters")
         value = _PARSERS[self.type](text)
         if self.type in (int, float):
             if self.positive and value <= 0:
-                raise ValueError(f"{text!r} must be greater than 0")
+                raise ValueError(f"{shown(text)} must be greater than 0")
             if self.minimum is not None and value < self.minimum:
-                raise ValueError(f"{text!r} is below the minimum {self.minimum:g}")
+                raise ValueError(f"{shown(text)} is below the minimum {self.minimum:g}")
             if self.maximum is not None and value > self.maximum:
-                raise ValueError(f"{text!r} is above the maximum {self.maximum:g}")
+                raise ValueError(f"{shown(text)} is above the maximum {self.maximum:g}")
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(self.choices)}")
+            raise ValueError(f"{shown(text)} is not one of {', '.join(self.choices)}")
+        if self.check is not None:
+            self.check(value)
         return value
 
 
@@ -154,6 +202,12 @@ class PluginSettings(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         return self.resolved[name].value
 
+    def refused(self, *names: str) -> bool:
+        """Whether any of these settings held a bad value (already reported, one line each):
+        a plugin's own check of them would only repeat it."""
+        return any(self.resolved[name].source == "refused" for name in names
+                   if name in self.resolved)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.resolved)
 
@@ -169,7 +223,7 @@ def resolve_settings(
 ) -> dict[str, ResolvedSetting]:
     """Read each setting from ``environ``; append one message per invalid value to ``problems``.
 
-    An empty variable counts as unset, as in the original's start-up script.
+    An empty (or blank) variable counts as unset, as in the original's start-up script.
     """
     resolved: dict[str, ResolvedSetting] = {}
     for setting in settings:
@@ -177,12 +231,12 @@ def resolve_settings(
         text = environ.get(variable, "")
         source: Source = "variable"
         from_variable: str | None = variable
-        if text == "":
+        if not text.strip():
             for old in setting.legacy:
-                if environ.get(old, "") != "":
+                if environ.get(old, "").strip():
                     text, source, from_variable = environ[old], "legacy", old
                     break
-        if text == "":
+        if not text.strip():
             if setting.required:
                 problems.append(f"{variable} is required but not set")
             resolved[setting.name] = ResolvedSetting(setting, variable, setting.default, "default")
@@ -192,7 +246,8 @@ def resolve_settings(
         except ValueError as exc:
             reason = "invalid value (not shown: the setting is secret)" if setting.secret else exc
             problems.append(f"{from_variable}: {reason}")
-            resolved[setting.name] = ResolvedSetting(setting, variable, setting.default, "default")
+            resolved[setting.name] = ResolvedSetting(setting, variable, setting.default, "refused",
+                                                     from_variable)
             continue
         resolved[setting.name] = ResolvedSetting(setting, variable, value, source, from_variable)
     return resolved

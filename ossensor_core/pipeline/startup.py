@@ -131,9 +131,10 @@ def prepare(environ: Mapping[str, str], *, write_config: bool = True) -> Prepare
             problems.append(f"OSSENSOR_NETWORK_DEVICE: no interface named "
                             f"{config.network_device!r} (present: {', '.join(sorted(names))})")
         elif not selected and not config.device_any:
+            lists = [config.settings[name].from_variable or name  # the (legacy) name given
+                     for name in ("NETWORK_DEVICE_INCLUDELIST", "NETWORK_DEVICE_EXCLUDELIST")]
             problems.append(
-                "no interface to capture: check NETWORK_DEVICE_INCLUDELIST and "
-                "NETWORK_DEVICE_EXCLUDELIST (present: "
+                f"no interface to capture: check {lists[0]} and {lists[1]} (present: "
                 f"{', '.join(i.name for i in interfaces)}), or set NETWORK_DEVICE_ANY=1 to wait "
                 "for matching interfaces to appear")
         try:

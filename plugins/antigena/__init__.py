@@ -39,6 +39,8 @@ def tls_for(config: SensorConfig) -> AiohttpTls:
     except TransportError as exc:
         raise ConfigError([f"VSENSOR_CA_FILE: cannot load it for Antigena "
                            f"({exc.__cause__ or exc})"]) from exc
+    except ValueError as exc:  # start-up refuses a malformed pin first; a hand-built config
+        raise ConfigError([f"VSENSOR_TLS_FINGERPRINT: {exc}"]) from exc
 
 
 class AntigenaPlugin:
@@ -54,12 +56,13 @@ class AntigenaPlugin:
         return SettingsGroup(NAME, [
             Setting("resets_per_second", float, 200.0,
                     "Most TCP resets sent per second (each blocked segment takes two).",
-                    positive=True),
+                    positive=True, maximum=1_000_000),
             Setting("reconnect_max_seconds", float, 10.0,
                     "Longest wait between attempts to reopen the websocket to the vSensor.",
-                    positive=True),
+                    positive=True, maximum=3600),
             Setting("reports_kept", int, 1000,
-                    "Reports kept while the vSensor is away (the oldest go first).", minimum=1),
+                    "Reports kept while the vSensor is away (the oldest go first).", minimum=1,
+                    maximum=1_000_000),
         ])
 
     @hookimpl

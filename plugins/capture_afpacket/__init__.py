@@ -336,12 +336,12 @@ def ossensor_settings() -> SettingsGroup:
     return SettingsGroup(PLUGIN, [
         Setting("block_size", int, DEFAULT_BLOCK_SIZE,
                 "Bytes per ring block; a multiple of the page size that holds a 64 KiB frame.",
-                minimum=1),
+                minimum=1, maximum=1 << 30),
         Setting("block_count", int, 16, "Ring blocks per interface (memory: size x count).",
-                minimum=2),
+                minimum=2, maximum=1 << 16),
         Setting("block_timeout_ms", int, 100,
                 "Milliseconds after which a block that is not full is handed over anyway.",
-                minimum=1),
+                minimum=1, maximum=60_000),
     ])
 
 

@@ -59,9 +59,10 @@ def ossensor_settings() -> SettingsGroup:
     return SettingsGroup("scapy", [
         Setting("rcvbuf", int, 32 << 20,
                 "Socket receive buffer in bytes (the kernel queue between two reads).",
-                minimum=65536),
+                minimum=65536, maximum=(1 << 31) - 1),
         Setting("batch_packets", int, 1024,
-                "Most packets read into one batch before it is handed on.", minimum=1),
+                "Most packets read into one batch before it is handed on.", minimum=1,
+                maximum=1 << 20),
     ])
 
 

@@ -49,7 +49,8 @@ def ossensor_settings() -> SettingsGroup:
                 "Bytes of each packet hashed, from the IP header on (mutable fields left out).",
                 minimum=20, maximum=65535),
         Setting("max_entries", int, 1 << 18,
-                "Packets remembered at most; the oldest are forgotten first.", minimum=1024),
+                "Packets remembered at most; the oldest are forgotten first.", minimum=1024,
+                maximum=1 << 26),
     ])
 
 

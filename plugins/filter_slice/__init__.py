@@ -31,15 +31,17 @@ def ossensor_settings() -> SettingsGroup:
         Setting("bytes", int, 0, "Keep the first N bytes of each packet (0: whole packets).",
                 minimum=0, maximum=262144),
         Setting("packets", int, 0, "Keep the first N packets of each flow (0: every packet).",
-                minimum=0),
+                minimum=0, maximum=(1 << 31) - 1),
         Setting("max_flows", int, 1 << 16, "Flows remembered for OSSENSOR_SLICE_PACKETS.",
-                minimum=16),
+                minimum=16, maximum=1 << 24),
     ])
 
 
 @hookimpl
 def ossensor_configure(config: SensorConfig) -> None:
     settings = config.plugin("slice")
+    if settings.refused("bytes", "packets"):
+        return
     if not settings.bytes and not settings.packets:
         raise ConfigError(["OSSENSOR_SLICE_BYTES or OSSENSOR_SLICE_PACKETS: the slice plugin is "
                            "loaded but neither is set, so it would keep everything"])

@@ -51,17 +51,17 @@ def ossensor_settings() -> SettingsGroup:
                 env=OUTPUT_DIR_VARIABLE),
         Setting("rotate_bytes", int, 100 << 20,
                 "Start a new file once the current one reaches this size (a file may exceed it "
-                "by the last chunk written to it).", minimum=4096),
+                "by the last chunk written to it).", minimum=4096, maximum=1 << 40),
         Setting("rotate_seconds", float, 300,
                 "Complete a file this many seconds after it was opened, even when idle.",
-                positive=True),
+                positive=True, maximum=7 * 86400),
     ])
 
 
 @hookimpl
 def ossensor_configure(config: SensorConfig) -> None:
     """Refuse to start without a folder we can write, before any capture opens."""
-    if config.transport != "file":
+    if config.transport != "file" or config.plugin("file").refused("output_dir"):
         return
     problem = check_output_dir(config.plugin("file").output_dir)
     if problem:

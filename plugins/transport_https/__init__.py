@@ -90,17 +90,21 @@ def ossensor_settings() -> SettingsGroup:
                 env=ENV_SPOOL_DIR),
         Setting("spool_max_bytes", int, 256 << 20,
                 "Largest size of the spool; when full the oldest chunks are dropped (logged and "
-                "reported to the vSensor).", env=ENV_SPOOL_MAX_BYTES, minimum=1 << 20),
+                "reported to the vSensor).", env=ENV_SPOOL_MAX_BYTES, minimum=1 << 20,
+                maximum=1 << 50),
         Setting("memory_chunks", int, 64,
                 "Chunks kept in memory before they move to the spool (or before back-pressure).",
-                minimum=1),
+                minimum=1, maximum=1 << 16),
         Setting("memory_bytes", int, 16 << 20,
                 "Encoded bytes kept in memory before chunks move to the spool (or before "
-                "back-pressure); the newest chunk is always taken.", minimum=1 << 20),
-        Setting("timeout_seconds", float, 10.0, "Time-out of one HTTP request.", positive=True),
+                "back-pressure); the newest chunk is always taken.", minimum=1 << 20,
+                maximum=1 << 36),
+        Setting("timeout_seconds", float, 10.0, "Time-out of one HTTP request.", positive=True,
+                maximum=3600),
         Setting("shutdown_grace", float, 25.0,
                 "Seconds between SIGTERM and the end of the process: chunks are sent until "
-                "shortly before, the rest is spooled.", env=ENV_SHUTDOWN_GRACE, minimum=0),
+                "shortly before, the rest is spooled.", env=ENV_SHUTDOWN_GRACE, minimum=0,
+                maximum=3600),
     ])
 
 

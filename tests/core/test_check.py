@@ -230,7 +230,7 @@ def test_vsensor_connection_settings_are_the_cores_even_with_its_defaults_disabl
     """The transport, Antigena and diagnose all read the vSensor's TLS settings: they are read
     whatever is loaded, also with the file transport and the core's default hooks disabled."""
     ca = tmp_path / "ca.pem"
-    ca.write_text("not checked by check\n")
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot parsed by check\n-----END CERTIFICATE-----\n")
     result = check({**base_env, "OSSENSOR_DISABLE_PLUGINS": "core", "VSENSOR_CA_FILE": str(ca),
                     "VSENSOR_TLS_VERIFY": "false"}, ns)
     assert result.code == 0, result.stderr

@@ -14,12 +14,14 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import re
 import resource
 import signal
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -37,16 +39,75 @@ KEY_VARIABLE = "VSENSOR_HMAC_KEY"
 ADMIN_TOKEN_VARIABLE = "VSENSOR_ADMIN_TOKEN"
 #: Keys and tokens shorter than this are warned about at start.
 MIN_SECRET_LENGTH = 16
+#: The largest key file read; a key is a line.
+MAX_KEY_FILE_BYTES = 1 << 20
+#: Characters of a bad value quoted in a message.
+SHOWN = 160
 
 
 class UsageError(Exception):
     """Bad command-line input; the message names the option and never holds a key."""
 
 
+def shown(text: object) -> str:
+    """A value quoted for a message, cut to :data:`SHOWN` characters."""
+    text = str(text)
+    if len(text) <= SHOWN:
+        return repr(text)
+    return f"{text[:SHOWN]!r}... ({len(text)} characters)"
+
+
+def number(kind: type, low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a plain ASCII ``kind`` (int or float), finite, in ``[low, high]``
+    (``(low, high]`` with ``above``). ``float()`` alone takes ``nan``, ``inf`` and ``1_0``."""
+    pattern = (r"[+-]?[0-9]+" if kind is int
+               else r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+
+    def parse(text: str) -> float:
+        if not re.fullmatch(pattern, text.strip()):
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not {what}")
+        value = kind(text.strip())
+        if not math.isfinite(value) or value > high or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(
+                f"{shown(text)} is not {'above' if above else 'at least'} {low:g} and at most "
+                f"{high:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _path(text: str) -> Path:
+    """An argparse type: a path of a sane length, as UTF-8 (``os.fsdecode`` keeps other bytes
+    as lone surrogates, which no message or status page can show)."""
+    if len(text) > 4096:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is longer than 4096 characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8") from None
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return Path(text)
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit``: a FIFO or a device (``/dev/zero``) would block
+    start-up or fill the memory. Raises OSError or ValueError with a reason."""
+    with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)) as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # exit 1 (not argparse's 2), like other bad input
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
+        # One line: the problem, naming the option (the usage is one --help away).
+        self.exit(1, f"{self.prog}: error: {' '.join(message.splitlines())}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,40 +118,43 @@ def build_parser() -> argparse.ArgumentParser:
                             f"ossensor-vsensor antigena --help.")
     parser.add_argument("--listen", required=True, metavar="HOST:PORT",
                         help="address to listen on, e.g. 0.0.0.0:8443 or [::1]:8443")
-    parser.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+    parser.add_argument("--data-dir", required=True, type=_path, metavar="DIR",
                         help="where DIR/<sensor>/*.pcapng (and a self-signed certificate) go")
-    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+    parser.add_argument("--tls-cert", type=_path, metavar="FILE",
                         help="PEM certificate (chain); default: self-signed in DIR/.tls")
-    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM key for --tls-cert")
-    parser.add_argument("--hmac-key-file", type=Path, action="append", default=[],
+    parser.add_argument("--tls-key", type=_path, metavar="FILE", help="PEM key for --tls-cert")
+    parser.add_argument("--hmac-key-file", type=_path, action="append", default=[],
                         metavar="FILE", help="file with one accepted key per line (repeatable)")
-    parser.add_argument("--skew-seconds", type=float, default=300.0, metavar="N",
+    parser.add_argument("--skew-seconds", type=number(float, 0, 86400, above=True), default=300.0, metavar="N",
                         help="accepted clock difference to a sensor (default 300)")
-    parser.add_argument("--rotate-bytes", type=int, default=100 << 20, metavar="N",
+    parser.add_argument("--rotate-bytes", type=number(int, 1, 1 << 40), default=100 << 20, metavar="N",
                         help="complete a pcapng file at this size (default 100 MiB)")
-    parser.add_argument("--rotate-seconds", type=float, default=300.0, metavar="N",
+    parser.add_argument("--rotate-seconds", type=number(float, 0, 7 * 86400, above=True),
+                        default=300.0, metavar="N",
                         help="complete a pcapng file this long after it was opened (default 300)")
-    parser.add_argument("--retain-seconds", type=float, metavar="N",
+    parser.add_argument("--retain-seconds", type=number(float, 0, 1e9, above=True), metavar="N",
                         help="delete completed pcapng files older than N seconds "
                              "(default: keep them)")
-    parser.add_argument("--retain-bytes", type=int, metavar="N",
+    parser.add_argument("--retain-bytes", type=number(int, 1, 1 << 60), metavar="N",
                         help="keep the completed pcapng files of all sensors under N bytes, "
                              "deleting the oldest first (default: no limit)")
-    parser.add_argument("--heartbeat-seconds", type=float, default=10.0, metavar="N",
+    parser.add_argument("--heartbeat-seconds", type=number(float, 0, 3600, above=True),
+                        default=10.0, metavar="N",
                         help="heartbeat interval given to sensors (default 10)")
     parser.add_argument("--advertise", metavar="HOST:PORT",
                         help="address sensors should use once registered (this vSensor's own "
                              "address behind a load balancer they register through)")
-    parser.add_argument("--sensor-port", type=int, action="append", default=[], metavar="PORT",
+    parser.add_argument("--sensor-port", type=number(int, 1, 65535), action="append", default=[], metavar="PORT",
                         help="port sensors connect to when it differs from the listen port "
                              "(NAT, load balancer); repeatable")
-    parser.add_argument("--clock-offset-seconds", type=float, default=0.0, metavar="N",
+    parser.add_argument("--clock-offset-seconds", type=number(float, -1e9, 1e9), default=0.0, metavar="N",
                         help="for testing only: act as if this clock were N seconds ahead "
                              "(negative: behind), to reproduce a clock skew")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+    parser.add_argument("--max-connections", type=number(int, 1, 1_000_000),
+                        default=MAX_CONNECTIONS, metavar="N",
                         help="connections (and requests in flight) at once, beyond which new "
                              f"ones are reset before TLS (default {MAX_CONNECTIONS})")
-    parser.add_argument("--max-connections-per-address", type=int,
+    parser.add_argument("--max-connections-per-address", type=number(int, 1, 1_000_000),
                         default=MAX_CONNECTIONS_PER_ADDRESS, metavar="N",
                         help="the same from one client address (default "
                              f"{MAX_CONNECTIONS_PER_ADDRESS}; raise it behind a NAT or a load "
@@ -101,34 +165,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-zA-Z0-9]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.%a-zA-Z0-9]+)\]:([0-9]{1,5})|([^:\[\]]{0,253}):([0-9]{1,5})",
+                         text.strip())
     if not match:
-        raise UsageError(f"{option} {text!r}: expected HOST:PORT or [IPv6]:PORT")
+        raise UsageError(f"{option} {shown(text)}: expected HOST:PORT or [IPv6]:PORT")
     host = match.group(1) if match.group(1) is not None else match.group(3)
     port = int(match.group(2) or match.group(4))
     if not 0 < port < 65536:
-        raise UsageError(f"{option} {text!r}: port {port} is not between 1 and 65535")
+        raise UsageError(f"{option} {shown(text)}: port {port} is not between 1 and 65535")
     if match.group(1) is not None:
         try:
             ipaddress.IPv6Address(host.split("%", 1)[0])
         except ValueError:
-            raise UsageError(f"{option} {text!r}: {host!r} is not an IPv6 address") from None
+            raise UsageError(f"{option} {shown(text)}: {shown(host)} is not an IPv6 address") \
+                from None
+    elif host and not re.fullmatch(r"[A-Za-z0-9_.-]+", host):
+        raise UsageError(f"{option} {shown(text)}: {shown(host)} is not a host name or address")
     if not host and option != "--listen":
-        raise UsageError(f"{option} {text!r}: a host is needed")
+        raise UsageError(f"{option} {shown(text)}: a host is needed")
     return host or "0.0.0.0", port
 
 
+def _secret_text(variable: str, environ: dict[str, str]) -> str:
+    """A secret from the environment, refused (never shown) unless it is short UTF-8 text."""
+    text = environ.get(variable, "")
+    if len(text) > MAX_KEY_FILE_BYTES:
+        raise UsageError(f"{variable}: longer than {MAX_KEY_FILE_BYTES} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{variable}: is not valid UTF-8 (not shown: it is secret)") from None
+    return text
+
+
 def load_keys(environ: dict[str, str], key_files: Sequence[Path]) -> list[str]:
-    keys = [k for k in re.split(r"[,\s]+", environ.get(KEY_VARIABLE, "")) if k]
+    keys = [k for k in re.split(r"[,\s]+", _secret_text(KEY_VARIABLE, environ)) if k]
     for path in key_files:
         try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = (isinstance(exc, OSError) and exc.strerror) or type(exc).__name__
-            raise UsageError(f"--hmac-key-file {str(path)!r}: cannot read it ({reason})") from None
+            text = read_small_file(Path(path), MAX_KEY_FILE_BYTES).decode("utf-8")
+        except (OSError, ValueError) as exc:
+            reason = ((isinstance(exc, OSError) and exc.strerror)
+                      or (isinstance(exc, UnicodeDecodeError) and "not UTF-8") or exc)
+            raise UsageError(f"--hmac-key-file {shown(path)}: cannot read it ({reason})") from None
         found = [line.strip() for line in text.splitlines() if line.strip()]
         if not found:
-            raise UsageError(f"--hmac-key-file {str(path)!r}: holds no key")
+            raise UsageError(f"--hmac-key-file {shown(path)}: holds no key")
         keys += found
     if not keys:
         raise UsageError(f"no HMAC key: set {KEY_VARIABLE} or pass --hmac-key-file")
@@ -139,29 +220,19 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
     """Validate everything before listening; return (settings, host, port, ssl context)."""
     host, port = parse_listen(args.listen)
     keys = load_keys(environ, args.hmac_key_file)
-    for option, value in (("--skew-seconds", args.skew_seconds),
-                          ("--rotate-bytes", args.rotate_bytes),
-                          ("--rotate-seconds", args.rotate_seconds),
-                          ("--heartbeat-seconds", args.heartbeat_seconds),
-                          ("--max-connections", args.max_connections),
-                          ("--max-connections-per-address", args.max_connections_per_address)):
-        if value <= 0:
-            raise UsageError(f"{option} {value}: must be positive")
-    for option, value in (("--retain-seconds", args.retain_seconds),
-                          ("--retain-bytes", args.retain_bytes)):
-        if value is not None and value <= 0:
-            raise UsageError(f"{option} {value}: must be positive")
+    admin_token = _secret_text(ADMIN_TOKEN_VARIABLE, environ)  # numbers: checked by argparse
     data_dir: Path = args.data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"--data-dir {str(data_dir)!r}: cannot create it "
+        raise UsageError(f"--data-dir {shown(data_dir)}: cannot create it "
                          f"({exc.strerror or exc})") from None
     if not data_dir.is_dir():
-        raise UsageError(f"--data-dir {str(data_dir)!r}: is not a folder")
+        raise UsageError(f"--data-dir {shown(data_dir)}: is not a folder")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
-    direct = parse_listen(args.advertise, "--advertise") if args.advertise else None
+    direct = (parse_listen(args.advertise, "--advertise") if args.advertise is not None
+              else None)  # an empty value is a slip (an unset variable), not "none"
     if args.tls_cert:
         cert_file, key_file = args.tls_cert, args.tls_key
     else:
@@ -169,19 +240,21 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
             cert_file, key_file, created = ensure_self_signed(
                 data_dir, host, direct[0] if direct else None)
         except OSError as exc:
-            raise UsageError(f"--data-dir {str(data_dir)!r}: cannot keep a self-signed "
+            raise UsageError(f"--data-dir {shown(data_dir)}: cannot keep a self-signed "
                              f"certificate there ({exc.strerror or exc})") from None
         log.info("%s self-signed certificate %s", "created" if created else "using", cert_file)
     try:
+        for path in (cert_file, key_file):  # a FIFO or a device would block the load
+            read_small_file(path, MAX_KEY_FILE_BYTES)
         context = server_context(cert_file, key_file)
         fp = certificate_fingerprint(cert_file)
     except (OSError, ValueError) as exc:
         reason = (isinstance(exc, OSError) and exc.strerror) or exc
-        raise UsageError(f"--tls-cert {str(cert_file)!r} / --tls-key {str(key_file)!r}: "
-                         f"cannot load ({reason})") from None
+        raise UsageError(f"--tls-cert {shown(cert_file)} / --tls-key {shown(key_file)}: "
+                         f"cannot load ({' '.join(str(reason).splitlines())})") from None
     log.info("TLS certificate SHA-256 fingerprint: %s", fp)
     settings = VSensorSettings(
-        data_dir=data_dir, keys=keys, admin_token=environ.get(ADMIN_TOKEN_VARIABLE) or None,
+        data_dir=data_dir, keys=keys, admin_token=admin_token or None,
         skew_seconds=args.skew_seconds, rotate_bytes=args.rotate_bytes,
         rotate_seconds=args.rotate_seconds, heartbeat_seconds=args.heartbeat_seconds,
         vsensor_ports=tuple(args.sensor_port) or (port,),
@@ -191,7 +264,6 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         max_connections_per_address=args.max_connections_per_address,
         max_requests=args.max_connections,
         max_requests_per_address=args.max_connections_per_address)
-    warn_about(settings)
     return settings, host, port, context
 
 
@@ -265,11 +337,16 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     if argv[:1] == ["antigena"]:  # the operator's client for a running vSensor
         from .antigena import run_cli
         return run_cli(argv[1:], environ)
-    args = build_parser().parse_args(argv)
-    keep_buffers_mapped()
-    raise_open_files_limit()  # before prepare() warns about a limit below the connection cap
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or one line naming a bad option
+        return exc.code if isinstance(exc.code, int) else 1
+    keep_buffers_mapped()
+    try:
+        # Bad input ends start-up before anything else is said: one line, the problem.
         settings, host, port, context = prepare(args, environ)
+        raise_open_files_limit()  # before warn_about() warns about a limit below the cap
+        warn_about(settings)
         asyncio.run(serve(settings, host, port, context))
     except UsageError as exc:
         print(f"ossensor-vsensor: error: {exc}", file=sys.stderr)
