@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -21,9 +22,10 @@ from typing import Any
 
 import aiohttp
 
-from ossensor_core.wire.antigena import ActionCounts
+from ossensor_core.wire.antigena import (MAX_ACTIONS_IN_FORCE, MAX_EXEMPT_ENDPOINTS,
+                                         ActionCounts)
 from ossensor_core.capture.batch import LINKTYPE_ETHERNET, PacketBatch
-from ossensor_core.capture.bpf import attach_filter, compile_filter
+from ossensor_core.capture.bpf import BpfProgram, attach_filter, compile_filter
 from ossensor_core.client import AiohttpTls, signed_headers
 from ossensor_core.errors import FilterError
 from ossensor_core.runtime.logsetup import level
@@ -51,13 +53,20 @@ class BlockWatch:
         self.expression = ""
 
     def set_filter(self, expression: str) -> None:
-        """Watch ``expression`` (empty: close the socket). Raises FilterError."""
+        """Watch ``expression`` (empty: close the socket), compiled here. Raises FilterError."""
         if expression == self.expression:
             return
-        if not expression:
+        self.set_program(compile_filter(expression, LINKTYPE_ETHERNET) if expression else None)
+
+    def set_program(self, program: BpfProgram | None) -> None:
+        """Watch with ``program`` (None: close the socket); raises FilterError or OSError and
+        then keeps the program it had."""
+        if program is None:
             self.close()
             return
-        program = compile_filter(expression, LINKTYPE_ETHERNET)
+        if program.expression == self.expression:
+            return
+        program.check_kernel_limit()
         if self.sock is None:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             sock.setblocking(False)
@@ -71,7 +80,7 @@ class BlockWatch:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
         else:
             attach_filter(self.sock.fileno(), program)  # swapped in one step
-        self.expression = expression
+        self.expression = program.expression
 
     @staticmethod
     def _drain(sock: socket.socket) -> None:
@@ -119,7 +128,14 @@ class Antigena:
         self.enforcers = list(enforcers)
         self.reconnect_max = reconnect_max
         self.url = f"wss://{f'[{host}]' if ':' in host else host}:{port}{PATH_ANTIGENA}"
+        #: Accepted actions, in force or waiting for their start.
         self.actions: dict[str, Action] = {}
+        #: The ids of the actions the watch filter in place matches: the only ones reported in
+        #: force (an action not in it is waiting for its start, or rejected).
+        self.enforced: frozenset[str] = frozenset()
+        #: The sensor's own side of its websocket (its address towards the vSensor).
+        self.local: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+        self._rebuilding = asyncio.Lock()
         self.counts: dict[str, ActionCounts] = {}
         self.rejected: list[dict[str, Any]] = []
         self.actions_received = 0  # action messages taken, and new actions in syncs (metrics)
@@ -168,7 +184,8 @@ class Antigena:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port,
                                                                  type=socket.SOCK_STREAM)
-            self.exempt |= {(str(info[4][0]).split("%")[0], self.port) for info in infos}
+            for info in infos:
+                self._exempt(str(info[4][0]), self.port)
         except OSError as exc:
             log.warning("Antigena: cannot resolve the vSensor %s yet: %s", self.host, exc)
 
@@ -184,6 +201,7 @@ class Antigena:
                                                   max_msg_size=4 << 20) as ws:
                         delay = 0.5
                         self._learn_peer(ws)
+                        await self._rebuild()
                         log.info("Antigena: connected to the vSensor at %s", self.url)
                         self.ws = ws
                         self.connected.set()
@@ -203,13 +221,33 @@ class Antigena:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max)
 
+    def _exempt(self, host: str, port: int) -> bool:
+        """Keep ``host:port`` (a vSensor endpoint) out of the watch; True when it is new. At most
+        :data:`MAX_EXEMPT_ENDPOINTS` (the filter must fit the kernel); never a scope id."""
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        endpoint = (str(address), int(port))
+        if endpoint in self.exempt or not 0 < endpoint[1] < 65536:
+            return False
+        if len(self.exempt) >= MAX_EXEMPT_ENDPOINTS:
+            log.warning("Antigena: more than %d vSensor endpoints; %s:%d is not kept out of "
+                        "the watch", MAX_EXEMPT_ENDPOINTS, *endpoint)
+            return False
+        self.exempt.add(endpoint)
+        return True
+
     def _learn_peer(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        peer = ws.get_extra_info("peername")
+        peer, own = ws.get_extra_info("peername"), ws.get_extra_info("sockname")
+        if own:
+            with contextlib.suppress(ValueError):
+                local = ipaddress.ip_address(str(own[0]).split("%")[0])
+                self.local = {local.ipv4_mapped or local if local.version == 6 else local}
         if peer:
-            before = set(self.exempt)
-            self.exempt.add((str(peer[0]).split("%")[0], int(peer[1])))
-            if self.exempt != before and self.actions:
-                self._rebuild()
+            self._exempt(str(peer[0]), int(peer[1]))
 
     # -- messages from the vSensor ----------------------------------------------------------
 
@@ -239,9 +277,10 @@ class Antigena:
             if not isinstance(items, list):
                 self._reject(None, "sync without a list of actions")
                 return
+            self._learn_endpoints(message.get("vsensor"))
             kept: dict[str, Action] = {}
-            for item in items:
-                action = self._parse(item)
+            for item in items[:10 * MAX_ACTIONS_IN_FORCE]:
+                action = self._parse(item, kept)
                 if action is not None:
                     kept[action.id] = action
             gone = set(self.actions) - set(kept)
@@ -250,7 +289,7 @@ class Antigena:
             log.log(level(3), "Antigena: %d actions in force after sync%s", len(kept),
                     f" ({len(gone)} ended while away)" if gone else "")
         elif kind == "action":
-            action = self._parse(message.get("action"))
+            action = self._parse(message.get("action"), self.actions)
             if action is None:
                 return
             again = action.id in self.actions
@@ -271,14 +310,24 @@ class Antigena:
             return
         if self.actions:
             await self._prepare_enforcers()
-        self._rebuild()
-        if kind in ("sync", "action") and self.actions:
+        await self._rebuild()
+        if kind in ("sync", "action") and self.enforced:
             self._probe_idle()
+
+    def _learn_endpoints(self, endpoints: Any) -> None:
+        """The vSensor's own list of the endpoints its sensors use (``sync``): its direct
+        address behind a load balancer, say. They are only ever kept out of the watch."""
+        if not isinstance(endpoints, list):
+            return
+        for item in endpoints[:MAX_EXEMPT_ENDPOINTS]:
+            if isinstance(item, dict) and isinstance(item.get("host"), str) \
+                    and isinstance(item.get("port"), int) and not isinstance(item["port"], bool):
+                self._exempt(item["host"], item["port"])
 
     def _probe_idle(self) -> None:
         """Connections already idle when an action arrives reveal themselves (after the watch
         filter is in place, so that their answer is seen)."""
-        actions = list(self.actions.values())
+        actions = [self.actions[i] for i in self.enforced if i in self.actions]
         for enforcer in self.enforcers:
             if isinstance(enforcer, ResetEnforcer):
                 try:
@@ -294,9 +343,20 @@ class Antigena:
             except Exception:
                 log.exception("Antigena: enforcer %s cannot prepare", enforcer.name)
 
-    def _parse(self, item: Any) -> Action | None:
+    def _parse(self, item: Any, accepted: dict[str, Action]) -> Action | None:
+        """An action to add to ``accepted``, or None (rejected and reported): malformed, one
+        that would cut this sensor's own connection to the vSensor, or one beyond the cap."""
         try:
-            return parse_action(item, self.now())
+            action = parse_action(item, self.now())
+            endpoints = [(ipaddress.ip_address(h), p) for h, p in sorted(self.exempt)]
+            cut = action.cuts(endpoints, self.local)
+            if cut is not None:
+                raise ValueError(f"it would cut this sensor's connection to the vSensor at "
+                                 f"{cut[0]} port {cut[1]}")
+            if action.id not in accepted and len(accepted) >= MAX_ACTIONS_IN_FORCE:
+                raise ValueError(f"{MAX_ACTIONS_IN_FORCE} actions are in force already (the "
+                                 "most a watch filter holds within the kernel's limit)")
+            return action
         except ValueError as exc:
             self._reject(item.get("id") if isinstance(item, dict) else None, str(exc))
             return None
@@ -306,15 +366,43 @@ class Antigena:
         self.rejected.append({"id": None if action_id is None else str(action_id)[:100],
                               "reason": reason})
 
-    def _rebuild(self) -> None:
+    async def _rebuild(self) -> None:
+        """Watch for the actions due now (started, not expired). The filter compiles in a
+        thread (hundreds of terms take seconds); one rebuild at a time, each from the actions
+        as they are when it starts. When the set cannot be watched, the actions new to it are
+        rejected (reported with the reason) and the rest watched: an action is reported in
+        force only while the filter in place matches it."""
         self._actions_changed.set()
-        expression = watch_filter(self.actions.values(), self.exempt)
-        try:
-            self.watch.set_filter(expression)
-        except (FilterError, OSError) as exc:
-            log.error("Antigena: cannot watch for blocked traffic (%s): %s", expression, exc)
-            return
-        log.log(level(3), "Antigena: watch filter is now %r", expression or "(closed)")
+        async with self._rebuilding:
+            now = self.now()
+            due = {a.id: a for a in self.actions.values() if a.start <= now < a.expiry}
+            attempts, error = [due], ""
+            if set(due) - self.enforced:
+                attempts.append({i: a for i, a in due.items() if i in self.enforced})
+            for attempt in attempts:
+                expression = watch_filter(attempt.values(), self.exempt)
+                try:
+                    program = (await asyncio.to_thread(compile_filter, expression,
+                                                       LINKTYPE_ETHERNET)
+                               if expression else None)
+                    self.watch.set_program(program)
+                except (FilterError, OSError) as exc:
+                    error = str(exc)[:200]
+                    log.error("Antigena: cannot watch for blocked traffic (%s): %s",
+                              expression[:200], error)
+                    continue
+                for action_id in sorted(set(due) - set(attempt)):
+                    self.actions.pop(action_id, None)
+                    self._reject(action_id, f"cannot be enforced: the watch filter does not "
+                                            f"take it ({error})")
+                self.enforced = frozenset(attempt)
+                log.log(level(3), "Antigena: watch filter is now %r", expression or "(closed)")
+                return
+            for action_id in sorted(due):  # not even the previous set can be watched now
+                self.actions.pop(action_id, None)
+                self._reject(action_id, f"cannot be enforced: {error}")
+            self.watch.close()
+            self.enforced = frozenset()
 
     # -- enforcement ------------------------------------------------------------------------
 
@@ -326,7 +414,10 @@ class Antigena:
         if any(end in self.exempt for end in endpoints):
             return
         now = self.now()
-        action = first_match(list(self.actions.values()), segment, now)
+        # Only what the watch filter in place matches: started (in the vSensor's clock) and not
+        # rejected.
+        action = first_match([a for i, a in self.actions.items()
+                              if i in self.enforced and a.start <= now], segment, now)
         if action is None:
             return
         counts = self.counts.setdefault(action.id, ActionCounts())
@@ -356,18 +447,22 @@ class Antigena:
                 counts.resets += enforcer.resets.pop(action.id, 0)
 
     async def _expire_forever(self) -> None:
-        """End actions at their expiry: asleep until the soonest one, or until the actions
-        change (no wake-ups at all while there is none)."""
+        """Start actions at their start and end them at their expiry: asleep until the soonest
+        of these, or until the actions change (no wake-ups at all while there is none)."""
         while True:
             now = self.now()
             expired = [a for a in self.actions.values() if a.expiry <= now]
             for action in expired:
                 del self.actions[action.id]
                 log.log(level(3), "Antigena: action %s expired", action.id)
-            if expired:
-                self._rebuild()
+            started = [a for a in self.actions.values()
+                       if a.start <= now and a.id not in self.enforced]
+            if expired or started:
+                await self._rebuild()
             self._actions_changed.clear()
-            soonest = min((a.expiry for a in self.actions.values()), default=None)
+            soonest = min((t for a in self.actions.values()
+                           for t in ((a.expiry,) if a.id in self.enforced
+                                     else (a.start, a.expiry))), default=None)
             timeout = None if soonest is None else max(soonest - self.now(), 0.0) + 0.01
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._actions_changed.wait(), timeout)
@@ -376,8 +471,11 @@ class Antigena:
 
     def take_report(self) -> dict[str, Any]:
         self.sequence += 1
-        report = {"type": "report", "seq": self.sequence, "time": self.now(),
-                  "in_force": sorted(self.actions),
+        now = self.now()
+        report = {"type": "report", "seq": self.sequence, "time": now,
+                  "in_force": sorted(i for i in self.enforced if i in self.actions),
+                  "scheduled": sorted(i for i, a in self.actions.items()
+                                      if i not in self.enforced and a.start > now),
                   "actions": {k: v.as_json() for k, v in self.counts.items()},
                   "rejected": self.rejected}
         segments = sum(c.segments for c in self.counts.values())
