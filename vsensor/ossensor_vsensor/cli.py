@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     environ = dict(os.environ if environ is None else environ)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["antigena"]:  # the operator's client for a running vSensor
-        from .antigena import run_cli
+        from .antigena_cli import run_cli
         return run_cli(argv[1:], environ)
     args = build_parser().parse_args(argv)
     keep_buffers_mapped()

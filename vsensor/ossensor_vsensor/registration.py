@@ -88,6 +88,7 @@ class Registrar:
             task.add_done_callback(self._background.discard)
         state.workloads, state.claim, state.features = workloads, claim, features
         state.registered = self.settings.now()
+        request.app[antigena.ANTIGENA].learn(sensor, request)  # actions never cut this path
         filter_fields = await self.filters.filter_for(sensor, request)
         log.info("sensor %r registered from %s (protocol %d, %s, addresses %s, workloads %s)",
                  sensor, request.remote, version, software, addresses, workloads)
