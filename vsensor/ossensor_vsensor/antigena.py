@@ -415,17 +415,15 @@ def status_rows(hub: AntigenaHub) -> str:
                 when(t.last_hit)]
                for name, s in sorted(hub.sensors.items()) for aid, t in sorted(s.actions.items())]
     sensors = [[name, "yes" if s.connected else "no", str(s.reports), when(s.last_report),
-                ", ".join(s.in_force), ", ".join(s.scheduled), str(s.rejections)]
+                ", ".join(s.in_force), ", ".join(s.scheduled),
+                "; ".join([str(s.rejections), *(f"{r.get('id')}: {r.get('reason')}"
+                                                for r in list(s.rejected)[-3:])])]
                for name, s in sorted(hub.sensors.items())]
-    rejected = [[name, str(r.get("id")), str(r.get("reason")), when(r.get("time"))]
-                for name, s in sorted(hub.sensors.items()) for r in s.rejected]
     return ("<h2>Antigena actions in force</h2>"
             + table(["id", "block", "sensor", "start", "expiry"], actions)
             + "<h2>Antigena sensors</h2>"
             + table(["sensor", "websocket", "reports", "last report", "in force", "scheduled",
-                     "rejected"], sensors)
-            + "<h2>Antigena actions rejected by sensors</h2>"
-            + table(["sensor", "action", "reason", "time"], rejected)
+                     "rejected (the last reasons)"], sensors)
             + "<h2>Antigena reports</h2>"
             + table(["sensor", "action", "connections", "resets", "first hit", "last hit"],
                     reports))

@@ -27,6 +27,7 @@ from ossensor_core.runtime.memory import keep_buffers_mapped
 
 from . import __version__
 from .app import VSENSOR, create_app
+from .claims import parse_allow
 from .server import start_guarded
 from .settings import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, VSensorSettings
 from .tls import certificate_fingerprint, ensure_self_signed, server_context
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the same from one client address (default "
                              f"{MAX_CONNECTIONS_PER_ADDRESS}; raise it behind a NAT or a load "
                              "balancer that hides the sensors' addresses)")
+    parser.add_argument("--claims-allow", action="append", default=[], metavar="CIDR[,CIDR]",
+                        help="networks sensors may claim as their addresses and workloads, "
+                             "besides the private, shared and unique-local ones (e.g. public "
+                             "node addresses); repeatable")
+    parser.add_argument("--claims-max-prefix", type=int, default=16, metavar="N",
+                        help="widest IPv4 claim taken, as a prefix length (default 16)")
+    parser.add_argument("--claims-max-prefix6", type=int, default=48, metavar="N",
+                        help="widest IPv6 claim taken, as a prefix length (default 48)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -151,6 +160,14 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
                           ("--retain-bytes", args.retain_bytes)):
         if value is not None and value <= 0:
             raise UsageError(f"{option} {value}: must be positive")
+    for option, value, bits in (("--claims-max-prefix", args.claims_max_prefix, 32),
+                                ("--claims-max-prefix6", args.claims_max_prefix6, 128)):
+        if not 0 <= value <= bits:
+            raise UsageError(f"{option} {value}: must be a prefix length from 0 to {bits}")
+    try:
+        parse_allow(args.claims_allow)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     data_dir: Path = args.data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +207,9 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         max_connections=args.max_connections,
         max_connections_per_address=args.max_connections_per_address,
         max_requests=args.max_connections,
-        max_requests_per_address=args.max_connections_per_address)
+        max_requests_per_address=args.max_connections_per_address,
+        claims_allow=tuple(args.claims_allow), claims_max_prefix_v4=args.claims_max_prefix,
+        claims_max_prefix_v6=args.claims_max_prefix6)
     warn_about(settings)
     return settings, host, port, context
 
