@@ -74,8 +74,7 @@ def test_an_action_that_cuts_the_sensors_connection_is_refused(tmp_path, tls):
             assert status == 200
             port = int(client.base.rsplit(":", 1)[1])
             for body, where in (({"dst": "127.0.0.1"}, "127.0.0.1 port 443"),  # --sensor-port
-                                ({"dst": "127.0.0.0/8", "dport": port},
-                                 f"127.0.0.1 port {port}"),
+                                ({"dst": "127.0.0.0/8", "dport": port}, "127.0.0.1 port"),
                                 ({"src": "127.0.0.1", "sport": port}, "127.0.0.1 port"),
                                 ({"src": "127.0.0.1", "dst": "127.0.0.1"}, "127.0.0.1 port"),
                                 ({"dst": "198.51.100.9"}, "198.51.100.9 port 9443"),
