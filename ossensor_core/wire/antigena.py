@@ -17,8 +17,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Actions in force for one sensor at once (the vSensor answers ``409 too_many_actions`` beyond,
 #: the sensor rejects the rest). The sensor's watch filter must always fit the kernel's 4,096
 #: classic BPF instructions: the worst action (IPv6 /127 source and destination, both ports)
-#: costs 66 instructions, so 61 fit with nothing else; 40 compile to at most ~3,100 with 32
-#: exempt vSensor endpoints, leaving a quarter of the limit as margin (``docs/antigena.md``).
+#: costs 66 instructions, so 63 fit and 64 do not (4,171); 40 compile to at most 2,587, with
+#: up to 32 exempt vSensor endpoints, leaving over a third of the limit as margin for other
+#: libpcap versions (``docs/antigena.md``).
 MAX_ACTIONS_IN_FORCE = 40
 #: vSensor endpoints (address, port) a sensor keeps out of its watch filter; beyond, the filter
 #: could outgrow the kernel's limit (each costs about 13 instructions).
@@ -60,14 +61,15 @@ def check_times(start: object, expiry: object, now: float, slack: float = 0.0) -
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} {str(value)[:32]} is not a finite Unix time")
+    # Figures in messages with %g: 1e308 stays short.
     assert isinstance(start, (int, float)) and isinstance(expiry, (int, float))
     if expiry <= start:
-        raise ValueError(f"expiry {expiry:.3f} is not after start {start:.3f}")
+        raise ValueError(f"expiry {expiry:.13g} is not after start {start:.13g}")
     if expiry - start > MAX_DURATION_SECONDS + slack:
-        raise ValueError(f"the action would hold {expiry - start:.0f} s, longer than "
+        raise ValueError(f"the action would hold {expiry - start:.6g} s, longer than "
                          f"{MAX_DURATION_SECONDS} s (30 days)")
     if start > now + MAX_DURATION_SECONDS + slack:
-        raise ValueError(f"start {start:.0f} is more than 30 days ahead")
+        raise ValueError(f"start {start:.13g} is more than 30 days ahead")
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,12 @@ class BlockAction:
                 and (self.dport is None or sport == self.dport))
 
     def cuts(self, vsensor: Iterable[tuple[IPAddress, int]],
-             sensors: Iterable[IPAddress] = ()) -> tuple[IPAddress, int] | None:
+             sensors: Iterable[IPAddress] | None = None) -> tuple[IPAddress, int] | None:
         """The vSensor endpoint (address, port) whose connections from a sensor this action
-        would block, or None. A sensor's end has one of ``sensors``' addresses (none given: any
-        address) and an ephemeral port (any from :data:`EPHEMERAL_PORTS_FROM` up)."""
-        known = list(sensors)
+        would block, or None. A sensor's end has one of ``sensors``' addresses (None: any
+        address; empty: none known, so only an action open on that side cuts) and an
+        ephemeral port (any from :data:`EPHEMERAL_PORTS_FROM` up)."""
+        known = None if sensors is None else list(sensors)
         for address, port in vsensor:
             # The sensor opens the connection: as the action's source, or (reverse) as its
             # destination.
@@ -116,8 +119,8 @@ class BlockAction:
                     continue
                 if near_port is not None and near_port < EPHEMERAL_PORTS_FROM:
                     continue
-                if near is None or any(s.version == near.version and s in near for s in known) \
-                        or (not known and near.version == address.version):
+                if near is None or (known is None and near.version == address.version) \
+                        or any(s.version == near.version and s in near for s in known or ()):
                     return address, port
         return None
 

@@ -78,14 +78,16 @@ def parse_action(message: object, now: float) -> Action:
     if expiry <= now:
         raise ValueError("the action has already expired")
     if expiry > now + 2 * MAX_DURATION_SECONDS:
-        raise ValueError(f"expiry {expiry:.0f} is more than 60 days ahead")
+        raise ValueError(f"expiry {expiry:.13g} is more than 60 days ahead")
     return Action(action_id, src, dst, sport, dport, float(start), float(expiry))
 
 
 #: Read last by the watch filter: the last byte of the fixed TCP header. A classic BPF load past
 #: the end of a packet rejects it, so a frame cut anywhere before it (Ethernet, VLAN, IP or TCP
 #: header) never reaches the watch socket (``tests/plugins/antigena/test_truncated.py``).
-WHOLE_TCP_HEADER = "tcp[19] >= 0"
+#: libpcap's ``tcp[]`` is IPv4 only; over IPv6 the TCP header follows the fixed 40 bytes (the
+#: parser follows no extension header either).
+WHOLE_TCP_HEADER = "((ip and tcp[19] >= 0) or (ip6 and ip6[59] >= 0))"
 
 
 def watch_filter(actions: Iterable[Action], exempt: Iterable[tuple[str, int]]) -> str:

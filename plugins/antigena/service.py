@@ -42,6 +42,8 @@ ARPHRD_ETHER = 1
 RECV_BYTES = 1 << 18
 READ_BURST = 256
 CONNECTIONS_REMEMBERED = 10_000
+#: Rejections kept per report (a hostile vSensor could send endless bad actions).
+REJECTIONS_PER_REPORT = 500
 
 
 class BlockWatch:
@@ -363,6 +365,8 @@ class Antigena:
 
     def _reject(self, action_id: Any, reason: str) -> None:
         log.warning("Antigena: rejected action %s: %s", action_id, reason)
+        if len(self.rejected) >= REJECTIONS_PER_REPORT:
+            return
         self.rejected.append({"id": None if action_id is None else str(action_id)[:100],
                               "reason": reason})
 

@@ -268,7 +268,9 @@ class AntigenaHub:
             action = parse_block(message, self.now(), sorted(known))
         except ValueError as exc:
             return refusal(400, Reason.BAD_ACTION, str(exc))
-        cut = action.cuts(self.vsensor_endpoints(), self.sensor_addresses(action.sensor))
+        # Sensors whose addresses are not known yet could be anywhere: any address counts.
+        cut = action.cuts(self.vsensor_endpoints(),
+                          self.sensor_addresses(action.sensor) or None)
         if cut is not None:
             return refusal(400, Reason.CUTS_VSENSOR,
                            f"block {action.describe()} would cut the sensors' connections to "
