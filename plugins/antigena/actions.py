@@ -4,6 +4,7 @@ kernel filter that lets only blocked traffic reach the watching socket. Pure: no
 from __future__ import annotations
 
 import ipaddress
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -73,10 +74,11 @@ def parse_action(message: object, now: float) -> Action:
     start, expiry = message.get("start", now), message.get("expiry")
     # NaN, infinity, 1e308, an expiry before the start, a start or an expiry years ahead: the
     # same bounds as the vSensor's, with an hour's slack for the two clocks.
+    if isinstance(expiry, (int, float)) and not isinstance(expiry, bool) \
+            and math.isfinite(expiry) and expiry <= now:
+        raise ValueError("the action has already expired")
     check_times(start, expiry, now, TIME_SLACK_SECONDS)
     assert isinstance(start, (int, float)) and isinstance(expiry, (int, float))
-    if expiry <= now:
-        raise ValueError("the action has already expired")
     if expiry > now + 2 * MAX_DURATION_SECONDS:
         raise ValueError(f"expiry {expiry:.13g} is more than 60 days ahead")
     return Action(action_id, src, dst, sport, dport, float(start), float(expiry))
