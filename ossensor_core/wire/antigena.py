@@ -26,9 +26,6 @@ MAX_ACTIONS_IN_FORCE = 40
 MAX_EXEMPT_ENDPOINTS = 32
 #: The longest an action holds, and the furthest ahead its start may be.
 MAX_DURATION_SECONDS = 30 * 86400
-#: A sensor's end of its connection to the vSensor has a port from here up (Linux takes them from
-#: ``ip_local_port_range``, 32768-60999 by default; below 1024 only privileged binds).
-EPHEMERAL_PORTS_FROM = 1024
 #: How far the two clocks may disagree when a sensor checks an action's times.
 TIME_SLACK_SECONDS = 3600
 
@@ -106,7 +103,8 @@ class BlockAction:
         """The vSensor endpoint (address, port) whose connections from a sensor this action
         would block, or None. A sensor's end has one of ``sensors``' addresses (None: any
         address; empty: none known, so only an action open on that side cuts) and an
-        ephemeral port (any from :data:`EPHEMERAL_PORTS_FROM` up)."""
+        ephemeral port: an action that names a port for the sensor's end is taken not to cut
+        (the port is random, and the sensor's watch leaves its vSensor traffic out anyway)."""
         known = None if sensors is None else list(sensors)
         for address, port in vsensor:
             # The sensor opens the connection: as the action's source, or (reverse) as its
@@ -117,7 +115,7 @@ class BlockAction:
                     continue
                 if far_port is not None and far_port != port:
                     continue
-                if near_port is not None and near_port < EPHEMERAL_PORTS_FROM:
+                if near_port is not None:
                     continue
                 if near is None or (known is None and near.version == address.version) \
                         or any(s.version == near.version and s in near for s in known or ()):

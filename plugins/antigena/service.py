@@ -44,6 +44,10 @@ READ_BURST = 256
 CONNECTIONS_REMEMBERED = 10_000
 #: Rejections kept per report (a hostile vSensor could send endless bad actions).
 REJECTIONS_PER_REPORT = 500
+#: An action is watched from this long before its start: the sensor's view of the vSensor's
+#: clock (corrected by ``server_time``) is off by about a one-way delay, and an action issued
+#: "now" must be watched at once, not a few milliseconds later.
+START_SLACK_SECONDS = 1.0
 
 
 class BlockWatch:
@@ -313,8 +317,6 @@ class Antigena:
         if self.actions:
             await self._prepare_enforcers()
         await self._rebuild()
-        if kind in ("sync", "action") and self.enforced:
-            self._probe_idle()
 
     def _learn_endpoints(self, endpoints: Any) -> None:
         """The vSensor's own list of the endpoints its sensors use (``sync``): its direct
@@ -379,7 +381,8 @@ class Antigena:
         self._actions_changed.set()
         async with self._rebuilding:
             now = self.now()
-            due = {a.id: a for a in self.actions.values() if a.start <= now < a.expiry}
+            due = {a.id: a for a in self.actions.values()
+                   if a.start - START_SLACK_SECONDS <= now < a.expiry}
             attempts, error = [due], ""
             if set(due) - self.enforced:
                 attempts.append({i: a for i, a in due.items() if i in self.enforced})
@@ -399,8 +402,11 @@ class Antigena:
                     self.actions.pop(action_id, None)
                     self._reject(action_id, f"cannot be enforced: the watch filter does not "
                                             f"take it ({error})")
+                started = set(attempt) - self.enforced
                 self.enforced = frozenset(attempt)
                 log.log(level(3), "Antigena: watch filter is now %r", expression or "(closed)")
+                if started:
+                    self._probe_idle()
                 return
             for action_id in sorted(due):  # not even the previous set can be watched now
                 self.actions.pop(action_id, None)
@@ -418,10 +424,9 @@ class Antigena:
         if any(end in self.exempt for end in endpoints):
             return
         now = self.now()
-        # Only what the watch filter in place matches: started (in the vSensor's clock) and not
-        # rejected.
-        action = first_match([a for i, a in self.actions.items()
-                              if i in self.enforced and a.start <= now], segment, now)
+        # Only what the watch filter in place matches: started, not rejected.
+        action = first_match([a for i, a in self.actions.items() if i in self.enforced],
+                             segment, now)
         if action is None:
             return
         counts = self.counts.setdefault(action.id, ActionCounts())
@@ -460,13 +465,14 @@ class Antigena:
                 del self.actions[action.id]
                 log.log(level(3), "Antigena: action %s expired", action.id)
             started = [a for a in self.actions.values()
-                       if a.start <= now and a.id not in self.enforced]
+                       if a.start - START_SLACK_SECONDS <= now and a.id not in self.enforced]
             if expired or started:
                 await self._rebuild()
             self._actions_changed.clear()
             soonest = min((t for a in self.actions.values()
                            for t in ((a.expiry,) if a.id in self.enforced
-                                     else (a.start, a.expiry))), default=None)
+                                     else (a.start - START_SLACK_SECONDS, a.expiry))),
+                          default=None)
             timeout = None if soonest is None else max(soonest - self.now(), 0.0) + 0.01
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._actions_changed.wait(), timeout)
@@ -479,7 +485,7 @@ class Antigena:
         report = {"type": "report", "seq": self.sequence, "time": now,
                   "in_force": sorted(i for i in self.enforced if i in self.actions),
                   "scheduled": sorted(i for i, a in self.actions.items()
-                                      if i not in self.enforced and a.start > now),
+                                      if i not in self.enforced and a.expiry > now),
                   "actions": {k: v.as_json() for k, v in self.counts.items()},
                   "rejected": self.rejected}
         segments = sum(c.segments for c in self.counts.values())
