@@ -25,7 +25,7 @@ import aiohttp
 from ossensor_core.wire.antigena import (MAX_ACTIONS_IN_FORCE, MAX_EXEMPT_ENDPOINTS,
                                          ActionCounts)
 from ossensor_core.capture.batch import LINKTYPE_ETHERNET, PacketBatch
-from ossensor_core.capture.bpf import BpfProgram, attach_filter, compile_filter
+from ossensor_core.capture.bpf import compile_filter
 from ossensor_core.client import AiohttpTls, signed_headers
 from ossensor_core.errors import FilterError
 from ossensor_core.runtime.logsetup import level
@@ -34,13 +34,10 @@ from ossensor_core.pipeline.contracts import ResponseEnforcer
 
 from .actions import TCP_RST, Action, first_match, parse_action, parse_ethernet, watch_filter
 from .resets import ResetEnforcer
+from .watch import BlockWatch
 
 log = logging.getLogger("ossensor_plugins.antigena")
 
-ETH_P_ALL = 0x0003
-ARPHRD_ETHER = 1
-RECV_BYTES = 1 << 18
-READ_BURST = 256
 CONNECTIONS_REMEMBERED = 10_000
 #: Rejections kept per report (a hostile vSensor could send endless bad actions).
 REJECTIONS_PER_REPORT = 500
@@ -48,75 +45,6 @@ REJECTIONS_PER_REPORT = 500
 #: clock (corrected by ``server_time``) is off by about a one-way delay, and an action issued
 #: "now" must be watched at once, not a few milliseconds later.
 START_SLACK_SECONDS = 1.0
-
-
-class BlockWatch:
-    """One AF_PACKET socket on all interfaces, filtered in the kernel to blocked tuples."""
-
-    def __init__(self, on_frame) -> None:
-        self.on_frame = on_frame
-        self.sock: socket.socket | None = None
-        self.expression = ""
-
-    def set_filter(self, expression: str) -> None:
-        """Watch ``expression`` (empty: close the socket), compiled here. Raises FilterError."""
-        if expression == self.expression:
-            return
-        self.set_program(compile_filter(expression, LINKTYPE_ETHERNET) if expression else None)
-
-    def set_program(self, program: BpfProgram | None) -> None:
-        """Watch with ``program`` (None: close the socket); raises FilterError or OSError and
-        then keeps the program it had."""
-        if program is None:
-            self.close()
-            return
-        if program.expression == self.expression:
-            return
-        program.check_kernel_limit()
-        if self.sock is None:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            sock.setblocking(False)
-            try:
-                attach_filter(sock.fileno(), program)
-            except FilterError:
-                sock.close()
-                raise
-            self._drain(sock)  # what arrived before the filter was attached
-            self.sock = sock
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
-        else:
-            attach_filter(self.sock.fileno(), program)  # swapped in one step
-        self.expression = program.expression
-
-    @staticmethod
-    def _drain(sock: socket.socket) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                sock.recv(RECV_BYTES)
-
-    def _readable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        for _ in range(READ_BURST):
-            try:
-                frame, address = sock.recvfrom(RECV_BYTES)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("Antigena: reading the watch socket failed: %s", exc)
-                return
-            interface, _, _, hatype = address[:4]
-            if hatype == ARPHRD_ETHER:
-                self.on_frame(interface, frame)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-        self.expression = ""
 
 
 class Antigena:
