@@ -74,6 +74,12 @@ class Reason:
     BODY_TIMEOUT = "body_timeout"
     #: 503 with ``Retry-After``: too many requests or body bytes in flight; retry later.
     BUSY = "busy"
+    #: 400: an Antigena action that the operator API refuses (a bad address, port or time).
+    BAD_ACTION = "bad_action"
+    #: 400: an Antigena action that would block the sensors' own connections to the vSensor.
+    CUTS_VSENSOR = "cuts_vsensor"
+    #: 409: a sensor already has the most Antigena actions in force that its filter holds.
+    TOO_MANY_ACTIONS = "too_many_actions"
 
 
 #: The authentication reason codes (401 and 409), in the order ``docs/protocol.md`` lists them.

@@ -4,12 +4,14 @@ kernel filter that lets only blocked traffic reach the watching socket. Pure: no
 from __future__ import annotations
 
 import ipaddress
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ossensor_core.plugin import ETH_P_IP, ETH_P_IPV6, LINKTYPE_ETHERNET, network_header
-from ossensor_core.wire.antigena import BlockAction, IPNetwork
+from ossensor_core.wire.antigena import (MAX_DURATION_SECONDS, TIME_SLACK_SECONDS, BlockAction,
+                                         IPNetwork, check_times, parse_network)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -24,16 +26,6 @@ class Action(BlockAction):
     def matches(self, segment: Segment) -> bool:
         """The segment belongs to a blocked connection, whichever end sent it."""
         return self.matches_ends(segment.src, segment.sport, segment.dst, segment.dport)
-
-    def matches_ends(self, a: IPAddress, a_port: int, b: IPAddress, b_port: int) -> bool:
-        """The connection between these two ends is blocked, whichever opened it."""
-        return self._side(a, b, a_port, b_port) or self._side(b, a, b_port, a_port)
-
-    def _side(self, client: IPAddress, server: IPAddress, cport: int, sport: int) -> bool:
-        return ((self.src is None or client in self.src)
-                and (self.dst is None or server in self.dst)
-                and (self.sport is None or cport == self.sport)
-                and (self.dport is None or sport == self.dport))
 
     def bpf(self) -> str:
         """The same match as :meth:`matches`, as a libpcap expression."""
@@ -50,14 +42,7 @@ class Action(BlockAction):
 
 
 def _network(name: str, value: object) -> IPNetwork | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{name} {value!r} is not an address or CIDR")
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError(f"{name} {value!r} is not an address or CIDR") from None
+    return parse_network(name, value)
 
 
 def _port(name: str, value: object) -> int | None:
@@ -87,22 +72,34 @@ def parse_action(message: object, now: float) -> Action:
         raise ValueError("src and dst are of different IP versions")
     sport, dport = _port("sport", message.get("sport")), _port("dport", message.get("dport"))
     start, expiry = message.get("start", now), message.get("expiry")
-    if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or \
-            isinstance(start, bool) or not isinstance(start, (int, float)):
-        raise ValueError(f"bad start {start!r} or expiry {expiry!r}")
-    if expiry <= now:
+    # NaN, infinity, 1e308, an expiry before the start, a start or an expiry years ahead: the
+    # same bounds as the vSensor's, with an hour's slack for the two clocks.
+    if isinstance(expiry, (int, float)) and not isinstance(expiry, bool) \
+            and math.isfinite(expiry) and expiry <= now:
         raise ValueError("the action has already expired")
+    check_times(start, expiry, now, TIME_SLACK_SECONDS)
+    assert isinstance(start, (int, float)) and isinstance(expiry, (int, float))
+    if expiry > now + 2 * MAX_DURATION_SECONDS:
+        raise ValueError(f"expiry {expiry:.13g} is more than 60 days ahead")
     return Action(action_id, src, dst, sport, dport, float(start), float(expiry))
 
 
+#: Read last by the watch filter: the last byte of the fixed TCP header. A classic BPF load past
+#: the end of a packet rejects it, so a frame cut anywhere before it (Ethernet, VLAN, IP or TCP
+#: header) never reaches the watch socket (``tests/plugins/antigena/test_truncated.py``).
+#: libpcap's ``tcp[]`` is IPv4 only; over IPv6 the TCP header follows the fixed 40 bytes (the
+#: parser follows no extension header either).
+WHOLE_TCP_HEADER = "((ip and tcp[19] >= 0) or (ip6 and ip6[59] >= 0))"
+
+
 def watch_filter(actions: Iterable[Action], exempt: Iterable[tuple[str, int]]) -> str:
-    """Only TCP segments of blocked connections, never the sensor's own vSensor traffic."""
+    """Only whole TCP headers of blocked connections, never the sensor's own vSensor traffic."""
     matches = " or ".join(f"({a.bpf()})" for a in actions)
     if not matches:
         return ""
     spared = "".join(f" and not (host {host} and tcp port {port})"
                      for host, port in sorted(set(exempt)))
-    return f"tcp and ({matches}){spared}"
+    return f"tcp and {WHOLE_TCP_HEADER} and ({matches}){spared}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +145,8 @@ def parse_ethernet(frame: bytes) -> Segment | None:
         if frame[offset + 9] != IPPROTO_TCP or ihl < 20:
             return None
         total = int.from_bytes(frame[offset + 2:offset + 4], "big")
+        if offset + total > len(frame):  # cut short: never acted on
+            return None
         src = ipaddress.IPv4Address(frame[offset + 12:offset + 16])
         dst = ipaddress.IPv4Address(frame[offset + 16:offset + 20])
         tcp, tcp_bytes = offset + ihl, total - ihl
@@ -157,6 +156,8 @@ def parse_ethernet(frame: bytes) -> Segment | None:
         src = ipaddress.IPv6Address(frame[offset + 8:offset + 24])
         dst = ipaddress.IPv6Address(frame[offset + 24:offset + 40])
         tcp, tcp_bytes = offset + 40, int.from_bytes(frame[offset + 4:offset + 6], "big")
+        if tcp + tcp_bytes > len(frame):  # cut short: never acted on
+            return None
     else:
         return None
     if len(frame) < tcp + 20:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -21,9 +22,10 @@ from typing import Any
 
 import aiohttp
 
-from ossensor_core.wire.antigena import ActionCounts
+from ossensor_core.wire.antigena import (MAX_ACTIONS_IN_FORCE, MAX_EXEMPT_ENDPOINTS,
+                                         ActionCounts)
 from ossensor_core.capture.batch import LINKTYPE_ETHERNET, PacketBatch
-from ossensor_core.capture.bpf import attach_filter, compile_filter
+from ossensor_core.capture.bpf import compile_filter
 from ossensor_core.client import AiohttpTls, signed_headers
 from ossensor_core.errors import FilterError
 from ossensor_core.runtime.logsetup import level
@@ -32,76 +34,17 @@ from ossensor_core.pipeline.contracts import ResponseEnforcer
 
 from .actions import TCP_RST, Action, first_match, parse_action, parse_ethernet, watch_filter
 from .resets import ResetEnforcer
+from .watch import BlockWatch
 
 log = logging.getLogger("ossensor_plugins.antigena")
 
-ETH_P_ALL = 0x0003
-ARPHRD_ETHER = 1
-RECV_BYTES = 1 << 18
-READ_BURST = 256
 CONNECTIONS_REMEMBERED = 10_000
-
-
-class BlockWatch:
-    """One AF_PACKET socket on all interfaces, filtered in the kernel to blocked tuples."""
-
-    def __init__(self, on_frame) -> None:
-        self.on_frame = on_frame
-        self.sock: socket.socket | None = None
-        self.expression = ""
-
-    def set_filter(self, expression: str) -> None:
-        """Watch ``expression`` (empty: close the socket). Raises FilterError."""
-        if expression == self.expression:
-            return
-        if not expression:
-            self.close()
-            return
-        program = compile_filter(expression, LINKTYPE_ETHERNET)
-        if self.sock is None:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            sock.setblocking(False)
-            try:
-                attach_filter(sock.fileno(), program)
-            except FilterError:
-                sock.close()
-                raise
-            self._drain(sock)  # what arrived before the filter was attached
-            self.sock = sock
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
-        else:
-            attach_filter(self.sock.fileno(), program)  # swapped in one step
-        self.expression = expression
-
-    @staticmethod
-    def _drain(sock: socket.socket) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                sock.recv(RECV_BYTES)
-
-    def _readable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        for _ in range(READ_BURST):
-            try:
-                frame, address = sock.recvfrom(RECV_BYTES)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("Antigena: reading the watch socket failed: %s", exc)
-                return
-            interface, _, _, hatype = address[:4]
-            if hatype == ARPHRD_ETHER:
-                self.on_frame(interface, frame)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-        self.expression = ""
+#: Rejections kept per report (a hostile vSensor could send endless bad actions).
+REJECTIONS_PER_REPORT = 500
+#: An action is watched from this long before its start: the sensor's view of the vSensor's
+#: clock (corrected by ``server_time``) is off by about a one-way delay, and an action issued
+#: "now" must be watched at once, not a few milliseconds later.
+START_SLACK_SECONDS = 1.0
 
 
 class Antigena:
@@ -119,7 +62,14 @@ class Antigena:
         self.enforcers = list(enforcers)
         self.reconnect_max = reconnect_max
         self.url = f"wss://{f'[{host}]' if ':' in host else host}:{port}{PATH_ANTIGENA}"
+        #: Accepted actions, in force or waiting for their start.
         self.actions: dict[str, Action] = {}
+        #: The ids of the actions the watch filter in place matches: the only ones reported in
+        #: force (an action not in it is waiting for its start, or rejected).
+        self.enforced: frozenset[str] = frozenset()
+        #: The sensor's own side of its websocket (its address towards the vSensor).
+        self.local: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+        self._rebuilding = asyncio.Lock()
         self.counts: dict[str, ActionCounts] = {}
         self.rejected: list[dict[str, Any]] = []
         self.actions_received = 0  # action messages taken, and new actions in syncs (metrics)
@@ -168,7 +118,8 @@ class Antigena:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port,
                                                                  type=socket.SOCK_STREAM)
-            self.exempt |= {(str(info[4][0]).split("%")[0], self.port) for info in infos}
+            for info in infos:
+                self._exempt(str(info[4][0]), self.port)
         except OSError as exc:
             log.warning("Antigena: cannot resolve the vSensor %s yet: %s", self.host, exc)
 
@@ -184,6 +135,7 @@ class Antigena:
                                                   max_msg_size=4 << 20) as ws:
                         delay = 0.5
                         self._learn_peer(ws)
+                        await self._rebuild()
                         log.info("Antigena: connected to the vSensor at %s", self.url)
                         self.ws = ws
                         self.connected.set()
@@ -203,13 +155,33 @@ class Antigena:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max)
 
+    def _exempt(self, host: str, port: int) -> bool:
+        """Keep ``host:port`` (a vSensor endpoint) out of the watch; True when it is new. At most
+        :data:`MAX_EXEMPT_ENDPOINTS` (the filter must fit the kernel); never a scope id."""
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        endpoint = (str(address), int(port))
+        if endpoint in self.exempt or not 0 < endpoint[1] < 65536:
+            return False
+        if len(self.exempt) >= MAX_EXEMPT_ENDPOINTS:
+            log.warning("Antigena: more than %d vSensor endpoints; %s:%d is not kept out of "
+                        "the watch", MAX_EXEMPT_ENDPOINTS, *endpoint)
+            return False
+        self.exempt.add(endpoint)
+        return True
+
     def _learn_peer(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        peer = ws.get_extra_info("peername")
+        peer, own = ws.get_extra_info("peername"), ws.get_extra_info("sockname")
+        if own:
+            with contextlib.suppress(ValueError):
+                local = ipaddress.ip_address(str(own[0]).split("%")[0])
+                self.local = {local.ipv4_mapped or local if local.version == 6 else local}
         if peer:
-            before = set(self.exempt)
-            self.exempt.add((str(peer[0]).split("%")[0], int(peer[1])))
-            if self.exempt != before and self.actions:
-                self._rebuild()
+            self._exempt(str(peer[0]), int(peer[1]))
 
     # -- messages from the vSensor ----------------------------------------------------------
 
@@ -239,9 +211,10 @@ class Antigena:
             if not isinstance(items, list):
                 self._reject(None, "sync without a list of actions")
                 return
+            self._learn_endpoints(message.get("vsensor"))
             kept: dict[str, Action] = {}
-            for item in items:
-                action = self._parse(item)
+            for item in items[:10 * MAX_ACTIONS_IN_FORCE]:
+                action = self._parse(item, kept)
                 if action is not None:
                     kept[action.id] = action
             gone = set(self.actions) - set(kept)
@@ -250,7 +223,7 @@ class Antigena:
             log.log(level(3), "Antigena: %d actions in force after sync%s", len(kept),
                     f" ({len(gone)} ended while away)" if gone else "")
         elif kind == "action":
-            action = self._parse(message.get("action"))
+            action = self._parse(message.get("action"), self.actions)
             if action is None:
                 return
             again = action.id in self.actions
@@ -271,14 +244,22 @@ class Antigena:
             return
         if self.actions:
             await self._prepare_enforcers()
-        self._rebuild()
-        if kind in ("sync", "action") and self.actions:
-            self._probe_idle()
+        await self._rebuild()
+
+    def _learn_endpoints(self, endpoints: Any) -> None:
+        """The vSensor's own list of the endpoints its sensors use (``sync``): its direct
+        address behind a load balancer, say. They are only ever kept out of the watch."""
+        if not isinstance(endpoints, list):
+            return
+        for item in endpoints[:MAX_EXEMPT_ENDPOINTS]:
+            if isinstance(item, dict) and isinstance(item.get("host"), str) \
+                    and isinstance(item.get("port"), int) and not isinstance(item["port"], bool):
+                self._exempt(item["host"], item["port"])
 
     def _probe_idle(self) -> None:
         """Connections already idle when an action arrives reveal themselves (after the watch
         filter is in place, so that their answer is seen)."""
-        actions = list(self.actions.values())
+        actions = [self.actions[i] for i in self.enforced if i in self.actions]
         for enforcer in self.enforcers:
             if isinstance(enforcer, ResetEnforcer):
                 try:
@@ -294,27 +275,72 @@ class Antigena:
             except Exception:
                 log.exception("Antigena: enforcer %s cannot prepare", enforcer.name)
 
-    def _parse(self, item: Any) -> Action | None:
+    def _parse(self, item: Any, accepted: dict[str, Action]) -> Action | None:
+        """An action to add to ``accepted``, or None (rejected and reported): malformed, one
+        that would cut this sensor's own connection to the vSensor, or one beyond the cap."""
         try:
-            return parse_action(item, self.now())
+            action = parse_action(item, self.now())
+            endpoints = [(ipaddress.ip_address(h), p) for h, p in sorted(self.exempt)]
+            cut = action.cuts(endpoints, self.local)
+            if cut is not None:
+                raise ValueError(f"it would cut this sensor's connection to the vSensor at "
+                                 f"{cut[0]} port {cut[1]}")
+            if action.id not in accepted and len(accepted) >= MAX_ACTIONS_IN_FORCE:
+                raise ValueError(f"{MAX_ACTIONS_IN_FORCE} actions are in force already (the "
+                                 "most a watch filter holds within the kernel's limit)")
+            return action
         except ValueError as exc:
             self._reject(item.get("id") if isinstance(item, dict) else None, str(exc))
             return None
 
     def _reject(self, action_id: Any, reason: str) -> None:
         log.warning("Antigena: rejected action %s: %s", action_id, reason)
+        if len(self.rejected) >= REJECTIONS_PER_REPORT:
+            return
         self.rejected.append({"id": None if action_id is None else str(action_id)[:100],
                               "reason": reason})
 
-    def _rebuild(self) -> None:
+    async def _rebuild(self) -> None:
+        """Watch for the actions due now (started, not expired). The filter compiles in a
+        thread (hundreds of terms take seconds); one rebuild at a time, each from the actions
+        as they are when it starts. When the set cannot be watched, the actions new to it are
+        rejected (reported with the reason) and the rest watched: an action is reported in
+        force only while the filter in place matches it."""
         self._actions_changed.set()
-        expression = watch_filter(self.actions.values(), self.exempt)
-        try:
-            self.watch.set_filter(expression)
-        except (FilterError, OSError) as exc:
-            log.error("Antigena: cannot watch for blocked traffic (%s): %s", expression, exc)
-            return
-        log.log(level(3), "Antigena: watch filter is now %r", expression or "(closed)")
+        async with self._rebuilding:
+            now = self.now()
+            due = {a.id: a for a in self.actions.values()
+                   if a.start - START_SLACK_SECONDS <= now < a.expiry}
+            attempts, error = [due], ""
+            if set(due) - self.enforced:
+                attempts.append({i: a for i, a in due.items() if i in self.enforced})
+            for attempt in attempts:
+                expression = watch_filter(attempt.values(), self.exempt)
+                try:
+                    program = (await asyncio.to_thread(compile_filter, expression,
+                                                       LINKTYPE_ETHERNET)
+                               if expression else None)
+                    self.watch.set_program(program)
+                except (FilterError, OSError) as exc:
+                    error = str(exc)[:200]
+                    log.error("Antigena: cannot watch for blocked traffic (%s): %s",
+                              expression[:200], error)
+                    continue
+                for action_id in sorted(set(due) - set(attempt)):
+                    self.actions.pop(action_id, None)
+                    self._reject(action_id, f"cannot be enforced: the watch filter does not "
+                                            f"take it ({error})")
+                started = set(attempt) - self.enforced
+                self.enforced = frozenset(attempt)
+                log.log(level(3), "Antigena: watch filter is now %r", expression or "(closed)")
+                if started:
+                    self._probe_idle()
+                return
+            for action_id in sorted(due):  # not even the previous set can be watched now
+                self.actions.pop(action_id, None)
+                self._reject(action_id, f"cannot be enforced: {error}")
+            self.watch.close()
+            self.enforced = frozenset()
 
     # -- enforcement ------------------------------------------------------------------------
 
@@ -326,7 +352,9 @@ class Antigena:
         if any(end in self.exempt for end in endpoints):
             return
         now = self.now()
-        action = first_match(list(self.actions.values()), segment, now)
+        # Only what the watch filter in place matches: started, not rejected.
+        action = first_match([a for i, a in self.actions.items() if i in self.enforced],
+                             segment, now)
         if action is None:
             return
         counts = self.counts.setdefault(action.id, ActionCounts())
@@ -356,18 +384,23 @@ class Antigena:
                 counts.resets += enforcer.resets.pop(action.id, 0)
 
     async def _expire_forever(self) -> None:
-        """End actions at their expiry: asleep until the soonest one, or until the actions
-        change (no wake-ups at all while there is none)."""
+        """Start actions at their start and end them at their expiry: asleep until the soonest
+        of these, or until the actions change (no wake-ups at all while there is none)."""
         while True:
             now = self.now()
             expired = [a for a in self.actions.values() if a.expiry <= now]
             for action in expired:
                 del self.actions[action.id]
                 log.log(level(3), "Antigena: action %s expired", action.id)
-            if expired:
-                self._rebuild()
+            started = [a for a in self.actions.values()
+                       if a.start - START_SLACK_SECONDS <= now and a.id not in self.enforced]
+            if expired or started:
+                await self._rebuild()
             self._actions_changed.clear()
-            soonest = min((a.expiry for a in self.actions.values()), default=None)
+            soonest = min((t for a in self.actions.values()
+                           for t in ((a.expiry,) if a.id in self.enforced
+                                     else (a.start - START_SLACK_SECONDS, a.expiry))),
+                          default=None)
             timeout = None if soonest is None else max(soonest - self.now(), 0.0) + 0.01
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._actions_changed.wait(), timeout)
@@ -376,8 +409,11 @@ class Antigena:
 
     def take_report(self) -> dict[str, Any]:
         self.sequence += 1
-        report = {"type": "report", "seq": self.sequence, "time": self.now(),
-                  "in_force": sorted(self.actions),
+        now = self.now()
+        report = {"type": "report", "seq": self.sequence, "time": now,
+                  "in_force": sorted(i for i in self.enforced if i in self.actions),
+                  "scheduled": sorted(i for i, a in self.actions.items()
+                                      if i not in self.enforced and a.expiry > now),
                   "actions": {k: v.as_json() for k, v in self.counts.items()},
                   "rejected": self.rejected}
         segments = sum(c.segments for c in self.counts.values())

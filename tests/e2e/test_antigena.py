@@ -390,7 +390,15 @@ def test_traffic_to_the_vsensor_is_never_blocked(netns_pair, base_env, tmp_path)
             sensor = start_sensor(rx, base_env, tmp_path, vsensor)
             sensor.wait_for_log("Antigena: connected to the vSensor")
             server.wait("ready")
-            action = vsensor.block("--dst", CLIENT, "--duration", "30")
+            # Issue 16: a block of everything to the vSensor's host would cut the sensor's own
+            # connection: refused with the reason. The sensor still keeps its own traffic out
+            # of the watch (the filter below) for whatever it is sent.
+            refused = vsensor.antigena("block", "--dst", CLIENT, "--duration", "30",
+                                       check=False)
+            assert refused.returncode == 1
+            assert f"would cut the sensors' connections to this vSensor at {CLIENT} port " \
+                f"{PORT}" in refused.stderr
+            action = vsensor.block("--dst", CLIENT, "--dport", "7400", "--duration", "30")
             client = Stream(rx, "client", CLIENT, "7400", "1")  # from the sensor's host
             try:
                 assert client.result(timeout=10)["event"] == "error"
@@ -453,7 +461,10 @@ def test_malformed_unknown_and_duplicate_actions(netns):
     assert reasons["ag-3"] == "dst '300.0.0.1' is not an address or CIDR"
     assert "unknown kind of action 'nuke'" in reasons["ag-4"]
     assert reasons["ag-5"] == "the action has already expired"
-    assert result["filter"] == ("tcp and (((dst net 192.0.2.2/32 and dst port 7100) or "
+    # Issue 16: the filter reads the whole TCP header before it matches (a truncated frame
+    # never does).
+    assert result["filter"] == ("tcp and ((ip and tcp[19] >= 0) or (ip6 and ip6[59] >= 0)) "
+                                "and (((dst net 192.0.2.2/32 and dst port 7100) or "
                                 "(src net 192.0.2.2/32 and src port 7100)))")
 
 

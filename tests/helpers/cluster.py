@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tests.helpers.netns import Namespace, namespaces, run, unique, veth_pair
 from tests.helpers.sensor import Sensor, sensor_env
-from tests.helpers.vsensor_process import VSENSOR
+from tests.helpers.vsensor_process import DOCUMENTATION_RANGES, VSENSOR
 from tests.helpers.vsensor_process import VSensor as LoopbackVSensor
 
 VSENSOR_ADDRESS = "192.0.2.254"
@@ -174,7 +174,8 @@ class VSensor(LoopbackVSensor):
         with open(self.log, "w") as log:
             self.proc = ns.popen(*VSENSOR, "--listen", f"{host}:{port}", "--data-dir", str(data),
                                  "--heartbeat-seconds", str(heartbeat_seconds),
-                                 "--rotate-seconds", "600", *options,
+                                 "--rotate-seconds", "600",
+                                 "--claims-allow", DOCUMENTATION_RANGES, *options,
                                  env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                       "VSENSOR_HMAC_KEY": key, **(env or {})},
                                  stdout=subprocess.DEVNULL, stderr=log)

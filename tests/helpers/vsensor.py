@@ -19,6 +19,7 @@ from ossensor_core.capture.batch import PacketBatch
 from ossensor_core.wire.chunk import Chunk
 from ossensor_core.wire.chunk import MEDIA_TYPE, ChunkCodec
 from ossensor_core.wire.signing import H_VERSION, PATH_CHUNKS, PATH_REGISTER, sign
+from tests.helpers.vsensor_process import DOCUMENTATION_RANGES
 
 KEY = "Kx9secretHMACkey42"
 SENSOR = "node-1"
@@ -42,7 +43,8 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 def settings(tmp_path: Path, **changes) -> VSensorSettings:
-    values = dict(data_dir=tmp_path / "data", keys=[KEY], rotate_seconds=300.0)
+    values = dict(data_dir=tmp_path / "data", keys=[KEY], rotate_seconds=300.0,
+                  claims_allow=[DOCUMENTATION_RANGES])
     values.update(changes)
     return VSensorSettings(**values)
 

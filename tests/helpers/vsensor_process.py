@@ -11,6 +11,9 @@ from pathlib import Path
 from tests.helpers.netns import Namespace
 
 VSENSOR = [sys.executable, "-m", "ossensor_vsensor.cli"]
+#: The tests' nodes and pods use the documentation ranges (RFC 5737, RFC 3849): outside the
+#: vSensor's default claims allow-list, so the test vSensors allow them (``--claims-allow``).
+DOCUMENTATION_RANGES = "192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,2001:db8::/32"
 
 
 class VSensor:
@@ -19,6 +22,7 @@ class VSensor:
         self.log = data.parent / "vsensor.log"
         self.proc = ns.popen(*VSENSOR, "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
                              "--heartbeat-seconds", "1", "--rotate-seconds", "600",
+                             "--claims-allow", DOCUMENTATION_RANGES,
                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "VSENSOR_HMAC_KEY": key},
                              stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
         deadline = time.monotonic() + 20

@@ -101,9 +101,14 @@ def test_invalid_actions_are_refused_with_a_clear_message(tmp_path, tls):
             assert (await operator(client, "GET"))[1]["actions"] == []
             status, answer = await operator(client, "DELETE", PATH_ACTIONS + "/ag-nosuch")
             assert status == 404 and "no action 'ag-nosuch'" in answer["error"]
-            # A CIDR with host bits is taken as its network; a known sensor is accepted.
+            # A CIDR with host bits is refused (issue 16: plain networks only); a known sensor
+            # is accepted.
             status, answer = await operator(client, "POST", body={
                 "src": "198.51.100.7/24", "dport": "8080", "duration": 5, "sensor": SENSOR})
+            assert status == 400 and answer["reason"] == "bad_action", answer
+            assert "has host bits set (the network is 198.51.100.0/24)" in answer["error"]
+            status, answer = await operator(client, "POST", body={
+                "src": "198.51.100.0/24", "dport": "8080", "duration": 5, "sensor": SENSOR})
             assert status == 201, answer
             assert answer["action"]["src"] == "198.51.100.0/24"
             assert answer["action"]["dport"] == 8080

@@ -32,6 +32,11 @@ NUMBERS = {
     "underscore": b"1_000", "hex": b"0x10", "other-digits": "١٢".encode(),
     "not-utf8": b"\xff\xfe", "control": b"1\x01", "1mb": b"9" * 1_000_000,
 }
+NETWORKS = {
+    "empty": b"", "word": b"SHA-256", "no-prefix": b"10.0.0.1", "host-bits": b"10.1.2.3/8",
+    "scope": b"fe80::/64%eth0", "empty-item": b"10.0.0.0/8,", "not-utf8": b"\xff/8",
+    "control": b"10.0.0.0/8\x01", "1mb": b"1" * 1_000_000,
+}
 ADDRESSES = {
     "empty": b"", "word": b"SHA-256", "no-port": b"127.0.0.1", "port-0": b"127.0.0.1:0",
     "port-huge": b"127.0.0.1:" + b"9" * 30, "port-negative": b"127.0.0.1:-1",
@@ -83,6 +88,8 @@ def trials(folder: Path, cert: Path, key: Path) -> Iterator[Trial]:
             values = {kind: (value, REFUSE) for kind, value in NUMBERS.items()}
         else:
             values = path_values(folder, option)
+        if option == "--claims-allow":  # networks, not addresses
+            values = {kind: (value, REFUSE) for kind, value in NETWORKS.items()}
         if option == "--clock-offset-seconds":  # for testing: any finite number in range
             values.update({"zero": (b"0", EITHER), "negative": (b"-1", EITHER)})
         if option == "--data-dir":  # a folder, created when missing

@@ -15,28 +15,26 @@ actions. Without an admin token the operator API is disabled (403). The message 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import html
 import ipaddress
 import json
 import logging
+import math
 import secrets
-import ssl
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from ossensor_core.wire.antigena import ActionCounts, IPNetwork
+from ossensor_core.wire.antigena import (MAX_ACTIONS_IN_FORCE, MAX_DURATION_SECONDS,
+                                         MAX_EXEMPT_ENDPOINTS, ActionCounts, IPAddress,
+                                         IPNetwork, parse_network)
 from ossensor_core.wire.antigena import BlockAction as Action
-from ossensor_core.wire.names import PATH_ACTIONS, PATH_ANTIGENA
+from ossensor_core.wire.names import PATH_ACTIONS, PATH_ANTIGENA, Reason
 
 from .auth import bearer_token_matches
 
@@ -45,11 +43,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ossensor_vsensor.antigena")
 
-MAX_DURATION_SECONDS = 30 * 86400
 ADMIN_TOKEN_VARIABLE = "VSENSOR_ADMIN_TOKEN"
 #: Sensors whose registration lists this act on a ``{"type": "filters"}`` message.
 FEATURE_FILTER_REFRESH = "filter-refresh"
-_FIELDS = {"src", "dst", "sport", "dport", "duration", "sensor"}
+_FIELDS = {"src", "dst", "sport", "dport", "duration", "start_in", "sensor"}
+#: Addresses remembered per sensor as the source of its requests (behind a NAT they differ from
+#: what it registers).
+_REMOTES_KEPT = 8
 _REJECTIONS_KEPT = 50
 _SEQUENCES_KEPT = 1000
 
@@ -57,13 +57,20 @@ _SEQUENCES_KEPT = 1000
 def _network(name: str, value: Any) -> IPNetwork | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be an IP address or CIDR as a string, not {value!r}")
-    try:
-        return ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"{name} {value!r} is not an IP address or CIDR "
-                         "(e.g. 192.0.2.7, 198.51.100.0/24, 2001:db8::/32)") from None
+    if isinstance(value, str) and "%" not in value:
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"{name} {value[:64]!r} is not an IP address or CIDR "
+                             "(e.g. 192.0.2.7, 198.51.100.0/24, 2001:db8::/32)") from None
+    return parse_network(name, value)  # no scope id, no host bits
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, not {str(value)[:32]}")
+    return float(value)
 
 
 def _port(name: str, value: Any) -> int | None:
@@ -93,13 +100,15 @@ def parse_block(message: Any, now: float, known_sensors: Sequence[str]) -> Actio
     if src is not None and dst is not None and src.version != dst.version:
         raise ValueError(f"src {src} and dst {dst} are not of the same IP version")
     sport, dport = _port("sport", message.get("sport")), _port("dport", message.get("dport"))
-    duration = message.get("duration")
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)):
-        raise ValueError(f"duration must be a number of seconds, not {duration!r}")
+    duration = _seconds("duration", message.get("duration"))
     if not duration > 0:
         raise ValueError(f"duration {duration:g} must be greater than 0 seconds")
     if duration > MAX_DURATION_SECONDS:
         raise ValueError(f"duration {duration:g} is longer than {MAX_DURATION_SECONDS} s "
+                         "(30 days)")
+    start_in = _seconds("start_in", message.get("start_in", 0))
+    if not 0 <= start_in <= MAX_DURATION_SECONDS:
+        raise ValueError(f"start_in {start_in:g} must be from 0 to {MAX_DURATION_SECONDS} s "
                          "(30 days)")
     sensor = message.get("sensor") or None
     if sensor is not None:
@@ -108,8 +117,15 @@ def parse_block(message: Any, now: float, known_sensors: Sequence[str]) -> Actio
         if sensor not in known_sensors:
             raise ValueError(f"unknown sensor {sensor!r} (known: "
                              f"{', '.join(sorted(known_sensors)) or 'none yet'})")
-    return Action(f"ag-{secrets.token_hex(6)}", src, dst, sport, dport, now, now + duration,
-                  sensor)
+    start = now + start_in
+    return Action(f"ag-{secrets.token_hex(6)}", src, dst, sport, dport, start,
+                  start + duration, sensor)
+
+
+def refusal(status: int, reason: str, message: str) -> web.Response:
+    """An operator request refused: ``{"error": <message>, "reason": <code>}``, logged once."""
+    log.warning("refused Antigena action (%s): %s", reason, message[:300])
+    return web.json_response({"error": message[:300], "reason": reason}, status=status)
 
 
 @dataclass
@@ -124,10 +140,14 @@ class SensorAntigena:
     rejections: int = 0
     rejected: deque = field(default_factory=lambda: deque(maxlen=_REJECTIONS_KEPT))
     sequences: deque = field(default_factory=lambda: deque(maxlen=_SEQUENCES_KEPT))
+    #: What the last report said the sensor enforces, and what waits for its start.
+    in_force: list[str] = field(default_factory=list)
+    scheduled: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {"connected": self.connected, "connections": self.connections,
                 "reports": self.reports, "last_report": self.last_report,
+                "in_force": list(self.in_force), "scheduled": list(self.scheduled),
                 "actions": {k: v.as_json() for k, v in sorted(self.actions.items())},
                 "rejections": self.rejections, "rejected": list(self.rejected)}
 
@@ -140,9 +160,51 @@ class AntigenaHub:
         self.actions: dict[str, Action] = {}
         self.sensors: dict[str, SensorAntigena] = {}
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
+        #: Where sensors reach this vSensor (address, port): the local side of their requests.
+        self.endpoints: set[tuple[IPAddress, int]] = set()
+        #: Addresses each sensor's requests came from.
+        self.remotes: dict[str, set[IPAddress]] = {}
 
     def now(self) -> float:
         return self.vsensor.now()
+
+    def learn(self, sensor: str, request: web.Request) -> None:
+        """Remember where ``sensor`` reached this vSensor from and to (bounded): actions that
+        would cut these connections are refused."""
+        transport = request.transport
+        own = transport.get_extra_info("sockname") if transport is not None else None
+        ports = set(self.vsensor.settings.vsensor_ports)
+        if own:
+            ports.add(int(own[1]))
+            address = _address(str(own[0]))
+            for port in sorted(ports):
+                if address is not None and len(self.endpoints) < MAX_EXEMPT_ENDPOINTS:
+                    self.endpoints.add((address, port))
+        remote = _address(str(request.remote or ""))
+        if remote is not None:
+            seen = self.remotes.setdefault(sensor, set())
+            if len(seen) < _REMOTES_KEPT:
+                seen.add(remote)
+
+    def vsensor_endpoints(self) -> list[tuple[IPAddress, int]]:
+        """Every endpoint sensors use: those seen, and the advertised direct address."""
+        found = set(self.endpoints)
+        direct = self.vsensor.settings.direct
+        if direct is not None and _address(direct[0]) is not None:
+            found.add((_address(direct[0]), direct[1]))  # type: ignore[arg-type]
+        return sorted(found, key=lambda e: (e[0].version, int(e[0]), e[1]))
+
+    def sensor_addresses(self, sensor: str | None) -> list[IPAddress]:
+        """What ``sensor`` (None: every sensor) registered as its addresses, and where its
+        requests came from."""
+        names = [sensor] if sensor else sorted(set(self.vsensor.sensors) | set(self.remotes))
+        found: set[IPAddress] = set()
+        for name in names:
+            state = self.vsensor.sensors.get(name)
+            texts: Iterable[str] = state.addresses if state is not None else ()
+            found |= {a for a in map(_address, texts) if a is not None}
+            found |= self.remotes.get(name, set())
+        return sorted(found, key=lambda a: (a.version, int(a)))
 
     def in_force(self, sensor: str | None = None) -> list[Action]:
         """Actions not yet expired (for ``sensor``: those targeting it or every sensor)."""
@@ -205,7 +267,14 @@ class AntigenaHub:
         try:
             action = parse_block(message, self.now(), sorted(known))
         except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            return refusal(400, Reason.BAD_ACTION, str(exc))
+        # Sensors whose addresses are not known yet could be anywhere: any address counts.
+        cut = action.cuts(self.vsensor_endpoints(),
+                          self.sensor_addresses(action.sensor) or None)
+        if cut is not None:
+            return refusal(400, Reason.CUTS_VSENSOR,
+                           f"block {action.describe()} would cut the sensors' connections to "
+                           f"this vSensor at {cut[0]} port {cut[1]}")
         same = next((a for a in self.in_force() if a.match_key() == action.match_key()), None)
         if same is not None:
             # The same block again: one action, kept in force until the later expiry.
@@ -216,6 +285,14 @@ class AntigenaHub:
                 await self._push({"type": "action", "action": same.as_json()}, same.sensor)
             return web.json_response({"id": same.id, "duplicate": True,
                                       "action": same.as_json()})
+        targets = [action.sensor] if action.sensor else sorted(known) or [None]
+        for target in targets:
+            count = len(self.in_force(target))
+            if count >= MAX_ACTIONS_IN_FORCE:
+                return refusal(409, Reason.TOO_MANY_ACTIONS,
+                               f"{count} actions are in force for "
+                               f"{target or 'every sensor'}: at most {MAX_ACTIONS_IN_FORCE}, "
+                               "so that a sensor's watch filter fits the kernel (clear some)")
         self.actions[action.id] = action
         log.info("Antigena action %s: block %s for %.0f s on %s", action.id, action.describe(),
                  action.expiry - action.start, action.sensor or "every sensor")
@@ -249,10 +326,13 @@ class AntigenaHub:
         state = self._sensor(name)
         state.connected, state.connections = True, state.connections + 1
         self.sockets.setdefault(name, set()).add(ws)
+        self.learn(name, request)
         log.info("sensor %r opened the Antigena websocket from %s", name, request.remote)
         try:
             await ws.send_json({"type": "sync", "server_time": self.now(),
-                                "actions": [a.as_json() for a in self.in_force(name)]})
+                                "actions": [a.as_json() for a in self.in_force(name)],
+                                "vsensor": [{"host": str(a), "port": p}
+                                            for a, p in self.vsensor_endpoints()]})
             async for message in ws:
                 if message.type != WSMsgType.TEXT:
                     continue
@@ -272,7 +352,9 @@ class AntigenaHub:
             sequence = int(message["seq"])
             actions = message.get("actions") or {}
             rejected = message.get("rejected") or []
-            if not isinstance(actions, dict) or not isinstance(rejected, list):
+            in_force, scheduled = message.get("in_force") or [], message.get("scheduled") or []
+            if not isinstance(actions, dict) or not isinstance(rejected, list) or \
+                    not isinstance(in_force, list) or not isinstance(scheduled, list):
                 raise ValueError("bad report fields")
         except (ValueError, TypeError, KeyError, OverflowError) as exc:  # "seq": Infinity
             log.warning("sensor %r sent a malformed Antigena message: %s", name, exc)
@@ -290,6 +372,8 @@ class AntigenaHub:
                                            "time": self.now()})
             state.reports += 1
             state.last_report = self.now()
+            state.in_force = [str(i)[:100] for i in in_force[:MAX_ACTIONS_IN_FORCE * 2]]
+            state.scheduled = [str(i)[:100] for i in scheduled[:MAX_ACTIONS_IN_FORCE * 2]]
             if actions or rejected:
                 log.info("Antigena report from %r: %s%s", name,
                          ", ".join(f"{k}: {v.get('connections', 0)} connections, "
@@ -333,118 +417,26 @@ def status_rows(hub: AntigenaHub) -> str:
                 when(t.last_hit)]
                for name, s in sorted(hub.sensors.items()) for aid, t in sorted(s.actions.items())]
     sensors = [[name, "yes" if s.connected else "no", str(s.reports), when(s.last_report),
-                str(s.rejections)] for name, s in sorted(hub.sensors.items())]
+                ", ".join(s.in_force), ", ".join(s.scheduled),
+                "; ".join([str(s.rejections), *(f"{r.get('id')}: {r.get('reason')}"
+                                                for r in list(s.rejected)[-3:])])]
+               for name, s in sorted(hub.sensors.items())]
     return ("<h2>Antigena actions in force</h2>"
             + table(["id", "block", "sensor", "start", "expiry"], actions)
             + "<h2>Antigena sensors</h2>"
-            + table(["sensor", "websocket", "reports", "last report", "rejected"], sensors)
+            + table(["sensor", "websocket", "reports", "last report", "in force", "scheduled",
+                     "rejected (the last reasons)"], sensors)
             + "<h2>Antigena reports</h2>"
             + table(["sensor", "action", "connections", "resets", "first hit", "last hit"],
                     reports))
 
 
-# The operator CLI: ``ossensor-vsensor antigena --url https://HOST:PORT ...`` ------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ossensor-vsensor antigena",
-                     description="Issue, list and clear Antigena actions on a running vSensor.",
-                     epilog=f"The admin token is read from ${ADMIN_TOKEN_VARIABLE}.")
-    parser.add_argument("--url", required=True, metavar="https://HOST:PORT",
-                        help="the running vSensor")
-    parser.add_argument("--ca-file", metavar="FILE",
-                        help="CA bundle (PEM) that verifies the vSensor's certificate")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    block = commands.add_parser("block", help="block matching TCP connections; prints the id")
-    block.add_argument("--src", metavar="ADDR", help="source address or CIDR")
-    block.add_argument("--dst", metavar="ADDR", help="destination address or CIDR")
-    block.add_argument("--sport", metavar="PORT", help="source port (for a full 5-tuple)")
-    block.add_argument("--dport", metavar="PORT", help="destination port")
-    block.add_argument("--duration", required=True, type=float, metavar="SECONDS",
-                       help="how long the action holds")
-    block.add_argument("--sensor", metavar="NAME", help="only this sensor enforces it")
-    listing = commands.add_parser("list", help="the actions in force")
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    clear = commands.add_parser("clear", help="end an action now")
-    clear.add_argument("id", help="the action's id")
-    return parser
-
-
-class OperatorError(Exception):
-    """A refused or failed operator request; the message is for the operator."""
-
-
-def _request(url: str, method: str, token: str, context: ssl.SSLContext,
-             body: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+def _address(text: str) -> IPAddress | None:
+    """An IP address without scope id (IPv4-mapped IPv6 as IPv4), or None."""
     try:
-        with urllib.request.urlopen(request, context=context, timeout=15) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            reason = json.loads(exc.read()).get("error", exc.reason)
-        except ValueError:
-            reason = exc.reason
-        raise OperatorError(f"the vSensor refused ({exc.code}): {reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        # URLError wraps what urlopen met on connecting; an SSLError while reading names it too.
-        reason = exc.reason if isinstance(exc, (urllib.error.URLError, ssl.SSLError)) else exc
-        raise OperatorError(f"cannot reach the vSensor at {url}: {reason}") from None
-
-
-def run_cli(argv: Sequence[str], environ: dict[str, str]) -> int:
-    """``ossensor-vsensor antigena ...``: exit 0 on success, 1 with a message otherwise."""
-    args = build_parser().parse_args(list(argv))
-    token = environ.get(ADMIN_TOKEN_VARIABLE, "")
-    try:
-        if not token:
-            raise OperatorError(f"set {ADMIN_TOKEN_VARIABLE} to the vSensor's admin token")
-        if not args.url.startswith("https://"):
-            raise OperatorError(f"--url {args.url!r}: expected https://HOST:PORT")
-        try:
-            context = ssl.create_default_context(cafile=args.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise OperatorError(f"--ca-file {args.ca_file!r}: cannot load it "
-                                f"({exc.strerror or exc})") from None
-        base = args.url.rstrip("/") + PATH_ACTIONS
-        if args.command == "block":
-            body = {k: v for k, v in (("src", args.src), ("dst", args.dst),
-                                      ("sport", args.sport), ("dport", args.dport),
-                                      ("sensor", args.sensor)) if v is not None}
-            body["duration"] = args.duration
-            answer = _request(base, "POST", token, context, body)
-            print(answer["id"])
-        elif args.command == "list":
-            actions = _request(base, "GET", token, context)["actions"]
-            if args.json:
-                json.dump(actions, sys.stdout, indent=2)
-                print()
-            else:
-                print(_table(actions))
-        else:
-            answer = _request(f"{base}/{urllib.request.quote(args.id, safe='')}", "DELETE",
-                              token, context)
-            print(f"cleared {answer['cleared']}")
-    except OperatorError as exc:
-        print(f"ossensor-vsensor antigena: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _table(actions: list[dict[str, Any]]) -> str:
-    head = ("ID", "SRC", "DST", "SPORT", "DPORT", "SENSOR", "EXPIRES IN")
-    now = time.time()
-    rows = [(a["id"], a["src"] or "*", a["dst"] or "*", str(a["sport"] or "*"),
-             str(a["dport"] or "*"), a["sensor"] or "*", f"{max(a['expiry'] - now, 0):.0f} s")
-            for a in actions]
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                     for row in (head, *rows))
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address

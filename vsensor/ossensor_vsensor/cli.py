@@ -29,6 +29,7 @@ from ossensor_core.runtime.memory import keep_buffers_mapped
 
 from . import __version__
 from .app import VSENSOR, create_app
+from .claims import parse_allow
 from .server import start_guarded
 from .settings import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, VSensorSettings
 from .tls import certificate_fingerprint, ensure_self_signed, server_context
@@ -159,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the same from one client address (default "
                              f"{MAX_CONNECTIONS_PER_ADDRESS}; raise it behind a NAT or a load "
                              "balancer that hides the sensors' addresses)")
+    parser.add_argument("--claims-allow", action="append", default=[], metavar="CIDR[,CIDR]",
+                        help="networks sensors may claim as their addresses and workloads, "
+                             "besides the private, shared and unique-local ones (e.g. public "
+                             "node addresses); repeatable")
+    parser.add_argument("--claims-max-prefix", type=number(int, 1, 32), default=16, metavar="N",
+                        help="widest IPv4 claim taken, as a prefix length (default 16)")
+    parser.add_argument("--claims-max-prefix6", type=number(int, 1, 128), default=48,
+                        metavar="N",
+                        help="widest IPv6 claim taken, as a prefix length (default 48)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -221,6 +231,10 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
     host, port = parse_listen(args.listen)
     keys = load_keys(environ, args.hmac_key_file)
     admin_token = _secret_text(ADMIN_TOKEN_VARIABLE, environ)  # numbers: checked by argparse
+    try:
+        parse_allow(args.claims_allow)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     data_dir: Path = args.data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +277,9 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         max_connections=args.max_connections,
         max_connections_per_address=args.max_connections_per_address,
         max_requests=args.max_connections,
-        max_requests_per_address=args.max_connections_per_address)
+        max_requests_per_address=args.max_connections_per_address,
+        claims_allow=tuple(args.claims_allow), claims_max_prefix_v4=args.claims_max_prefix,
+        claims_max_prefix_v6=args.claims_max_prefix6)
     return settings, host, port, context
 
 
@@ -335,7 +351,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     environ = dict(os.environ if environ is None else environ)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["antigena"]:  # the operator's client for a running vSensor
-        from .antigena import run_cli
+        from .antigena_cli import run_cli
         return run_cli(argv[1:], environ)
     try:
         args = build_parser().parse_args(argv)

@@ -21,6 +21,7 @@ from ossensor_core.wire.signing import DIGESTS, negotiate
 
 from . import antigena
 from .auth import Authenticator
+from .claims import DEFAULT_CLAIMS_ALLOW, IGNORED_SHOWN, ClaimPolicy, parse_allow
 from .filters import claimed_set, parse_address, self_expression
 from .registry import SensorRegistry
 from .sensor_filters import SensorFilters
@@ -42,6 +43,8 @@ class Registrar:
         self.registry = registry
         self.auth = auth
         self.filters = filters
+        self.claims = ClaimPolicy(parse_allow((*DEFAULT_CLAIMS_ALLOW, *settings.claims_allow)),
+                                  settings.claims_max_prefix_v4, settings.claims_max_prefix_v6)
         self._background: set[asyncio.Task[None]] = set()
 
     async def register(self, request: web.Request) -> web.Response:
@@ -60,7 +63,9 @@ class Registrar:
             software = str(message.get("software", ""))[:200]
             workloads = [str(w) for w in message.get("workloads", [])]
             primary = message.get("primary_address")
-            claim = claimed_set(addresses + ([str(primary)] if primary else []), workloads)
+            claimed_addresses, claimed_workloads, ignored = self.claims.sort(
+                addresses + ([str(primary)] if primary else []), workloads)
+            claim = claimed_set(claimed_addresses, claimed_workloads)
             features = frozenset(str(f) for f in message.get("features", []))
         except (ValueError, TypeError, OverflowError) as exc:
             return bad_json(request, sensor, f"bad registration: {exc}")
@@ -87,7 +92,12 @@ class Registrar:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         state.workloads, state.claim, state.features = workloads, claim, features
+        state.ignored_claims, state.ignored_claims_count = ignored[:IGNORED_SHOWN], len(ignored)
+        if ignored:
+            log.warning("sensor %r: %d claims ignored (%s)", sensor, len(ignored),
+                        ", ".join(f"{i['claim']}: {i['reason']}" for i in ignored[:4]))
         state.registered = self.settings.now()
+        request.app[antigena.ANTIGENA].learn(sensor, request)  # actions never cut this path
         filter_fields = await self.filters.filter_for(sensor, request)
         log.info("sensor %r registered from %s (protocol %d, %s, addresses %s, workloads %s)",
                  sensor, request.remote, version, software, addresses, workloads)

@@ -35,6 +35,10 @@ class SensorState:
     #: Workload ranges (pod CIDRs) behind the sensor, and what it claims with its addresses.
     workloads: list[str] = field(default_factory=list)
     claim: AddressSet = field(default_factory=AddressSet)
+    #: Claims left out (outside the allow-list, or too wide): ``{"claim", "reason"}``, the
+    #: first ``claims.IGNORED_SHOWN``, and how many in all.
+    ignored_claims: list[dict[str, str]] = field(default_factory=list)
+    ignored_claims_count: int = 0
     features: frozenset[str] = frozenset()
     #: The sensor's last word on its filter (e.g. the peer part did not fit), "" when fine.
     filter_note: str = ""
@@ -55,6 +59,8 @@ class SensorState:
             "registered": self.registered, "last_seen": self.last_seen,
             "packets": self.packets, "bytes": self.bytes, "chunks": self.chunks,
             "duplicates": self.duplicates, "workloads": self.workloads,
+            "ignored_claims": self.ignored_claims,
+            "ignored_claims_count": self.ignored_claims_count,
             "filter_note": self.filter_note, "instance": self.instance,
             "name_conflict": self.conflict,
             "kernel_packets": sum(v.get("packets", 0) for v in self.kernel.values()),

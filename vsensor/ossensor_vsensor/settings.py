@@ -58,11 +58,19 @@ class VSensorSettings:
     #: Declared body bytes being read or handled at once, over all requests (503 ``busy``
     #: beyond): what key holders can make the vSensor hold in memory.
     max_body_bytes_in_flight: int = 8 * CLIENT_MAX_SIZE
+    #: Networks (CIDR) a sensor may claim beyond the default private, shared and unique-local
+    #: ones (``claims.py``), and the widest claim per IP version, as a prefix length.
+    claims_allow: Sequence[str] = ()
+    claims_max_prefix_v4: int = 16
+    claims_max_prefix_v6: int = 48
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "keys", tuple(self.keys))
         object.__setattr__(self, "vsensor_ports", tuple(int(p) for p in self.vsensor_ports))
+        object.__setattr__(self, "claims_allow", tuple(self.claims_allow))
+        if not 0 <= self.claims_max_prefix_v4 <= 32 or not 0 <= self.claims_max_prefix_v6 <= 128:
+            raise ValueError("VSensorSettings.claims_max_prefix_v4/v6 must be 0-32 and 0-128")
         if not self.keys or not all(self.keys):
             raise ValueError("VSensorSettings needs at least one non-empty HMAC key")
         for name, value in (("retain_seconds", self.retain_seconds),

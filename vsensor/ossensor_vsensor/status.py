@@ -25,7 +25,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; frame-ancestors 
                 "X-Content-Type-Options": "nosniff"}
 
 _COLUMNS = ("sensor", "protocol", "addresses", "registered", "last seen", "packets", "bytes",
-            "chunks", "kernel drops")
+            "chunks", "kernel drops", "ignored claims")
 
 
 class StatusPages:
@@ -51,7 +51,10 @@ class StatusPages:
         for s in self.registry.sorted_by_name():
             cells = [s.name, str(s.version or ""), ", ".join(s.addresses), _when(s.registered),
                      _when(s.last_seen), str(s.packets), str(s.bytes), str(s.chunks),
-                     str(s.kernel_drops)]
+                     str(s.kernel_drops),
+                     "; ".join(f"{i['claim']}: {i['reason']}" for i in s.ignored_claims)
+                     + (f" (and {s.ignored_claims_count - len(s.ignored_claims)} more)"
+                        if s.ignored_claims_count > len(s.ignored_claims) else "")]
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         head = "".join(f"<th>{h}</th>" for h in _COLUMNS)
         page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>ossensor vSensor"
