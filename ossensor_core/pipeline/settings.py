@@ -90,6 +90,11 @@ _PARSERS: dict[type, Callable[[str], Any]] = {
 }
 
 
+def _limit(value: float) -> str:
+    """A bound as a user writes it: ``33554432``, not ``3.35544e+07``; ``0.5`` stays."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: its name, type, default and a one-line description.
@@ -148,9 +153,9 @@ class Setting:
             if self.positive and value <= 0:
                 raise ValueError(f"{shown(text)} must be greater than 0")
             if self.minimum is not None and value < self.minimum:
-                raise ValueError(f"{shown(text)} is below the minimum {self.minimum:g}")
+                raise ValueError(f"{shown(text)} is below the minimum {_limit(self.minimum)}")
             if self.maximum is not None and value > self.maximum:
-                raise ValueError(f"{shown(text)} is above the maximum {self.maximum:g}")
+                raise ValueError(f"{shown(text)} is above the maximum {_limit(self.maximum)}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{shown(text)} is not one of {', '.join(self.choices)}")
         if self.check is not None:

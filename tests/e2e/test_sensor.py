@@ -17,7 +17,7 @@ def test_sigterm_flushes_everything_captured(netns_pair, base_env, tmp_path, bac
     tx, rx = netns_pair
     with veth_pair(tx, rx):
         env = sensor_env(base_env, tmp_path, OSSENSOR_CAPTURE_BACKEND=backend,
-                         OSSENSOR_CHUNK_SECONDS="30", OSSENSOR_CHUNK_BYTES="67108864")
+                         OSSENSOR_CHUNK_SECONDS="30", OSSENSOR_CHUNK_BYTES="33554432")
         sensor = Sensor(rx, env, tmp_path)
         sensor.wait_for_log("capturing on rx0")
         tx.exec(sys.executable, "-c", SENDER, "192.0.2.2", "7000", "3000")
