@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .names import valid_sensor_name
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -69,6 +71,14 @@ def check_times(start: object, expiry: object, now: float, slack: float = 0.0) -
         raise ValueError(f"start {start:.13g} is more than 30 days ahead")
 
 
+def _port(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{name} {str(value)[:32]!r} is not a port (1-65535)")
+    return value
+
+
 @dataclass(frozen=True)
 class BlockAction:
     """Block TCP connections between ``src`` and ``dst`` (None: any), optionally from ``sport``
@@ -83,6 +93,44 @@ class BlockAction:
     start: float
     expiry: float
     sensor: str | None = None
+
+    @classmethod
+    def from_json(cls, message: object, now: float, slack: float = TIME_SLACK_SECONDS,
+                  targeted: bool = False) -> BlockAction:
+        """An action as :meth:`as_json` writes it (the vSensor's message to a sensor, the
+        vSensor's own file of actions in force); ValueError says what is wrong. The target
+        ``sensor`` is read only when ``targeted`` (a sensor enforces what it is sent)."""
+        if not isinstance(message, dict):
+            raise ValueError("an action must be a JSON object")
+        action_id = message.get("id")
+        if not isinstance(action_id, str) or not 0 < len(action_id) <= 100:
+            raise ValueError(f"bad action id {str(action_id)[:100]!r}")
+        kind = message.get("kind", "block")
+        if kind != "block":
+            raise ValueError(f"unknown kind of action {str(kind)[:32]!r} (known: block)")
+        if message.get("protocol", "tcp") != "tcp":
+            raise ValueError(f"protocol {str(message.get('protocol'))[:32]!r} cannot be "
+                             "blocked (only tcp)")
+        src, dst = parse_network("src", message.get("src")), parse_network("dst",
+                                                                          message.get("dst"))
+        if src is None and dst is None:
+            raise ValueError("neither src nor dst is given")
+        if src is not None and dst is not None and src.version != dst.version:
+            raise ValueError("src and dst are of different IP versions")
+        sport, dport = _port("sport", message.get("sport")), _port("dport", message.get("dport"))
+        start, expiry = message.get("start", now), message.get("expiry")
+        # NaN, infinity, 1e308, an expiry before the start, a start or an expiry years ahead.
+        if isinstance(expiry, (int, float)) and not isinstance(expiry, bool) \
+                and math.isfinite(expiry) and expiry <= now:
+            raise ValueError("the action has already expired")
+        check_times(start, expiry, now, slack)
+        assert isinstance(start, (int, float)) and isinstance(expiry, (int, float))
+        if expiry > now + 2 * MAX_DURATION_SECONDS:
+            raise ValueError(f"expiry {expiry:.13g} is more than 60 days ahead")
+        sensor = message.get("sensor") if targeted else None
+        if sensor is not None and (not isinstance(sensor, str) or not valid_sensor_name(sensor)):
+            raise ValueError(f"bad sensor name {str(sensor)[:64]!r}")
+        return cls(action_id, src, dst, sport, dport, float(start), float(expiry), sensor)
 
     def match_key(self) -> tuple:
         """Actions with equal keys block the same traffic (a new one extends the old)."""

@@ -80,6 +80,9 @@ class Reason:
     CUTS_VSENSOR = "cuts_vsensor"
     #: 409: a sensor already has the most Antigena actions in force that its filter holds.
     TOO_MANY_ACTIONS = "too_many_actions"
+    #: 503 with ``Retry-After``: the vSensor could not write its file of Antigena actions in
+    #: force, so the operator's change was not made (it would not survive a restart).
+    ACTIONS_NOT_SAVED = "actions_not_saved"
 
 
 #: The authentication reason codes (401 and 409), in the order ``docs/protocol.md`` lists them.

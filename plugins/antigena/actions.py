@@ -4,14 +4,12 @@ kernel filter that lets only blocked traffic reach the watching socket. Pure: no
 from __future__ import annotations
 
 import ipaddress
-import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ossensor_core.plugin import ETH_P_IP, ETH_P_IPV6, LINKTYPE_ETHERNET, network_header
-from ossensor_core.wire.antigena import (MAX_DURATION_SECONDS, TIME_SLACK_SECONDS, BlockAction,
-                                         IPNetwork, check_times, parse_network)
+from ossensor_core.wire.antigena import BlockAction
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -41,47 +39,12 @@ class Action(BlockAction):
                 f"({' and '.join(p for p in reverse if p)})")
 
 
-def _network(name: str, value: object) -> IPNetwork | None:
-    return parse_network(name, value)
-
-
-def _port(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError(f"{name} {value!r} is not a port (1-65535)")
-    return value
-
-
 def parse_action(message: object, now: float) -> Action:
-    """An action as the vSensor sends it (``docs/antigena.md``); ValueError says what is wrong."""
-    if not isinstance(message, dict):
-        raise ValueError("an action must be a JSON object")
-    action_id = message.get("id")
-    if not isinstance(action_id, str) or not 0 < len(action_id) <= 100:
-        raise ValueError(f"bad action id {action_id!r}")
-    kind = message.get("kind", "block")
-    if kind != "block":
-        raise ValueError(f"unknown kind of action {kind!r} (this sensor enforces: block)")
-    if message.get("protocol", "tcp") != "tcp":
-        raise ValueError(f"protocol {message.get('protocol')!r} cannot be blocked (only tcp)")
-    src, dst = _network("src", message.get("src")), _network("dst", message.get("dst"))
-    if src is None and dst is None:
-        raise ValueError("neither src nor dst is given")
-    if src is not None and dst is not None and src.version != dst.version:
-        raise ValueError("src and dst are of different IP versions")
-    sport, dport = _port("sport", message.get("sport")), _port("dport", message.get("dport"))
-    start, expiry = message.get("start", now), message.get("expiry")
-    # NaN, infinity, 1e308, an expiry before the start, a start or an expiry years ahead: the
-    # same bounds as the vSensor's, with an hour's slack for the two clocks.
-    if isinstance(expiry, (int, float)) and not isinstance(expiry, bool) \
-            and math.isfinite(expiry) and expiry <= now:
-        raise ValueError("the action has already expired")
-    check_times(start, expiry, now, TIME_SLACK_SECONDS)
-    assert isinstance(start, (int, float)) and isinstance(expiry, (int, float))
-    if expiry > now + 2 * MAX_DURATION_SECONDS:
-        raise ValueError(f"expiry {expiry:.13g} is more than 60 days ahead")
-    return Action(action_id, src, dst, sport, dport, float(start), float(expiry))
+    """An action as the vSensor sends it (``docs/antigena.md``); ValueError says what is wrong.
+    The same bounds as the vSensor's, with an hour's slack for the two clocks."""
+    action = Action.from_json(message, now)
+    assert isinstance(action, Action)
+    return action
 
 
 #: Read last by the watch filter: the last byte of the fixed TCP header. A classic BPF load past

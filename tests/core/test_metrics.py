@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import warnings
 
 import aiohttp
@@ -16,6 +15,7 @@ from ossensor_core.pipeline.startup import Prepared
 from ossensor_core.plugin import Chunk, SensorControl, Transport, TransportStats, hookimpl
 from ossensor_core.testing import FakeCaptureBackend, build_pipeline
 from tests.fixtures.plugins import metrics_sample
+from tests.helpers.vsensor_process import free_port
 
 
 class CountingTransport(Transport):
@@ -61,12 +61,6 @@ class Stages:
     @hookimpl
     def ossensor_transport(self, config, encoder):
         return self.transport
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(plugins: list[object]) -> dict[str, float]:

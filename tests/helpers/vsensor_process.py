@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,32 @@ VSENSOR = [sys.executable, "-m", "ossensor_vsensor.cli"]
 #: The tests' nodes and pods use the documentation ranges (RFC 5737, RFC 3849): outside the
 #: vSensor's default claims allow-list, so the test vSensors allow them (``--claims-allow``).
 DOCUMENTATION_RANGES = "192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,2001:db8::/32"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def start_local(folder: Path, port: int, log_name: str, *args: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``ossensor-vsensor`` on 127.0.0.1 (loopback of the test's namespace), storing under
+    ``folder/data``, its output in ``folder/log_name``; returns once it listens. ``env`` is
+    added to the environment, from which every ``VSENSOR_`` variable is removed."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VSENSOR_")}
+    environment.update(env or {})
+    with open(folder / log_name, "w") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [*VSENSOR, "--listen", f"127.0.0.1:{port}", "--data-dir", str(folder / "data"),
+             *args], env=environment, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while "listening on" not in (folder / log_name).read_text():
+        assert process.poll() is None, (folder / log_name).read_text()
+        assert time.monotonic() < deadline, "the vSensor did not start"
+        time.sleep(0.05)
+    return process
 
 
 class VSensor:

@@ -15,35 +15,12 @@ import trustme
 
 from ossensor_core.wire.names import PATH_ACTIONS
 from ossensor_core.wire.signing import H_VERSION, PATH_ANTIGENA, sign
+from tests.helpers.operator import TOKEN, connect, operator, receive
 from tests.helpers.vsensor import KEY, SENSOR, running, settings
-
-TOKEN = "operator-token-7f3a"
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-async def operator(client, method: str, path: str = PATH_ACTIONS, body=None,
-                   token: str | None = TOKEN, headers: dict[str, str] | None = None):
-    """An operator request; returns (status, parsed JSON)."""
-    all_headers = {"Authorization": f"Bearer {token}"} if token else {}
-    all_headers.update(headers or {})
-    data = json.dumps(body).encode() if body is not None else None
-    async with client.session.request(method, client.base + path, data=data,
-                                      headers=all_headers) as r:
-        return r.status, await r.json(content_type=None)
-
-
-async def connect(client, sensor: str = SENSOR, key: str = KEY):
-    headers = {H_VERSION: "1", **sign(key, "GET", PATH_ANTIGENA, b"", sensor)}
-    return await client.session.ws_connect(client.base + PATH_ANTIGENA, headers=headers)
-
-
-async def receive(ws, timeout: float = 1.0) -> dict:
-    message = await asyncio.wait_for(ws.receive(), timeout)
-    assert message.type == aiohttp.WSMsgType.TEXT, message
-    return json.loads(message.data)
 
 
 def test_operator_api_needs_the_admin_token_never_the_sensor_key(tmp_path, tls):

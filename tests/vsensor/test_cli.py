@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import socket
 import ssl
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
@@ -19,28 +14,12 @@ from ossensor_core.wire.chunk import ChunkCodec
 from ossensor_core.wire.signing import PATH_CHUNKS, PATH_REGISTER, sign
 from ossensor_vsensor.cli import main, parse_listen, UsageError
 from tests.helpers.vsensor import KEY, SENSOR, make_chunk, stored_files
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers.vsensor_process import free_port, start_local
 
 
 def start(tmp_path, port, log_name):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VSENSOR_")}
-    env["VSENSOR_HMAC_KEY"] = f"old-key-0001, {KEY}"
-    with open(tmp_path / log_name, "w") as log:  # the child keeps its own descriptor
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ossensor_vsensor.cli", "--listen", f"127.0.0.1:{port}",
-             "--data-dir", str(tmp_path / "data")], env=env, stdout=log,
-            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while "listening on" not in (tmp_path / log_name).read_text():
-        assert process.poll() is None, (tmp_path / log_name).read_text()
-        assert time.monotonic() < deadline, "the vSensor did not start"
-        time.sleep(0.05)
-    return process
+    return start_local(tmp_path, port, log_name,
+                       env={"VSENSOR_HMAC_KEY": f"old-key-0001, {KEY}"})
 
 
 def post(port, context, path, body, headers=None):

@@ -36,6 +36,7 @@ from ossensor_core.wire.antigena import (MAX_ACTIONS_IN_FORCE, MAX_DURATION_SECO
 from ossensor_core.wire.antigena import BlockAction as Action
 from ossensor_core.wire.names import PATH_ACTIONS, PATH_ANTIGENA, Reason
 
+from .action_store import ActionFile, ActionFileError
 from .auth import bearer_token_matches
 
 if TYPE_CHECKING:
@@ -157,7 +158,9 @@ class AntigenaHub:
 
     def __init__(self, vsensor: VSensor) -> None:
         self.vsensor = vsensor
-        self.actions: dict[str, Action] = {}
+        #: Actions in force survive a restart (``action_store``): loaded here, saved on change.
+        self.file = ActionFile(vsensor.settings.data_dir)
+        self.actions: dict[str, Action] = {a.id: a for a in self.file.load(self.now())}
         self.sensors: dict[str, SensorAntigena] = {}
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         #: Where sensors reach this vSensor (address, port): the local side of their requests.
@@ -281,7 +284,9 @@ class AntigenaHub:
             if action.expiry > same.expiry:
                 same = Action(same.id, same.src, same.dst, same.sport, same.dport, same.start,
                               action.expiry, same.sensor)
-                self.actions[same.id] = same
+                failed = self._change({**self.actions, same.id: same})
+                if failed is not None:
+                    return failed
                 await self._push({"type": "action", "action": same.as_json()}, same.sensor)
             return web.json_response({"id": same.id, "duplicate": True,
                                       "action": same.as_json()})
@@ -293,11 +298,26 @@ class AntigenaHub:
                                f"{count} actions are in force for "
                                f"{target or 'every sensor'}: at most {MAX_ACTIONS_IN_FORCE}, "
                                "so that a sensor's watch filter fits the kernel (clear some)")
-        self.actions[action.id] = action
+        failed = self._change({**self.actions, action.id: action})
+        if failed is not None:
+            return failed
         log.info("Antigena action %s: block %s for %.0f s on %s", action.id, action.describe(),
                  action.expiry - action.start, action.sensor or "every sensor")
         await self._push({"type": "action", "action": action.as_json()}, action.sensor)
         return web.json_response({"id": action.id, "action": action.as_json()}, status=201)
+
+    def _change(self, actions: dict[str, Action]) -> web.Response | None:
+        """Make ``actions`` the set in force, on disk first: None when done, else the
+        operator's ``503`` (nothing changed)."""
+        try:
+            self.file.save(sorted(actions.values(), key=lambda a: (a.start, a.id)))
+        except ActionFileError as exc:
+            log.error("Antigena: %s", exc)
+            return web.json_response({"error": f"the change was not made: {exc}",
+                                      "reason": Reason.ACTIONS_NOT_SAVED}, status=503,
+                                     headers={"Retry-After": "10"})
+        self.actions = actions
+        return None
 
     async def list_actions(self, request: web.Request) -> web.Response:
         self._check_admin(request)
@@ -308,10 +328,13 @@ class AntigenaHub:
         self._check_admin(request)
         action_id = request.match_info["id"]
         self.in_force()
-        action = self.actions.pop(action_id, None)
+        action = self.actions.get(action_id)
         if action is None:
-            return web.json_response({"error": f"no action {action_id!r} is in force"},
+            return web.json_response({"error": f"no action {action_id[:100]!r} is in force"},
                                      status=404)
+        failed = self._change({k: a for k, a in self.actions.items() if k != action_id})
+        if failed is not None:
+            return failed
         log.info("Antigena action %s cleared", action_id)
         await self._push({"type": "clear", "id": action_id}, action.sensor)
         return web.json_response({"cleared": action_id})

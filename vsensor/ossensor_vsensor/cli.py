@@ -28,6 +28,7 @@ from pathlib import Path
 from ossensor_core.runtime.memory import keep_buffers_mapped
 
 from . import __version__
+from .action_store import ActionFileError
 from .app import VSENSOR, create_app
 from .claims import parse_allow
 from .server import start_guarded
@@ -364,7 +365,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         raise_open_files_limit()  # before warn_about() warns about a limit below the cap
         warn_about(settings)
         asyncio.run(serve(settings, host, port, context))
-    except UsageError as exc:
+    except (UsageError, ActionFileError) as exc:
         print(f"ossensor-vsensor: error: {exc}", file=sys.stderr)
         return 1
     return 0

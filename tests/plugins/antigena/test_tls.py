@@ -23,6 +23,7 @@ from ossensor_core.wire.names import PATH_ANTIGENA
 from ossensor_core.wire.signing import NonceCache, verify
 from ossensor_plugins.antigena import tls_for
 from ossensor_plugins.antigena.service import Antigena
+from tests.helpers.vsensor_process import free_port
 
 HOST = "127.0.0.1"
 KEY = "antigena-tls-test-key"
@@ -83,14 +84,6 @@ def environ(tmp_path: Path) -> dict[str, str]:
     return {"VSENSOR_HOSTNAME": HOST, "VSENSOR_HMAC_KEY": KEY, "OSSENSOR_NAME": "node-1",
             "OSSENSOR_TRANSPORT": "file", "ANTIGENA_ENABLED": "true",
             "OSSENSOR_CONFIG_PATH": str(tmp_path / "ossensor.cfg")}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def test_antigena_honours_the_ca_file_with_the_file_transport(environ, tmp_path: Path) -> None:

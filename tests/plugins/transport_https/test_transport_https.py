@@ -15,7 +15,6 @@ import datetime
 import hashlib
 import logging
 import os
-import socket
 import ssl
 import sys
 import time
@@ -43,6 +42,7 @@ from ossensor_plugins import transport_https
 from ossensor_plugins.transport_https import HttpsTransport
 from ossensor_plugins.transport_https.answers import retry_after
 from ossensor_plugins.transport_https.spool import QueuedChunk
+from tests.helpers.vsensor_process import free_port
 
 KEY = "Kx9secretHMACkey42-https"
 SENSOR = "node-1"
@@ -129,12 +129,6 @@ def self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
     context.load_cert_chain(cert_path, key_path)
     digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     return context, ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
