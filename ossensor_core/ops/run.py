@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ossensor_core.ops.health import keep_status
 from ossensor_core.pipeline.sensor import Sensor
 from ossensor_core.pipeline.startup import Prepared
+from ossensor_core.runtime.memory import tidy_periodically
 
 if TYPE_CHECKING:
     from ossensor_core.ops.metrics import MetricsServer
@@ -29,7 +30,7 @@ async def run_sensor(prepared: Prepared, stop: asyncio.Event | None = None) -> N
 
             metrics = MetricsServer(sensor, prepared.config.metrics_address)
             await metrics.start()
-        await sensor.run(stop, companions=[keep_status(sensor)])
+        await sensor.run(stop, companions=[keep_status(sensor), tidy_periodically()])
     finally:
         if metrics is not None:
             await metrics.aclose()

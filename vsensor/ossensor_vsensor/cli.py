@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-from ossensor_core.runtime.memory import keep_buffers_mapped
+from ossensor_core.runtime.memory import keep_buffers_mapped, tidy_periodically
 
 from . import __version__
 from .action_store import ActionFileError
@@ -320,7 +320,9 @@ async def serve(settings: VSensorSettings, host: str, port: int, context) -> Non
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        tidying = asyncio.create_task(tidy_periodically(), name="tidy memory")
         await stop.wait()
+        tidying.cancel()
         log.info("stopping: completing open files")
     finally:
         await runner.cleanup()
