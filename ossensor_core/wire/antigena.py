@@ -75,7 +75,8 @@ def _port(name: str, value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError(f"{name} {str(value)[:32]!r} is not a port (1-65535)")
+        shown = value if isinstance(value, int) else repr(str(value)[:32])
+        raise ValueError(f"{name} {shown} is not a port (1-65535)")
     return value
 
 

@@ -127,7 +127,8 @@ class VSensor:
         self.start()
 
     def start(self) -> None:
-        """Start (again: the certificate is kept, actions and reports are not)."""
+        """Start (again: the certificate and the actions in force are kept, the reports
+        are not)."""
         env = {"PATH": os.environ["PATH"], "VSENSOR_HMAC_KEY": TEST_KEY,
                "VSENSOR_ADMIN_TOKEN": TOKEN}
         before = len(self.log.read_text()) if self.log.exists() else 0
@@ -362,15 +363,19 @@ def test_reconnects_gets_actions_in_force_and_delivers_kept_reports(lab, base_en
         wait_for_counts(vsensor, action["id"], connections=2)  # both probes reported
 
         # The vSensor goes away: the action is still enforced, the report is kept, and it
-        # reaches the restarted vSensor (which forgot its actions: the sensor drops them too).
+        # reaches the restarted vSensor, which read its actions in force back from its data
+        # directory: the sensor keeps enforcing the action until the operator clears it.
         assert vsensor.stop() == 0
         assert probe(tx, 7300, 0.5)["event"] == "error"
         sensor.wait_for_log("vSensor away, 1 reports kept", timeout=5)
         vsensor.start()
-        sensor.wait_for_log(r"0 actions in force after sync \(1 ended while away\)",
-                            timeout=10)
-        # The restarted vSensor knows only the kept report: the probe made while it was away.
+        sensor.wait_for_log(r"(1 actions in force after sync(.|\n)*){3}", timeout=10)
+        # The restarted vSensor's counts start from the kept report: the probe made while it
+        # was away.
         wait_for_counts(vsensor, action["id"], connections=1)
+        assert probe(tx, 7300, 0.5)["event"] == "error"
+        vsensor.antigena("clear", action["id"])
+        sensor.wait_for_log(f"action {action['id']} cleared", timeout=10)
         assert probe(tx, 7300, 0.5)["event"] == "done"
         code, _ = sensor.terminate(timeout=10)
         assert code == 0
