@@ -37,12 +37,12 @@ M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20  # glibc's upper bound for this setting (HEAP_MAX / 2 on 64-bit)
 TRIM_THRESHOLD = 16 << 20  # free memory kept at the top of the heap: a few chunk buffers
 ARENA_MAX = 2  # worker threads share arenas instead of each keeping its own free memory
-TIDY_SECONDS = 30.0  # a full collection and a trim this often: tens of ms each, measured in soak
+TIDY_SECONDS = 30.0  # a full collection and a trim this often
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+        return ctypes.CDLL(ctypes.util.find_library("c"))[name]
     except (OSError, AttributeError, TypeError):
         return None
 

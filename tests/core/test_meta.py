@@ -79,7 +79,8 @@ NOT_PROBING = {
         ('getattr(obj, "ossensor_settings", None)',
          "`ossensor plugins` shows a plugin's settings without registering it")],
     "ossensor_core/runtime/memory.py": [
-        ("except (OSError, AttributeError, TypeError):", "a C library without mallopt")],
+        ("except (OSError, AttributeError, TypeError):",
+         "a C library without mallopt or malloc_trim")],
     "ossensor_core/runtime/threads.py": [
         ("except (OSError, AttributeError):", "a C library without prctl")],
     "plugins/capture_afpacket/__init__.py": [
