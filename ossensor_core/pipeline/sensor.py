@@ -27,6 +27,7 @@ from ossensor_core.capture.bpf import BpfProgram, combine_filters
 from ossensor_core.capture.peer_exclusion import AddressSet, fit_exclusion
 from ossensor_core.errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
 from ossensor_core.node.interfaces import Interface, InterfaceEvent, InterfaceWatch
+from ossensor_core.node.placement import Plan, Rules, node_changes, plan, read_node_view
 from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.chunker import Chunker
 from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
@@ -51,6 +52,8 @@ _CLOSED_KEPT = 32
 class _Capture:
     source: CaptureSource
     task: asyncio.Task[None]
+    #: The single-copy rule in its filter now ("": every copy is kept).
+    placement: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class SensorStats:
     #: short digest of it with the peer exclusion: it changes exactly when the filter does.
     kernel_filter: str
     filter_version: str
+    #: Interfaces the single-copy rules cannot place (their packets may be stored twice).
+    unplaced: tuple[str, ...] = ()
 
 
 class Sensor:
@@ -95,6 +100,11 @@ class Sensor:
         self.vsensor_peers: AddressSet | None = None
         self.filter_notes: dict[str, None] = {}  # why the peer exclusion is left out, if it is
         self.closed_stats: dict[str, CaptureStats] = {}
+        # The single-copy rules (node/placement.py): which copy each interface keeps.
+        self.rules = Rules(self.config.service_ranges, self.config.pod_copy,
+                           self.config.keep_encapsulated)
+        self.plan: Plan = prepared.placement
+        self._replan = asyncio.Event()
         # Chunk sequence numbers increase across restarts (they start from the clock), so a
         # vSensor that remembers stored sequences never mistakes a new run's chunks for retries.
         self.chunker = Chunker(self.config.name, self.filters, self.config.chunk_bytes,
@@ -110,19 +120,34 @@ class Sensor:
         """``(vSensor filter) and (plugin filters and BPF)``."""
         return combine_filters(self.vsensor_filter, self.prepared.kernel_filter)
 
-    def program(self, linktype: int) -> BpfProgram:
+    def build(self, linktype: int, placement: str, vsensor: str,
+              peers: AddressSet | None) -> tuple[BpfProgram, list[tuple[str, str]]]:
         """libpcap's program for the expressions, behind the generated peer exclusion (when the
-        vSensor sent one and it fits; otherwise without it, noted in ``filter_note``)."""
-        # The vSensor's part is compiled alone and bounds-checked (``capture/bounded.py``): a
-        # frame too short for it is left to the user's program instead of being rejected.
-        program, note = fit_bounded(self.vsensor_filter, self.prepared.kernel_filter, linktype)
+        vSensor sent one and it fits; otherwise without it), and the notes on what was left
+        out. Reads no state of the sensor: it runs in a thread when the node changes."""
+        # The vSensor's part and the interface's single-copy rule are compiled alone and
+        # bounds-checked (``capture/bounded.py``): a frame too short for them is left to the
+        # user's program instead of being rejected.
+        program, note = fit_bounded(vsensor, self.prepared.kernel_filter, linktype, placement)
         program.check_kernel_limit()
-        self._note(linktype, note, "")
-        if self.vsensor_peers is None or not len(self.vsensor_peers):
-            return program
+        notes = [(note, "")] if note else []
+        if peers is None or not len(peers):
+            return program, notes
         # Never a blind sensor: what does not fit is left out, and stored twice instead.
-        program, note = fit_exclusion(self.vsensor_peers, program)
-        self._note(linktype, note, "; that traffic with other sensors is stored twice")
+        program, note = fit_exclusion(peers, program)
+        if note:
+            notes.append((note, "; that traffic with other sensors is stored twice"))
+        return program, notes
+
+    def program(self, interface: Interface, placement: str | None = None) -> BpfProgram:
+        """The kernel filter of ``interface``: the vSensor's, the interface's single-copy rule
+        (the plan's unless ``placement`` is given) and the user's."""
+        linktype = interface.linktype if interface.linktype is not None else 1
+        if placement is None:
+            placement = self.plan.expression(interface.index)
+        program, notes = self.build(linktype, placement, self.vsensor_filter, self.vsensor_peers)
+        for note, consequence in notes:
+            self._note(linktype, note, consequence)
         return program
 
     def _note(self, linktype: int, note: str, consequence: str) -> None:
@@ -139,13 +164,13 @@ class Sensor:
         self.vsensor_filter, self.vsensor_peers = expression.strip(), peers
         self.filter_notes = {}
         try:
-            programs = {c.source.linktype: self.program(c.source.linktype)
-                        for c in self.captures.values()}
+            programs = {i: self.program(c.source.interface, c.placement)
+                        for i, c in self.captures.items()}
         except FilterError:
             self.vsensor_filter, self.vsensor_peers = previous
             raise
-        for capture in self.captures.values():
-            capture.source.set_filter(programs[capture.source.linktype])
+        for index, capture in self.captures.items():
+            capture.source.set_filter(programs[index])
         log.info("kernel filter is now %r%s", self.kernel_filter(),
                  f" behind the peer exclusion ({peers.summary()}, id {peers.digest()})"
                  if peers is not None and len(peers) else "")
@@ -173,21 +198,25 @@ class Sensor:
         """The sensor's own counters and state now (for health and metrics)."""
         return SensorStats(self.chunks_sent, self.packets_sent, self.queue.qsize(),
                            tuple(c.source.interface.name for c in self.captures.values()),
-                           self.kernel_filter(), self.filter_version())
+                           self.kernel_filter(), self.filter_version(),
+                           tuple(p.name for p in self.plan.unplaced()))
 
     # -- captures ---------------------------------------------------------------------------
 
     def open_capture(self, interface: Interface) -> None:
         if interface.index in self.captures or interface.linktype is None:
             return
+        placement = self.plan.expression(interface.index)
+        if self.config.single_copy_active and interface.index not in self.plan.placements:
+            self._replan.set()  # a new interface keeps every copy until it is placed
         try:
-            source = self.backend.open(interface, self.program(interface.linktype))
+            source = self.backend.open(interface, self.program(interface, placement))
         except (CaptureError, OssensorError) as exc:
             log.error("cannot capture on %s: %s", interface.name, exc)
             return
         task = asyncio.get_running_loop().create_task(self._capture_loop(source),
                                                      name=f"capture-{interface.name}")
-        self.captures[interface.index] = _Capture(source, task)
+        self.captures[interface.index] = _Capture(source, task, placement)
         log.info("capturing on %s (index %d, link type %d, %s)", interface.name, interface.index,
                  source.linktype, "up" if interface.up else "down: captured once up")
 
@@ -344,6 +373,70 @@ class Sensor:
             log.info("interface %s is %s", interface.name, event.kind)
         self.prepared.plugins.hook.ossensor_interface_event(config=self.config, event=event)
 
+    # -- single copy: following the node ---------------------------------------------------
+
+    async def _follow_placement(self) -> None:
+        """Place the interfaces again after every burst of link, address or route events."""
+        try:
+            async for _ in node_changes(self._replan):
+                try:
+                    view = await asyncio.to_thread(read_node_view)
+                except InterfaceError as exc:
+                    log.error("single copy: %s; the filters stay as they are", exc)
+                    continue
+                await self.apply_plan(plan(view, self.rules))
+        except InterfaceError as exc:
+            log.error("single copy: %s; the filters no longer follow the node", exc)
+
+    async def apply_plan(self, new: Plan) -> None:
+        """Swap every capture whose rule changes to its new rule. The programs are compiled in a
+        thread; then each capture that changes keeps every copy, and only after all of them do,
+        each takes its new rule: between the two steps a packet may be stored twice, never
+        lost (a capture that narrows before another widens would lose it)."""
+        vsensor = self.vsensor_filter, self.vsensor_peers
+        changing = {i: (c.source.interface, c.placement, new.expression(i))
+                    for i, c in self.captures.items() if c.placement != new.expression(i)}
+
+        def compile_all() -> dict[int, tuple[BpfProgram | None, BpfProgram]]:
+            built = {}
+            for index, (interface, old, rule) in changing.items():
+                linktype = interface.linktype if interface.linktype is not None else 1
+                wide = self.build(linktype, "", *vsensor)[0] if old else None
+                built[index] = (wide, self.build(linktype, rule, *vsensor)[0])
+            return built
+
+        try:
+            programs = await asyncio.to_thread(compile_all)
+        except FilterError as exc:
+            log.error("single copy: the new filters do not compile, the old ones stay: %s", exc)
+            return
+        if (self.vsensor_filter, self.vsensor_peers) != vsensor:
+            self._replan.set()  # the vSensor's filter changed meanwhile: again, with it
+            return
+        present = [i for i in programs if i in self.captures]
+        try:
+            for index in present:
+                wide = programs[index][0]
+                if wide is not None:
+                    self.captures[index].source.set_filter(wide)
+                    self.captures[index].placement = ""
+            for index in present:
+                self.captures[index].source.set_filter(programs[index][1])
+                self.captures[index].placement = changing[index][2]
+        except (CaptureError, FilterError) as exc:
+            log.error("single copy: cannot swap a filter: %s", exc)
+            self._replan.set()
+        old_unplaced = {p.name for p in self.plan.unplaced()}
+        self.plan = new
+        for note in new.notes():
+            if note.split(":", 1)[0] not in old_unplaced:
+                log.warning("single copy: %s", note)
+        if present:
+            log.log(level(1), "single copy: new rules on %s",
+                    ", ".join(self.captures[i].source.interface.name for i in present))
+        if any(c.placement != new.expression(i) for i, c in self.captures.items()):
+            self._replan.set()  # a capture opened meanwhile with the rules before
+
     # -- the whole run ----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event,
@@ -368,6 +461,11 @@ class Sensor:
         background = [asyncio.create_task(coro, name=name) for coro, name in
                       ((self._watch(), "watch"), (self._flush_timer(), "flush"),
                        (self._stats_timer(), "stats"))]
+        if self.config.single_copy_active:
+            log.info("single copy: on; %d interfaces placed", len(self.plan.placements))
+            for note in self.plan.notes():
+                log.warning("single copy: %s", note)
+            background.append(asyncio.create_task(self._follow_placement(), name="placement"))
         background += [asyncio.create_task(coro) for coro in companions]
         if self.config.antigena_enabled and ("antigena", "antigena") not in \
                 self.prepared.plugins.loaded:
@@ -376,6 +474,9 @@ class Sensor:
         elif self.config.antigena_enabled and not enforcers:
             log.warning("ANTIGENA_ENABLED is true but no installed plugin enforces response "
                         "actions: none will be enforced")
+        if self.config.single_copy and not self.config.every_interface:
+            log.info("single copy: off, as not every interface is captured (NETWORK_DEVICE_ANY=1 "
+                     "without OSSENSOR_NETWORK_DEVICE or include/exclude lists)")
         log.info("sensor %s running: backend %s, transport %s, filter %r", self.config.name,
                  self.backend.name, self.transport.name, self.prepared.kernel_filter)
         try:

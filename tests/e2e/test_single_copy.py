@@ -1,0 +1,181 @@
+"""Single-copy capture (``ossensor_core/node/placement.py``): every packet crossing a node is
+stored once, without ``dedup``, and the kernel decides.
+
+One node namespace with every kind of interface the rules place: an uplink (a veth to a
+"remote" namespace, default route, MASQUERADE for the pods' traffic), a Calico-style pod (a
+``cali`` veth without address, a /32 route), two pods in a bridge (``cni0``, a /24), and a VXLAN
+device to the remote (the overlay route to the bridge's pods). The sensor captures every
+interface (``NETWORK_DEVICE_ANY=1``) with the file transport; each numbered datagram of each
+flow must be stored exactly once, and a frame cut short inside its IPv4 header must be stored
+(a classic BPF load past the end would have dropped it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.helpers.cluster import packet_key, udp_sender
+from tests.helpers.netns import Namespace, needs_netns, namespaces, run, unique
+from tests.helpers.sensor import Sensor, sensor_env
+
+NODE, REMOTE = "192.0.2.1", "192.0.2.254"
+CALI_POD = "198.51.100.7"
+BRIDGE, BRIDGE_PODS = "10.244.0.1", ("10.244.0.2", "10.244.0.3")
+OVERLAY_NODE, OVERLAY_REMOTE = "10.200.0.1", "10.200.0.2"
+
+
+@dataclass
+class Node:
+    node: Namespace
+    remote: Namespace
+    cali: Namespace
+    bridged: list[Namespace]
+    cali_veth: str
+
+
+def _pod_veth(node: Namespace, pod: Namespace, prefix: str) -> str:
+    veth, peer = unique(prefix), unique("pe")
+    run(["ip", "link", "add", veth, "netns", node.name, "type", "veth", "peer", "name", peer,
+         "netns", pod.name])
+    pod.ip("link", "set", peer, "name", "eth0")
+    pod.ip("link", "set", "eth0", "up")
+    return veth
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    if not have_iptables():
+        pytest.skip("iptables is not installed (scripts/setup.sh installs it)")
+    with namespaces(5) as (node, remote, cali, *bridged):
+        up, peer = unique("up"), unique("rp")
+        run(["ip", "link", "add", up, "netns", node.name, "type", "veth", "peer", "name", peer,
+             "netns", remote.name])
+        node.ip("link", "set", up, "name", "up0")
+        remote.ip("link", "set", peer, "name", "r0")
+        node.ip("addr", "add", f"{NODE}/24", "dev", "up0")
+        remote.ip("addr", "add", f"{REMOTE}/24", "dev", "r0")
+        for ns, name in ((node, "up0"), (remote, "r0")):
+            ns.ip("link", "set", name, "up")
+        node.ip("route", "add", "default", "via", REMOTE)
+        # The overlay: VXLAN on the IANA port between node and remote.
+        for ns, local, other, inner, dev in ((node, NODE, REMOTE, OVERLAY_NODE, "up0"),
+                                             (remote, REMOTE, NODE, OVERLAY_REMOTE, "r0")):
+            ns.ip("link", "add", "vx0", "type", "vxlan", "id", "42", "local", local, "remote",
+                  other, "dstport", "4789", "dev", dev)
+            ns.ip("addr", "add", f"{inner}/24", "dev", "vx0")
+            ns.ip("link", "set", "vx0", "up")
+        remote.ip("route", "add", "10.244.0.0/24", "via", OVERLAY_NODE)
+        # A Calico-style pod.
+        veth = _pod_veth(node, cali, "cali")
+        cali.ip("addr", "add", f"{CALI_POD}/32", "dev", "eth0")
+        cali.ip("route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+        cali.ip("route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        node.exec("sysctl", "-qw", f"net.ipv4.conf.{veth}.proxy_arp=1",
+                  f"net.ipv4.neigh.{veth}.proxy_delay=0", "net.ipv4.ip_forward=1")
+        node.ip("link", "set", veth, "up")
+        node.ip("route", "add", f"{CALI_POD}/32", "dev", veth)
+        # A bridge of two pods.
+        node.ip("link", "add", "cni0", "type", "bridge")
+        node.ip("addr", "add", f"{BRIDGE}/24", "dev", "cni0")
+        node.ip("link", "set", "cni0", "up")
+        for pod, address in zip(bridged, BRIDGE_PODS):
+            port = _pod_veth(node, pod, "veth")
+            node.ip("link", "set", port, "master", "cni0")
+            node.ip("link", "set", port, "up")
+            pod.ip("addr", "add", f"{address}/24", "dev", "eth0")
+            pod.ip("route", "add", "default", "via", BRIDGE)
+        # The pods' traffic leaves the node under its address, as kube-proxy and CNIs set it.
+        for source in (f"{CALI_POD}/32", "10.244.0.0/24"):
+            node.exec("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", source, "-o", "up0",
+                      "-j", "MASQUERADE")
+        yield Node(node, remote, cali, bridged, veth)
+
+
+def have_iptables() -> bool:
+    return shutil.which("iptables") is not None
+
+
+def cut_frame() -> bytes:
+    """An Ethernet frame whose IPv4 header stops after 10 bytes, with a marker in the MACs."""
+    return b"\x02\x00\x00\x00\x00\xaa" + b"\x02\x00\x00\x00\x00\xbb" + b"\x08\x00" + \
+        b"\x45\x00\x00\x54\x12\x34\x40\x00\x40\x11"
+
+
+SEND_CUT = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for _ in range(3):
+    s.send(bytes.fromhex(sys.argv[1]))
+"""
+
+
+@needs_netns
+def test_every_datagram_stored_once_on_a_node_with_every_kind_of_interface(node, base_env,
+                                                                          tmp_path):
+    n = node
+    env = sensor_env(base_env, tmp_path, NETWORK_DEVICE_ANY="1", OSSENSOR_CHUNK_SECONDS="0.3",
+                     OSSENSOR_SERVICE_RANGES="10.96.0.0/12")
+    sensor = Sensor(n.node, env, tmp_path)
+    try:
+        for name in ("up0", "vx0", "cni0", n.cali_veth):
+            sensor.wait_for_log(f"capturing on {name} ")
+        sensor.wait_for_log("single copy: on")
+        time.sleep(0.5)  # the first placement after the subscription
+        a, b = n.bridged
+        flows = [  # (from, to, port)
+            (n.cali, BRIDGE_PODS[0], 7401),  # routed veth to a bridge port
+            (a, BRIDGE_PODS[1], 7402),  # within the bridge
+            (a, CALI_POD, 7403),  # bridge port to a routed veth
+            (n.cali, NODE, 7404),  # pod to its node
+            (n.node, CALI_POD, 7405),  # node to pod
+            (n.node, BRIDGE_PODS[1], 7406),
+            (n.cali, REMOTE, 7407),  # masqueraded on the uplink
+            (b, REMOTE, 7408),
+            (n.remote, BRIDGE_PODS[0], 7409),  # over the overlay to a bridged pod
+            (a, OVERLAY_REMOTE, 7410),  # bridged pod over the overlay
+            (n.node, REMOTE, 7411),  # node to the outside
+            (n.remote, NODE, 7412),
+        ]
+        senders = [udp_sender(ns, dst, port, 100) for ns, dst, port in flows]
+        for sender in senders:
+            assert sender.wait(timeout=30) == 0, sender.stderr.read()
+        n.cali.exec(sys.executable, "-c", SEND_CUT, cut_frame().hex())
+        time.sleep(1.0)
+    finally:
+        code, _ = sensor.terminate(timeout=20)
+    assert code == 0, sensor.log.read_text()
+    packets = sensor.packets()
+    stored = Counter(k for k in map(packet_key, packets) if k is not None)
+    report = []
+    for _, _, port in flows:
+        seen = Counter(stored[("udp", port, i)] for i in range(100))
+        report.append(f"port {port}: {seen[0]} missing, {100 - seen[0] - seen[1]} stored more "
+                      "than once")
+    print("\n".join(report))
+    assert all(line.endswith(": 0 missing, 0 stored more than once") for line in report), \
+        "\n".join(report) + "\n" + sensor.log.read_text()
+    assert any(p.startswith(cut_frame()) for p in packets), "the cut frame was dropped"
+    assert "dedup" not in sensor.log.read_text()
+
+
+@needs_netns
+def test_the_plan_of_that_node(node):
+    """What the rules make of it, read over netlink in the node (the roles the test relies on)."""
+    script = ("import json; from ossensor_core.node.placement import Rules, plan, read_node_view;"
+              "print(json.dumps({p.name: p.role for p in plan(read_node_view(), Rules())"
+              ".placements.values()}))")
+    roles = json.loads(node.node.exec(sys.executable, "-c", script,
+                                      env={"PYTHONPATH": ":".join(sys.path)}).stdout)
+    assert roles["up0"] == "uplink" and roles["vx0"] == "overlay" and roles["cni0"] == \
+        "pod-bridge" and roles[node.cali_veth] == "pod-veth"
+    assert sorted(r for name, r in roles.items() if name.startswith("veth")) == \
+        ["bridge-port", "bridge-port"]
