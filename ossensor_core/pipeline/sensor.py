@@ -217,8 +217,10 @@ class Sensor:
         task = asyncio.get_running_loop().create_task(self._capture_loop(source),
                                                      name=f"capture-{interface.name}")
         self.captures[interface.index] = _Capture(source, task, placement)
-        log.info("capturing on %s (index %d, link type %d, %s)", interface.name, interface.index,
-                 source.linktype, "up" if interface.up else "down: captured once up")
+        placed = self.plan.placements.get(interface.index)
+        log.info("capturing on %s (index %d, link type %d, %s%s)", interface.name, interface.index,
+                 source.linktype, "up" if interface.up else "down: captured once up",
+                 f", single copy: {placed.role}" if placed is not None and placement else "")
 
     async def close_capture(self, index: int, drain: bool) -> None:
         await self.close_captures([index], drain)
@@ -432,8 +434,10 @@ class Sensor:
             if note.split(":", 1)[0] not in old_unplaced:
                 log.warning("single copy: %s", note)
         if present:
-            log.log(level(1), "single copy: new rules on %s",
-                    ", ".join(self.captures[i].source.interface.name for i in present))
+            log.log(level(1), "single copy: new rules on %s", ", ".join(
+                f"{self.captures[i].source.interface.name} ({new.placements[i].role})"
+                if i in new.placements else self.captures[i].source.interface.name
+                for i in present))
         if any(c.placement != new.expression(i) for i, c in self.captures.items()):
             self._replan.set()  # a capture opened meanwhile with the rules before
 
