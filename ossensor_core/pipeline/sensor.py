@@ -27,13 +27,14 @@ from ossensor_core.capture.bpf import BpfProgram, combine_filters
 from ossensor_core.capture.peer_exclusion import AddressSet, fit_exclusion
 from ossensor_core.errors import CaptureError, FilterError, InterfaceError, OssensorError, PluginError, TransportError
 from ossensor_core.node.interfaces import Interface, InterfaceEvent, InterfaceWatch
-from ossensor_core.node.placement import Plan, Rules, node_changes, plan, read_node_view
 from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.chunker import Chunker
 from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
                                               InterfaceCounters, PacketFilter, Transport)
+from ossensor_core.pipeline.single_copy import SingleCopy
 from ossensor_core.pipeline.startup import Prepared
 from ossensor_core.runtime.threads import named_executor
+from ossensor_core.wire.names import LINKTYPE_ETHERNET
 
 log = logging.getLogger("ossensor.sensor")
 
@@ -54,6 +55,7 @@ class _Capture:
     task: asyncio.Task[None]
     #: The single-copy rule in its filter now ("": every copy is kept).
     placement: str = ""
+
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,7 @@ class Sensor:
         self.filter_notes: dict[str, None] = {}  # why the peer exclusion is left out, if it is
         self.closed_stats: dict[str, CaptureStats] = {}
         # The single-copy rules (node/placement.py): which copy each interface keeps.
-        self.rules = Rules(self.config.service_ranges, self.config.pod_copy,
-                           self.config.keep_encapsulated)
-        self.plan: Plan = prepared.placement
-        self._replan = asyncio.Event()
+        self.single_copy = SingleCopy(self.config, prepared.placement)
         # Chunk sequence numbers increase across restarts (they start from the clock), so a
         # vSensor that remembers stored sequences never mistakes a new run's chunks for retries.
         self.chunker = Chunker(self.config.name, self.filters, self.config.chunk_bytes,
@@ -142,9 +141,9 @@ class Sensor:
     def program(self, interface: Interface, placement: str | None = None) -> BpfProgram:
         """The kernel filter of ``interface``: the vSensor's, the interface's single-copy rule
         (the plan's unless ``placement`` is given) and the user's."""
-        linktype = interface.linktype if interface.linktype is not None else 1
+        linktype = interface.linktype or LINKTYPE_ETHERNET
         if placement is None:
-            placement = self.plan.expression(interface.index)
+            placement = self.single_copy.plan.expression(interface.index)
         program, notes = self.build(linktype, placement, self.vsensor_filter, self.vsensor_peers)
         for note, consequence in notes:
             self._note(linktype, note, consequence)
@@ -199,16 +198,14 @@ class Sensor:
         return SensorStats(self.chunks_sent, self.packets_sent, self.queue.qsize(),
                            tuple(c.source.interface.name for c in self.captures.values()),
                            self.kernel_filter(), self.filter_version(),
-                           tuple(p.name for p in self.plan.unplaced()))
+                           tuple(p.name for p in self.single_copy.plan.unplaced()))
 
     # -- captures ---------------------------------------------------------------------------
 
     def open_capture(self, interface: Interface) -> None:
         if interface.index in self.captures or interface.linktype is None:
             return
-        placement = self.plan.expression(interface.index)
-        if self.config.single_copy_active and interface.index not in self.plan.placements:
-            self._replan.set()  # a new interface keeps every copy until it is placed
+        placement = self.single_copy.opening(interface)
         try:
             source = self.backend.open(interface, self.program(interface, placement))
         except (CaptureError, OssensorError) as exc:
@@ -217,7 +214,7 @@ class Sensor:
         task = asyncio.get_running_loop().create_task(self._capture_loop(source),
                                                      name=f"capture-{interface.name}")
         self.captures[interface.index] = _Capture(source, task, placement)
-        placed = self.plan.placements.get(interface.index)
+        placed = self.single_copy.plan.placements.get(interface.index)
         log.info("capturing on %s (index %d, link type %d, %s%s)", interface.name, interface.index,
                  source.linktype, "up" if interface.up else "down: captured once up",
                  f", single copy: {placed.role}" if placed is not None and placement else "")
@@ -375,72 +372,6 @@ class Sensor:
             log.info("interface %s is %s", interface.name, event.kind)
         self.prepared.plugins.hook.ossensor_interface_event(config=self.config, event=event)
 
-    # -- single copy: following the node ---------------------------------------------------
-
-    async def _follow_placement(self) -> None:
-        """Place the interfaces again after every burst of link, address or route events."""
-        try:
-            async for _ in node_changes(self._replan):
-                try:
-                    view = await asyncio.to_thread(read_node_view)
-                except InterfaceError as exc:
-                    log.error("single copy: %s; the filters stay as they are", exc)
-                    continue
-                await self.apply_plan(plan(view, self.rules))
-        except InterfaceError as exc:
-            log.error("single copy: %s; the filters no longer follow the node", exc)
-
-    async def apply_plan(self, new: Plan) -> None:
-        """Swap every capture whose rule changes to its new rule. The programs are compiled in a
-        thread; then each capture that changes keeps every copy, and only after all of them do,
-        each takes its new rule: between the two steps a packet may be stored twice, never
-        lost (a capture that narrows before another widens would lose it)."""
-        vsensor = self.vsensor_filter, self.vsensor_peers
-        changing = {i: (c.source.interface, c.placement, new.expression(i))
-                    for i, c in self.captures.items() if c.placement != new.expression(i)}
-
-        def compile_all() -> dict[int, tuple[BpfProgram | None, BpfProgram]]:
-            built = {}
-            for index, (interface, old, rule) in changing.items():
-                linktype = interface.linktype if interface.linktype is not None else 1
-                wide = self.build(linktype, "", *vsensor)[0] if old else None
-                built[index] = (wide, self.build(linktype, rule, *vsensor)[0])
-            return built
-
-        try:
-            programs = await asyncio.to_thread(compile_all)
-        except FilterError as exc:
-            log.error("single copy: the new filters do not compile, the old ones stay: %s", exc)
-            return
-        if (self.vsensor_filter, self.vsensor_peers) != vsensor:
-            self._replan.set()  # the vSensor's filter changed meanwhile: again, with it
-            return
-        present = [i for i in programs if i in self.captures]
-        try:
-            for index in present:
-                wide = programs[index][0]
-                if wide is not None:
-                    self.captures[index].source.set_filter(wide)
-                    self.captures[index].placement = ""
-            for index in present:
-                self.captures[index].source.set_filter(programs[index][1])
-                self.captures[index].placement = changing[index][2]
-        except (CaptureError, FilterError) as exc:
-            log.error("single copy: cannot swap a filter: %s", exc)
-            self._replan.set()
-        old_unplaced = {p.name for p in self.plan.unplaced()}
-        self.plan = new
-        for note in new.notes():
-            if note.split(":", 1)[0] not in old_unplaced:
-                log.warning("single copy: %s", note)
-        if present:
-            log.log(level(1), "single copy: new rules on %s", ", ".join(
-                f"{self.captures[i].source.interface.name} ({new.placements[i].role})"
-                if i in new.placements else self.captures[i].source.interface.name
-                for i in present))
-        if any(c.placement != new.expression(i) for i, c in self.captures.items()):
-            self._replan.set()  # a capture opened meanwhile with the rules before
-
     # -- the whole run ----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event,
@@ -466,10 +397,11 @@ class Sensor:
                       ((self._watch(), "watch"), (self._flush_timer(), "flush"),
                        (self._stats_timer(), "stats"))]
         if self.config.single_copy_active:
-            log.info("single copy: on; %d interfaces placed", len(self.plan.placements))
-            for note in self.plan.notes():
+            log.info("single copy: on; %d interfaces placed", len(self.single_copy.plan.placements))
+            for note in self.single_copy.plan.notes():
                 log.warning("single copy: %s", note)
-            background.append(asyncio.create_task(self._follow_placement(), name="placement"))
+            background.append(asyncio.create_task(self.single_copy.follow(self),
+                                                  name="placement"))
         background += [asyncio.create_task(coro) for coro in companions]
         if self.config.antigena_enabled and ("antigena", "antigena") not in \
                 self.prepared.plugins.loaded:
