@@ -21,7 +21,6 @@ import os
 import re
 import time
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -52,19 +51,10 @@ from tests.helpers.daemonset import (
 )
 from tests.helpers.manifests import code_variables, helm_template, pods
 from tests.helpers.netns import Namespace, needs_netns
+from tests.helpers.sensor import placed
 
 #: CAP_NET_ADMIN (12) and CAP_NET_RAW (13): ``CapEff`` of the running sensor.
 NET_ADMIN_AND_RAW = (1 << 12) | (1 << 13)
-
-
-def placed(sensor: DaemonSetSensor, veth: str, since: float) -> float:
-    """Seconds from ``since`` until ``veth`` had its pod rule (when its capture opened, or when
-    the rules were computed again), from the sensor's log."""
-    pattern = (rf"(?m)^(\S+ \S+) \S+ ossensor\.sensor: (capturing on {veth} \([^)\n]*single "
-               rf"copy: pod-veth|single copy: new rules on [^\n]*{veth} \(pod-veth\))")
-    sensor.wait_for_log(pattern, timeout=5)
-    stamp = re.search(pattern, sensor.log.read_text())[1]
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp() - since
 
 
 def claims(node: Node) -> list[str]:

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.helpers.cli import ossensor
 from tests.helpers.cluster import packet_key, udp_sender
-from tests.helpers.netns import Namespace, needs_netns, namespaces, run, unique
-from tests.helpers.sensor import Sensor, sensor_env
+from tests.helpers.netns import Namespace, needs_netns, namespaces, run, unique, veth_pair
+from tests.helpers.sensor import Sensor, placed, sensor_env
 
 NODE, REMOTE = "192.0.2.1", "192.0.2.254"
 CALI_POD = "198.51.100.7"
@@ -179,3 +180,108 @@ def test_the_plan_of_that_node(node):
         "pod-bridge" and roles[node.cali_veth] == "pod-veth"
     assert sorted(r for name, r in roles.items() if name.startswith("veth")) == \
         ["bridge-port", "bridge-port"]
+
+
+PODS = 100
+
+
+def calico_pods(node: Namespace, pods: Namespace, first: int, count: int) -> list[str]:
+    """``count`` Calico-style veths on ``node`` (their pods' ends in ``pods``), each with a /32
+    route two addresses from the last: no two merge, so every pod adds to the rules."""
+    names = [f"cali{n:05d}" for n in range(first, first + count)]
+    commands = []
+    for n, name in zip(range(first, first + count), names):
+        commands += [f"link add {name} type veth peer name p{n:05d} netns {pods.name}",
+                     f"link set {name} up",
+                     f"route add 100.{64 + n // 100}.{n % 100}.{2 * (n % 100)}/32 dev {name}"]
+    run(["ip", "-n", node.name, "-batch", "-"], input="\n".join(commands) + "\n")
+    return names
+
+
+PROGRAM_LENGTHS = r"""
+import json
+from ossensor_core.capture.bounded import fit_bounded
+from ossensor_core.node.placement import Rules, plan, read_node_view
+placed = plan(read_node_view(), Rules(("10.96.0.0/12",)))
+print(json.dumps({p.name: len(fit_bounded("", "", 1, p.expression)[0])
+                  for p in placed.placements.values()}))
+"""
+
+
+@needs_netns
+def test_a_hundred_pods_rules_in_place_fast_and_well_under_the_limit(base_env, tmp_path):
+    with namespaces(2) as (node, pods):
+        up, peer = unique("up"), unique("rp")
+        run(["ip", "link", "add", up, "netns", node.name, "type", "veth", "peer", "name", peer,
+             "netns", pods.name])
+        node.ip("link", "set", up, "name", "up0")
+        node.ip("addr", "add", f"{NODE}/24", "dev", "up0")
+        node.ip("link", "set", "up0", "up")
+        node.ip("route", "add", "default", "via", REMOTE)
+        calico_pods(node, pods, 0, PODS)
+        env = sensor_env(base_env, tmp_path, NETWORK_DEVICE_ANY="1",
+                         OSSENSOR_SERVICE_RANGES="10.96.0.0/12",
+                         OSSENSOR_AFPACKET_BLOCK_SIZE="131072", OSSENSOR_AFPACKET_BLOCK_COUNT="2")
+        sensor = Sensor(node, env, tmp_path)
+        try:
+            sensor.wait_for_log(f"capturing on cali{PODS - 1:05d} ", timeout=60)
+            sensor.wait_for_log("single copy: on")
+            latencies, everyone = [], []
+            for n in range(PODS, PODS + 3):  # each new /32 changes every pod veth's rule
+                since = time.time()
+                (veth,) = calico_pods(node, pods, n, 1)
+                latencies.append(placed(sensor, veth, since))
+                sensor.wait_for_log(rf"new rules on [^\n]*cali00000 \(pod-veth\)[^\n]*{veth}|"
+                                    rf"new rules on [^\n]*{veth}[^\n]*cali00000 \(pod-veth\)",
+                                    timeout=10)
+                everyone.append(time.time() - since)  # polled: an upper bound
+            lengths = json.loads(node.exec(sys.executable, "-c", PROGRAM_LENGTHS,
+                                           env={"PYTHONPATH": ":".join(sys.path)}).stdout)
+        finally:
+            code, _ = sensor.terminate(timeout=30)
+        assert code == 0, sensor.log.read_text()
+    veth_lengths = sorted({v for k, v in lengths.items() if k.startswith("cali")})
+    print(f"\n{PODS}-{PODS + 2} pods: a new pod's rule in place "
+          f"{min(latencies) * 1000:.0f}-{max(latencies) * 1000:.0f} ms after its veth was "
+          f"created, every other pod veth's new rule within {max(everyone) * 1000:.0f} ms; a "
+          f"pod veth's program {veth_lengths} instructions, the uplink's "
+          f"{lengths['up0']}")
+    assert max(latencies) < 1.0 and max(everyone) < 1.0, (latencies, everyone)
+    assert max(veth_lengths) < 4096 // 4
+
+
+@needs_netns
+def test_what_the_rules_cannot_place_is_named_in_check_the_log_and_the_status(base_env,
+                                                                              tmp_path):
+    """A macvlan device on the uplink (a bond or a VLAN device cannot be created here: the same
+    rule names them): its packets are also seen on the uplink."""
+    with namespaces(2) as (node, other):
+        with veth_pair(node, other, "up0", "r0", f"{NODE}/24", f"{REMOTE}/24"):
+            node.ip("link", "add", "mv0", "link", "up0", "type", "macvlan")
+            env = sensor_env(base_env, tmp_path, NETWORK_DEVICE_ANY="1")
+            result = ossensor(["check"], env, node)
+            assert result.code == 0, result.output
+            checked = result.json()["single_copy"]
+            assert checked["active"] and [i["role"] for i in checked["interfaces"]
+                                          if i["interface"] == "mv0"] == ["unplaced"]
+            (note,) = checked["unplaced"]
+            assert note.startswith("mv0: a macvlan device") and "OSSENSOR_PLUGINS=dedup" in note
+            sensor = Sensor(node, env, tmp_path)
+            try:
+                sensor.wait_for_log(r"WARNING ossensor.sensor: single copy: mv0: a macvlan "
+                                    r"device[^\n]*load the dedup plugin")
+                status = tmp_path / "etc" / "health.json"
+                deadline = time.monotonic() + 10
+                while not (status.exists() and json.loads(status.read_text())["unplaced"]):
+                    assert time.monotonic() < deadline, "no status naming mv0"
+                    time.sleep(0.2)
+                assert json.loads(status.read_text())["unplaced"] == ["mv0"]
+            finally:
+                code, _ = sensor.terminate(timeout=20)
+            assert code == 0
+    # Without every interface captured the rules are off, and check says why.
+    env = sensor_env(base_env, tmp_path, NETWORK_DEVICE_ANY="1",
+                     NETWORK_DEVICE_INCLUDELIST="^up0$")
+    with namespaces(1) as (alone,):
+        checked = ossensor(["check"], env, alone).json()["single_copy"]
+    assert not checked["active"] and "need every interface captured" in checked["why"]

@@ -278,8 +278,8 @@ VXLAN_PORTS = (4789, 8472)
 
 def packet_key(frame: bytes) -> tuple | None:
     """What identifies one IPv4 packet of the test traffic in a stored Ethernet frame (inside
-    VXLAN too): UDP ``("udp", port, seq)`` for numbered datagrams, ICMP ``("icmp", src, dst, type, id, seq)``,
-    TCP ``("tcp", src, dst, sport, dport, seq, ack, flags, payload length, window, IP id)``
+    VXLAN too): UDP ``("udp", port, seq)`` for numbered datagrams, ICMP ``("icmp", src, dst,
+    type, id, seq)``, TCP ``("tcp", src, dst, sport, dport, seq, ack, flags, payload length, window, IP id)``
     (window updates and duplicate ACKs differ only in the last two); None otherwise."""
     if len(frame) >= 62 and frame[12:14] == b"\x86\xdd" and frame[20] == 17 \
             and frame[62:66] == b"OSSQ":  # numbered UDP over IPv6 (no extension headers)
