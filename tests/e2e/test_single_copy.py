@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -119,33 +120,18 @@ for _ in range(3):
 """
 
 
-@needs_netns
-def test_every_datagram_stored_once_on_a_node_with_every_kind_of_interface(node, base_env,
-                                                                          tmp_path):
-    n = node
+def capture(n: Node, base_env: dict[str, str], tmp_path: Path,
+            flows: list[tuple[Namespace, str, int]], **settings: str) -> tuple[Counter, list]:
+    """The sensor on every interface of the node while ``flows`` send 100 numbered datagrams
+    each, and a pod sends a cut frame: how often each datagram was stored, and every packet."""
     env = sensor_env(base_env, tmp_path, NETWORK_DEVICE_ANY="1", OSSENSOR_CHUNK_SECONDS="0.3",
-                     OSSENSOR_SERVICE_RANGES="10.96.0.0/12")
+                     OSSENSOR_SERVICE_RANGES="10.96.0.0/12", **settings)
     sensor = Sensor(n.node, env, tmp_path)
     try:
         for name in ("up0", "vx0", "cni0", n.cali_veth):
             sensor.wait_for_log(f"capturing on {name} ")
         sensor.wait_for_log("single copy: on")
         time.sleep(0.5)  # the first placement after the subscription
-        a, b = n.bridged
-        flows = [  # (from, to, port)
-            (n.cali, BRIDGE_PODS[0], 7401),  # routed veth to a bridge port
-            (a, BRIDGE_PODS[1], 7402),  # within the bridge
-            (a, CALI_POD, 7403),  # bridge port to a routed veth
-            (n.cali, NODE, 7404),  # pod to its node
-            (n.node, CALI_POD, 7405),  # node to pod
-            (n.node, BRIDGE_PODS[1], 7406),
-            (n.cali, REMOTE, 7407),  # masqueraded on the uplink
-            (b, REMOTE, 7408),
-            (n.remote, BRIDGE_PODS[0], 7409),  # over the overlay to a bridged pod
-            (a, OVERLAY_REMOTE, 7410),  # bridged pod over the overlay
-            (n.node, REMOTE, 7411),  # node to the outside
-            (n.remote, NODE, 7412),
-        ]
         senders = [udp_sender(ns, dst, port, 100) for ns, dst, port in flows]
         for sender in senders:
             assert sender.wait(timeout=30) == 0, sender.stderr.read()
@@ -154,18 +140,58 @@ def test_every_datagram_stored_once_on_a_node_with_every_kind_of_interface(node,
     finally:
         code, _ = sensor.terminate(timeout=20)
     assert code == 0, sensor.log.read_text()
-    packets = sensor.packets()
-    stored = Counter(k for k in map(packet_key, packets) if k is not None)
-    report = []
-    for _, _, port in flows:
-        seen = Counter(stored[("udp", port, i)] for i in range(100))
-        report.append(f"port {port}: {seen[0]} missing, {100 - seen[0] - seen[1]} stored more "
-                      "than once")
-    print("\n".join(report))
-    assert all(line.endswith(": 0 missing, 0 stored more than once") for line in report), \
-        "\n".join(report) + "\n" + sensor.log.read_text()
-    assert any(p.startswith(cut_frame()) for p in packets), "the cut frame was dropped"
     assert "dedup" not in sensor.log.read_text()
+    packets = sensor.packets()
+    return Counter(k for k in map(packet_key, packets) if k is not None), packets
+
+
+def copies(stored: Counter, port: int) -> Counter:
+    """How many datagrams of the flow to ``port`` were stored 0, 1, 2... times."""
+    return Counter(stored[("udp", port, i)] for i in range(100))
+
+
+@needs_netns
+def test_every_datagram_stored_once_on_a_node_with_every_kind_of_interface(node, base_env,
+                                                                          tmp_path):
+    n = node
+    a, b = n.bridged
+    flows = [  # (from, to, port)
+        (n.cali, BRIDGE_PODS[0], 7401),  # routed veth to a bridge port
+        (a, BRIDGE_PODS[1], 7402),  # within the bridge
+        (a, CALI_POD, 7403),  # bridge port to a routed veth
+        (n.cali, NODE, 7404),  # pod to its node
+        (n.node, CALI_POD, 7405),  # node to pod
+        (n.node, BRIDGE_PODS[1], 7406),
+        (n.cali, REMOTE, 7407),  # masqueraded on the uplink
+        (b, REMOTE, 7408),
+        (n.remote, BRIDGE_PODS[0], 7409),  # over the overlay to a bridged pod
+        (a, OVERLAY_REMOTE, 7410),  # bridged pod over the overlay
+        (n.node, REMOTE, 7411),  # node to the outside
+        (n.remote, NODE, 7412),
+    ]
+    stored, packets = capture(n, base_env, tmp_path, flows)
+    report = [f"port {port}: {dict(copies(stored, port))}" for _, _, port in flows]
+    print("\n".join(report))
+    assert all(line.endswith(": {1: 100}") for line in report), "\n".join(report)
+    assert any(p.startswith(cut_frame()) for p in packets), "the cut frame was dropped"
+
+
+@needs_netns
+def test_pod_copy_adds_the_pods_view_of_its_traffic_with_other_hosts(node, base_env, tmp_path):
+    """``OSSENSOR_POD_COPY``: a pod's traffic with other hosts also as the pod sees it (before
+    masquerading, after the overlay), never instead of the uplink's copy; between pods of the
+    node still once."""
+    n = node
+    a, _ = n.bridged
+    flows = [(n.cali, REMOTE, 7501), (n.remote, BRIDGE_PODS[0], 7502),
+             (n.cali, BRIDGE_PODS[0], 7503), (a, CALI_POD, 7504)]
+    stored, packets = capture(n, base_env, tmp_path, flows, OSSENSOR_POD_COPY="true")
+    assert [copies(stored, port) for _, _, port in flows] == \
+        [{2: 100}, {2: 100}, {1: 100}, {1: 100}]
+    # The masqueraded flow twice: from the pod's address on its veth, from the node's after.
+    sources = Counter(bytes(p[26:30]) for p in packets if packet_key(p) == ("udp", 7501, 0))
+    assert sources == {bytes(map(int, CALI_POD.split("."))): 1,
+                       bytes(map(int, NODE.split("."))): 1}
 
 
 @needs_netns
