@@ -37,15 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ossensor_core.errors import InterfaceError
-from ossensor_core.node.workloads import RT_TABLE_MAIN, Route, workload_ranges
-
-log = logging.getLogger(__name__)
+from ossensor_core.node.workloads import main_table_routes, workload_ranges
 
 Role = Literal["uplink", "pod-veth", "bridge-port", "pod-bridge", "overlay", "unplaced"]
 
@@ -260,8 +257,6 @@ def read_node_view() -> NodeView:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from ossensor_core.node.workloads import RTN_UNICAST
-
     try:
         with IPRoute() as ipr:
             addresses: dict[int, list[str]] = {}
@@ -281,16 +276,7 @@ def read_node_view() -> NodeView:
                     message["index"], message.get("IFLA_IFNAME") or "", kind,
                     message.get("IFLA_MASTER") or None, tuple(addresses.get(message["index"], ())),
                     kind == "veth" and message.get("IFLA_LINK_NETNSID") is not None))
-            routes: list[Route] = []
-            for family, zero in ((2, "0.0.0.0"), (10, "::")):
-                for message in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-                    destination = message.get("RTA_DST") or zero
-                    routes.append(Route(
-                        f"{destination}/{message['dst_len']}", message.get("RTA_OIF"),
-                        bool(message.get("RTA_GATEWAY") or message.get("RTA_MULTIPATH")
-                             or message.get("RTA_VIA")),
-                        message["type"] == RTN_UNICAST,
-                        message.get("RTA_TABLE") or message["table"]))
+            routes = main_table_routes(ipr)
     except (OSError, NetlinkError) as exc:
         raise InterfaceError(f"cannot read the node's links and routes over netlink: {exc}") \
             from exc
