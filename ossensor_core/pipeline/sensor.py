@@ -34,7 +34,6 @@ from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, Cap
 from ossensor_core.pipeline.single_copy import SingleCopy
 from ossensor_core.pipeline.startup import Prepared
 from ossensor_core.runtime.threads import named_executor
-from ossensor_core.wire.names import LINKTYPE_ETHERNET
 
 log = logging.getLogger("ossensor.sensor")
 
@@ -138,12 +137,9 @@ class Sensor:
             notes.append((note, "; that traffic with other sensors is stored twice"))
         return program, notes
 
-    def program(self, interface: Interface, placement: str | None = None) -> BpfProgram:
-        """The kernel filter of ``interface``: the vSensor's, the interface's single-copy rule
-        (the plan's unless ``placement`` is given) and the user's."""
-        linktype = interface.linktype or LINKTYPE_ETHERNET
-        if placement is None:
-            placement = self.single_copy.plan.expression(interface.index)
+    def program(self, linktype: int, placement: str = "") -> BpfProgram:
+        """The kernel filter for a capture of ``linktype``: the vSensor's, ``placement`` (the
+        interface's single-copy rule, ``""`` for none) and the user's."""
         program, notes = self.build(linktype, placement, self.vsensor_filter, self.vsensor_peers)
         for note, consequence in notes:
             self._note(linktype, note, consequence)
@@ -163,7 +159,7 @@ class Sensor:
         self.vsensor_filter, self.vsensor_peers = expression.strip(), peers
         self.filter_notes = {}
         try:
-            programs = {i: self.program(c.source.interface, c.placement)
+            programs = {i: self.program(c.source.linktype, c.placement)
                         for i, c in self.captures.items()}
         except FilterError:
             self.vsensor_filter, self.vsensor_peers = previous
@@ -207,7 +203,7 @@ class Sensor:
             return
         placement = self.single_copy.opening(interface)
         try:
-            source = self.backend.open(interface, self.program(interface, placement))
+            source = self.backend.open(interface, self.program(interface.linktype, placement))
         except (CaptureError, OssensorError) as exc:
             log.error("cannot capture on %s: %s", interface.name, exc)
             return
