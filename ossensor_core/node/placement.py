@@ -7,8 +7,9 @@ links, routes and addresses, that keeps exactly the copies no other capture poin
 direction is the kernel's own mark: ``inbound``/``outbound`` in libpcap's syntax compile to
 loads of ``SKF_AD_PKTTYPE``, which only the kernel evaluates (libpcap's interpreter cannot).
 
-The roles and what each keeps (``LOCAL`` is the node's own addresses, its workload ranges, the
-Service ranges and ``fe80::/10``):
+The roles and what each keeps (``LOCAL`` is the node's own addresses, its workload ranges, its
+blackhole routes (Calico's address blocks for the node's pods), the Service ranges and
+``fe80::/10``):
 
 ``pod-veth``   the host end of a pod's veth, not in a bridge (Calico, Cilium, point to point):
                inbound (from the pod) when it is not IP, is group-addressed or goes to ``LOCAL``;
@@ -89,6 +90,9 @@ class NodeView:
     links: tuple[Link, ...]
     default_oifs: frozenset[int] = frozenset()
     workloads: tuple[str, ...] = ()
+    #: Blackhole routes of the main table: the address blocks Calico hands this node's pods,
+    #: so a pod is local from its first packet, before its own /32 route is read.
+    blocks: tuple[str, ...] = ()
 
     def own_addresses(self) -> list[str]:
         return [a.split("%")[0] for link in self.links for a in link.addresses]
@@ -195,7 +199,7 @@ def plan(view: NodeView, rules: Rules) -> Plan:
             and all(p.kind == "veth" and p.peer_elsewhere for p in ports.get(index, []))
 
     own = view.own_addresses()
-    local = _hosts([*own, *view.workloads, *rules.services, LINK_LOCAL6])
+    local = _hosts([*own, *view.workloads, *view.blocks, *rules.services, LINK_LOCAL6])
     own_routable = [a for a in own if not ipaddress.ip_address(a).is_link_local]
     uplink = _uplink_rule(view, rules, by_index)
     placements: dict[int, Placement] = {}
@@ -282,7 +286,9 @@ def read_node_view() -> NodeView:
             from exc
     defaults = frozenset(r.oif for r in routes if r.oif is not None
                          and ipaddress.ip_network(r.destination).prefixlen == 0)
-    return NodeView(tuple(links), defaults, tuple(workload_ranges(routes, kinds)))
+    blocks = tuple(r.destination for r in routes
+                   if r.blackhole and ipaddress.ip_network(r.destination).prefixlen > 0)
+    return NodeView(tuple(links), defaults, tuple(workload_ranges(routes, kinds)), blocks)
 
 
 #: How long a burst of netlink events (a pod's veth, its address, its route) may run before the

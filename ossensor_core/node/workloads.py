@@ -28,6 +28,7 @@ from ossensor_core.errors import InterfaceError
 WORKLOAD_KINDS = frozenset({"veth", "bridge"})
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Route:
     gateway: bool
     unicast: bool = True
     table: int = RT_TABLE_MAIN
+    #: ``blackhole``: Calico marks the address blocks it hands this node's pods so.
+    blackhole: bool = False
 
 
 def workload_ranges(routes: Iterable[Route], kinds: Mapping[int, str]) -> list[str]:
@@ -74,7 +77,8 @@ def main_table_routes(ipr: Any) -> list[Route]:
                 bool(message.get("RTA_GATEWAY") or message.get("RTA_MULTIPATH")
                      or message.get("RTA_VIA")),
                 message["type"] == RTN_UNICAST,
-                message.get("RTA_TABLE") or message["table"]))
+                message.get("RTA_TABLE") or message["table"],
+                message["type"] == RTN_BLACKHOLE))
     return routes
 
 

@@ -220,3 +220,9 @@ def test_a_hundred_pods_fit_well_under_the_kernels_limit(kernel, spread):
     frames = [eth(udp4_packet("198.51.100.0", last, 1, 2, b"z" * 20, 1)),
               eth(udp4_packet("198.51.100.0", "203.0.113.1", 1, 2, b"z" * 20, 2))]
     assert kernel.accepted(built, marked(frames)) == {0}
+
+
+def test_a_calico_block_makes_its_pods_local_before_their_routes_are_read():
+    node = NodeView(view().links, frozenset({2}), (), blocks=("100.64.7.0/26",))
+    assert "ip dst net 100.64.7.0/26" in plan(node, Rules()).expression(3)
+    assert "100.64.7.0/26" not in plan(view(), Rules()).expression(3)

@@ -20,11 +20,12 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.helpers.cli import ossensor
-from tests.helpers.cluster import packet_key, udp_sender
+from tests.helpers.cluster import packet_key, pod, udp_sender
 from tests.helpers.netns import Namespace, needs_netns, namespaces, run, unique, veth_pair
 from tests.helpers.sensor import Sensor, placed, sensor_env
 
@@ -192,6 +193,51 @@ def test_pod_copy_adds_the_pods_view_of_its_traffic_with_other_hosts(node, base_
     sources = Counter(bytes(p[26:30]) for p in packets if packet_key(p) == ("udp", 7501, 0))
     assert sources == {bytes(map(int, CALI_POD.split("."))): 1,
                        bytes(map(int, NODE.split("."))): 1}
+
+
+#: A Calico-style address block of the node: a blackhole route, the pods' /32s inside it.
+BLOCK = "100.64.7.0/26"
+
+
+@needs_netns
+@pytest.mark.parametrize("block", [True, False], ids=["in-a-block", "without-a-block"])
+def test_pods_that_come_and_go_lose_nothing(node, base_env, tmp_path, block):
+    """Pods come and go in the node's block while a pod sends to each new one from the moment
+    its veth and route exist, and to a bridged pod all along. The new pod's veth keeps every
+    copy until it is placed (stored twice meanwhile, never lost). In a block (Calico's
+    blackhole route) the new pod's address is local from the start and no other rule changes:
+    the steady flow is stored exactly once. Without one, each new /32 changes every pod veth's
+    rule, and the two-step swap may store a datagram of the steady flow twice, never lose it."""
+    n = node
+    if block:
+        n.node.ip("route", "add", "blackhole", BLOCK)
+    env = sensor_env(base_env, tmp_path, NETWORK_DEVICE_ANY="1", OSSENSOR_CHUNK_SECONDS="0.3")
+    sensor = Sensor(n.node, env, tmp_path)
+    churn: list[int] = []
+    try:
+        sensor.wait_for_log(f"capturing on {n.cali_veth} ")
+        sensor.wait_for_log("single copy: on")
+        time.sleep(0.5)
+        steady = udp_sender(n.cali, BRIDGE_PODS[0], 7601, 8000, pace=1)
+        for number in range(10, 14):
+            with pod(SimpleNamespace(ns=n.node, pod_range=BLOCK), number) as new:
+                sender = udp_sender(n.cali, new.address, 7610 + number, 300, pace=1)
+                assert sender.wait(timeout=30) == 0, sender.stderr.read()
+                churn.append(7610 + number)
+                time.sleep(0.2)
+        assert steady.poll() is None, "the steady flow ended before the pods came and went"
+        assert steady.wait(timeout=60) == 0, steady.stderr.read()
+        time.sleep(1.0)
+    finally:
+        code, _ = sensor.terminate(timeout=20)
+    assert code == 0, sensor.log.read_text()
+    stored = Counter(k for k in map(packet_key, sensor.packets()) if k is not None)
+    steady_copies = Counter(stored[("udp", 7601, i)] for i in range(8000))
+    new_copies = {port: Counter(stored[("udp", port, i)] for i in range(300)) for port in churn}
+    print(f"\nsteady flow: {dict(steady_copies)}; to each new pod: "
+          + ", ".join(f"{dict(c)}" for c in new_copies.values()))
+    assert steady_copies == {1: 8000} if block else 0 not in steady_copies, steady_copies
+    assert all(0 not in copies_of for copies_of in new_copies.values()), new_copies
 
 
 @needs_netns
