@@ -174,7 +174,8 @@ def _pod_rule(local: Sequence[str], own: Sequence[str], bridged: bool, pod_copy:
     return f"({keep_in}) or ({keep_out})"
 
 
-def _uplink_rule(view: NodeView, rules: Rules, captured: Mapping[int, Link]) -> str:
+def _uplink_rule(rules: Rules, captured: Mapping[int, Link]) -> str:
+    """Everything but the encapsulated copies of the tunnels captured on the node."""
     if rules.keep_encapsulated:
         return ""
     found: list[str] = []
@@ -201,7 +202,7 @@ def plan(view: NodeView, rules: Rules) -> Plan:
     own = view.own_addresses()
     local = _hosts([*own, *view.workloads, *view.blocks, *rules.services, LINK_LOCAL6])
     own_routable = [a for a in own if not ipaddress.ip_address(a).is_link_local]
-    uplink = _uplink_rule(view, rules, by_index)
+    uplink = _uplink_rule(rules, by_index)
     placements: dict[int, Placement] = {}
 
     def place(link: Link) -> Placement:
