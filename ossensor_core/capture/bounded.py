@@ -89,7 +89,8 @@ def bounded_code(program: BpfProgram) -> list[tuple[int, int, int, int]]:
     return asm.resolve(end)
 
 
-def bounded_and(first: BpfProgram, rest: BpfProgram) -> BpfProgram:
+def bounded_and(first: BpfProgram, rest: BpfProgram, what: str = "the vSensor's filter"
+                ) -> BpfProgram:
     """``first`` (bounded: frames too short for it are left to ``rest``) AND ``rest``; raises
     FilterError when the whole exceeds the kernel's limit or a jump no longer reaches."""
     if not first.expression:
@@ -97,7 +98,7 @@ def bounded_and(first: BpfProgram, rest: BpfProgram) -> BpfProgram:
     code = bounded_code(first)
     total = len(code) + len(rest)
     if total > BPF_MAXINSNS:
-        raise FilterError(f"the vSensor's filter takes {len(code)} BPF instructions with its "
+        raise FilterError(f"{what} takes {len(code)} BPF instructions with its "
                           f"bounds checks, with the rest of the filter ({len(rest)}) {total}: "
                           f"more than the kernel's limit of {BPF_MAXINSNS}")
     expression = f"(bounded: {first.expression})"
@@ -106,16 +107,36 @@ def bounded_and(first: BpfProgram, rest: BpfProgram) -> BpfProgram:
     return BpfProgram(expression, first.linktype, tuple(code) + rest.instructions)
 
 
-def fit_bounded(vsensor: str, user: str, linktype: int) -> tuple[BpfProgram, str]:
-    """``(vsensor) and (user)`` for ``linktype``: bounded (:func:`bounded_and`) when it can be,
-    else as one libpcap program, as before (a long expression whose rewritten jumps no longer
-    reach, or that no longer fits): never a filter refused only for its bounds checks. Returns
-    the program and a note saying why the checks are left out ("" when they are not).
-    FilterError when an expression does not compile."""
-    first, rest = compile_filter(vsensor, linktype), compile_filter(user, linktype)
+def _with_placement(placement: str, rest: BpfProgram, linktype: int,
+                    notes: list[str]) -> BpfProgram:
+    """The interface's single-copy rule (``node/placement.py``), bounded, before ``rest``; left
+    out, with a note, when it does not compile or fit: the interface then keeps every copy."""
+    if not placement:
+        return rest
     try:
-        return bounded_and(first, rest), ""
+        return bounded_and(compile_filter(placement, linktype), rest, "the single-copy rule")
     except FilterError as exc:
-        return (compile_filter(combine_filters(vsensor, user), linktype),
-                f"the vSensor's filter is applied without bounds checks (frames too short for "
-                f"it are dropped): {exc}")
+        notes.append(f"the single-copy rule is left out (this interface keeps every copy): "
+                     f"{exc}")
+        return rest
+
+
+def fit_bounded(vsensor: str, user: str, linktype: int,
+                placement: str = "") -> tuple[BpfProgram, str]:
+    """``(vsensor) and (placement) and (user)`` for ``linktype``: the first two bounded
+    (:func:`bounded_and`) when they can be, else the vSensor's as one libpcap program with the
+    user's, as before (a long expression whose rewritten jumps no longer reach, or that no
+    longer fits): never a filter refused only for its bounds checks. Returns the program and a
+    note saying what is left out and why ("" when nothing is). FilterError when the vSensor's
+    or the user's expression does not compile."""
+    notes: list[str] = []
+    first = compile_filter(vsensor, linktype)
+    rest = _with_placement(placement, compile_filter(user, linktype), linktype, notes)
+    try:
+        return bounded_and(first, rest), "; ".join(notes)
+    except FilterError as exc:
+        notes.append(f"the vSensor's filter is applied without bounds checks (frames too "
+                     f"short for it are dropped): {exc}")
+        combined = _with_placement(placement, compile_filter(combine_filters(vsensor, user),
+                                                             linktype), linktype, [])
+        return combined, "; ".join(notes)

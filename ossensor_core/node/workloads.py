@@ -21,12 +21,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ossensor_core.errors import InterfaceError
 
 WORKLOAD_KINDS = frozenset({"veth", "bridge"})
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Route:
     gateway: bool
     unicast: bool = True
     table: int = RT_TABLE_MAIN
+    #: ``blackhole``: Calico marks the address blocks it hands this node's pods so.
+    blackhole: bool = False
 
 
 def workload_ranges(routes: Iterable[Route], kinds: Mapping[int, str]) -> list[str]:
@@ -62,6 +66,22 @@ def workload_ranges(routes: Iterable[Route], kinds: Mapping[int, str]) -> list[s
     return [str(n) for n in merged]
 
 
+def main_table_routes(ipr: Any) -> list[Route]:
+    """The main table's IPv4 and IPv6 routes, read on an open pyroute2 ``IPRoute``."""
+    routes: list[Route] = []
+    for family, zero in ((2, "0.0.0.0"), (10, "::")):
+        for message in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            destination = message.get("RTA_DST") or zero
+            routes.append(Route(
+                f"{destination}/{message['dst_len']}", message.get("RTA_OIF"),
+                bool(message.get("RTA_GATEWAY") or message.get("RTA_MULTIPATH")
+                     or message.get("RTA_VIA")),
+                message["type"] == RTN_UNICAST,
+                message.get("RTA_TABLE") or message["table"],
+                message["type"] == RTN_BLACKHOLE))
+    return routes
+
+
 def find_workload_ranges() -> list[str]:
     """The rule applied to this network namespace's routes (netlink). Raises InterfaceError."""
     from pyroute2 import IPRoute
@@ -73,16 +93,7 @@ def find_workload_ranges() -> list[str]:
             for link in ipr.get_links():
                 info = link.get("IFLA_LINKINFO")
                 kinds[link["index"]] = (info.get("IFLA_INFO_KIND") if info else "") or ""
-            routes: list[Route] = []
-            for family, zero in ((2, "0.0.0.0"), (10, "::")):
-                for message in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-                    destination = message.get("RTA_DST") or zero
-                    routes.append(Route(
-                        f"{destination}/{message['dst_len']}", message.get("RTA_OIF"),
-                        bool(message.get("RTA_GATEWAY") or message.get("RTA_MULTIPATH")
-                             or message.get("RTA_VIA")),
-                        message["type"] == RTN_UNICAST,
-                        message.get("RTA_TABLE") or message["table"]))
+            routes = main_table_routes(ipr)
     except (OSError, NetlinkError) as exc:
         raise InterfaceError(f"cannot read routes over netlink: {exc}") from exc
     return workload_ranges(routes, kinds)

@@ -58,7 +58,7 @@ def snapshot(sensor: Sensor, state: str) -> dict[str, Any]:
     return {"pid": os.getpid(), "sensor": sensor.config.name, "state": state,
             "updated": time.time(), "registered": transport_registered(sensor.transport),
             "capturing": sorted(own.interfaces), "chunks_sent": own.chunks_sent,
-            "packets_sent": own.packets_sent}
+            "packets_sent": own.packets_sent, "unplaced": list(own.unplaced)}
 
 
 def write_status(path: Path, status: Mapping[str, Any]) -> None:

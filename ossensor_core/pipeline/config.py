@@ -108,6 +108,29 @@ def check_config_path(text: str) -> None:
             return
 
 
+#: The most Service ranges OSSENSOR_SERVICE_RANGES takes (a cluster has one or two per family).
+MAX_SERVICE_RANGES = 64
+
+
+def parse_service_ranges(text: str) -> tuple[str, ...]:
+    """``10.96.0.0/12 fd00:10:96::/108``: prefixes, separated by spaces or commas."""
+    words = split_words(text)
+    if len(words) > MAX_SERVICE_RANGES:
+        raise ValueError(f"names {len(words)} ranges, more than the {MAX_SERVICE_RANGES} allowed")
+    ranges = []
+    for word in words:
+        try:
+            ranges.append(str(ipaddress.ip_network(word, strict=False)))
+        except ValueError:
+            raise ValueError(f"{shown(word)} is not an address prefix (e.g. 10.96.0.0/12)") \
+                from None
+    return tuple(ranges)
+
+
+def check_service_ranges(text: str) -> None:
+    parse_service_ranges(text)
+
+
 CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("VSENSOR_HOSTNAME", str, None, "Host name or IP address of the vSensor, without a port.",
             required=True, max_length=255, check=check_host),
@@ -161,6 +184,20 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("OSSENSOR_METRICS_ADDRESS", str, "",
             "host:port of the Prometheus metrics endpoint (e.g. 127.0.0.1:9853); empty: off.",
             check=check_address),
+    Setting("OSSENSOR_SINGLE_COPY", bool, True,
+            "With every interface captured (NETWORK_DEVICE_ANY=1, no include/exclude list), give "
+            "each interface a kernel filter so that a packet crossing the node is stored once "
+            "(docs/deploy.md)."),
+    Setting("OSSENSOR_SERVICE_RANGES", str, "",
+            "Service (ClusterIP) prefixes, separated by spaces or commas: a pod's packet to "
+            "them is kept on its veth, before the DNAT.", max_length=4096,
+            check=check_service_ranges),
+    Setting("OSSENSOR_POD_COPY", bool, False,
+            "Also keep, on a pod's veth, its traffic with other hosts as the pod sees it "
+            "(before masquerading): stored twice, once as the uplink carries it."),
+    Setting("OSSENSOR_KEEP_ENCAPSULATED", bool, False,
+            "Keep the encapsulated copy of overlay traffic (VXLAN, Geneve, WireGuard, IPIP, "
+            "GRE) on the uplink as well as the inner packet on the tunnel device."),
 )
 
 
@@ -192,6 +229,10 @@ class SensorConfig:
     stats_seconds: float
     run_dir: str = ""
     metrics_address: str = ""
+    single_copy: bool = True
+    service_ranges: tuple[str, ...] = ()
+    pod_copy: bool = False
+    keep_encapsulated: bool = False
     settings: Mapping[str, ResolvedSetting] = field(repr=False, default_factory=dict)
     plugin_settings: Mapping[str, PluginSettings] = field(repr=False, default_factory=dict)
 
@@ -210,6 +251,17 @@ class SensorConfig:
         if ":" in host:
             host = f"[{host}]"
         return f"{host}:{self.vsensor_port}"
+
+    @property
+    def every_interface(self) -> bool:
+        """Every interface of the node is captured, also those that appear later: the only
+        case in which the single-copy rules can place every packet (``node/placement.py``)."""
+        return self.device_any and not self.network_device and not self.include_patterns \
+            and not self.exclude_patterns
+
+    @property
+    def single_copy_active(self) -> bool:
+        return self.single_copy and self.every_interface
 
     def all_settings(self) -> dict[str, ResolvedSetting]:
         """Core and plugin settings by variable name."""
@@ -281,6 +333,10 @@ def read_core_config(environ: Mapping[str, str]) -> tuple[SensorConfig, list[str
         stats_seconds=values["OSSENSOR_STATS_SECONDS"],
         run_dir=values["OSSENSOR_RUN_DIR"].strip(),
         metrics_address=values["OSSENSOR_METRICS_ADDRESS"].strip(),
+        single_copy=values["OSSENSOR_SINGLE_COPY"],
+        service_ranges=parse_service_ranges(values["OSSENSOR_SERVICE_RANGES"]),
+        pod_copy=values["OSSENSOR_POD_COPY"],
+        keep_encapsulated=values["OSSENSOR_KEEP_ENCAPSULATED"],
         settings=resolved,
     )
     return config, problems

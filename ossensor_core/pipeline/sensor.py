@@ -31,6 +31,7 @@ from ossensor_core.runtime.logsetup import level
 from ossensor_core.pipeline.chunker import Chunker
 from ossensor_core.pipeline.contracts import (CaptureBackend, CaptureSource, CaptureStats, Chunk,
                                               InterfaceCounters, PacketFilter, Transport)
+from ossensor_core.pipeline.single_copy import SingleCopy
 from ossensor_core.pipeline.startup import Prepared
 from ossensor_core.runtime.threads import named_executor
 
@@ -51,6 +52,9 @@ _CLOSED_KEPT = 32
 class _Capture:
     source: CaptureSource
     task: asyncio.Task[None]
+    #: The single-copy rule in its filter now ("": every copy is kept).
+    placement: str = ""
+
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class SensorStats:
     #: short digest of it with the peer exclusion: it changes exactly when the filter does.
     kernel_filter: str
     filter_version: str
+    #: Interfaces the single-copy rules cannot place (their packets may be stored twice).
+    unplaced: tuple[str, ...] = ()
 
 
 class Sensor:
@@ -95,6 +101,8 @@ class Sensor:
         self.vsensor_peers: AddressSet | None = None
         self.filter_notes: dict[str, None] = {}  # why the peer exclusion is left out, if it is
         self.closed_stats: dict[str, CaptureStats] = {}
+        # The single-copy rules (node/placement.py): which copy each interface keeps.
+        self.single_copy = SingleCopy(self.config, prepared.placement)
         # Chunk sequence numbers increase across restarts (they start from the clock), so a
         # vSensor that remembers stored sequences never mistakes a new run's chunks for retries.
         self.chunker = Chunker(self.config.name, self.filters, self.config.chunk_bytes,
@@ -110,19 +118,31 @@ class Sensor:
         """``(vSensor filter) and (plugin filters and BPF)``."""
         return combine_filters(self.vsensor_filter, self.prepared.kernel_filter)
 
-    def program(self, linktype: int) -> BpfProgram:
+    def build(self, linktype: int, placement: str, vsensor: str,
+              peers: AddressSet | None) -> tuple[BpfProgram, list[tuple[str, str]]]:
         """libpcap's program for the expressions, behind the generated peer exclusion (when the
-        vSensor sent one and it fits; otherwise without it, noted in ``filter_note``)."""
-        # The vSensor's part is compiled alone and bounds-checked (``capture/bounded.py``): a
-        # frame too short for it is left to the user's program instead of being rejected.
-        program, note = fit_bounded(self.vsensor_filter, self.prepared.kernel_filter, linktype)
+        vSensor sent one and it fits; otherwise without it), and the notes on what was left
+        out. Reads no state of the sensor: it runs in a thread when the node changes."""
+        # The vSensor's part and the interface's single-copy rule are compiled alone and
+        # bounds-checked (``capture/bounded.py``): a frame too short for them is left to the
+        # user's program instead of being rejected.
+        program, note = fit_bounded(vsensor, self.prepared.kernel_filter, linktype, placement)
         program.check_kernel_limit()
-        self._note(linktype, note, "")
-        if self.vsensor_peers is None or not len(self.vsensor_peers):
-            return program
+        notes = [(note, "")] if note else []
+        if peers is None or not len(peers):
+            return program, notes
         # Never a blind sensor: what does not fit is left out, and stored twice instead.
-        program, note = fit_exclusion(self.vsensor_peers, program)
-        self._note(linktype, note, "; that traffic with other sensors is stored twice")
+        program, note = fit_exclusion(peers, program)
+        if note:
+            notes.append((note, "; that traffic with other sensors is stored twice"))
+        return program, notes
+
+    def program(self, linktype: int, placement: str = "") -> BpfProgram:
+        """The kernel filter for a capture of ``linktype``: the vSensor's, ``placement`` (the
+        interface's single-copy rule, ``""`` for none) and the user's."""
+        program, notes = self.build(linktype, placement, self.vsensor_filter, self.vsensor_peers)
+        for note, consequence in notes:
+            self._note(linktype, note, consequence)
         return program
 
     def _note(self, linktype: int, note: str, consequence: str) -> None:
@@ -139,13 +159,13 @@ class Sensor:
         self.vsensor_filter, self.vsensor_peers = expression.strip(), peers
         self.filter_notes = {}
         try:
-            programs = {c.source.linktype: self.program(c.source.linktype)
-                        for c in self.captures.values()}
+            programs = {i: self.program(c.source.linktype, c.placement)
+                        for i, c in self.captures.items()}
         except FilterError:
             self.vsensor_filter, self.vsensor_peers = previous
             raise
-        for capture in self.captures.values():
-            capture.source.set_filter(programs[capture.source.linktype])
+        for index, capture in self.captures.items():
+            capture.source.set_filter(programs[index])
         log.info("kernel filter is now %r%s", self.kernel_filter(),
                  f" behind the peer exclusion ({peers.summary()}, id {peers.digest()})"
                  if peers is not None and len(peers) else "")
@@ -173,23 +193,27 @@ class Sensor:
         """The sensor's own counters and state now (for health and metrics)."""
         return SensorStats(self.chunks_sent, self.packets_sent, self.queue.qsize(),
                            tuple(c.source.interface.name for c in self.captures.values()),
-                           self.kernel_filter(), self.filter_version())
+                           self.kernel_filter(), self.filter_version(),
+                           tuple(p.name for p in self.single_copy.plan.unplaced()))
 
     # -- captures ---------------------------------------------------------------------------
 
     def open_capture(self, interface: Interface) -> None:
         if interface.index in self.captures or interface.linktype is None:
             return
+        placement = self.single_copy.opening(interface)
         try:
-            source = self.backend.open(interface, self.program(interface.linktype))
+            source = self.backend.open(interface, self.program(interface.linktype, placement))
         except (CaptureError, OssensorError) as exc:
             log.error("cannot capture on %s: %s", interface.name, exc)
             return
         task = asyncio.get_running_loop().create_task(self._capture_loop(source),
                                                      name=f"capture-{interface.name}")
-        self.captures[interface.index] = _Capture(source, task)
-        log.info("capturing on %s (index %d, link type %d, %s)", interface.name, interface.index,
-                 source.linktype, "up" if interface.up else "down: captured once up")
+        self.captures[interface.index] = _Capture(source, task, placement)
+        placed = self.single_copy.plan.placements.get(interface.index)
+        log.info("capturing on %s (index %d, link type %d, %s%s)", interface.name, interface.index,
+                 source.linktype, "up" if interface.up else "down: captured once up",
+                 f", single copy: {placed.role}" if placed is not None and placement else "")
 
     async def close_capture(self, index: int, drain: bool) -> None:
         await self.close_captures([index], drain)
@@ -368,6 +392,12 @@ class Sensor:
         background = [asyncio.create_task(coro, name=name) for coro, name in
                       ((self._watch(), "watch"), (self._flush_timer(), "flush"),
                        (self._stats_timer(), "stats"))]
+        if self.config.single_copy_active:
+            log.info("single copy: on; %d interfaces placed", len(self.single_copy.plan.placements))
+            for note in self.single_copy.plan.notes():
+                log.warning("single copy: %s", note)
+            background.append(asyncio.create_task(self.single_copy.follow(self),
+                                                  name="placement"))
         background += [asyncio.create_task(coro) for coro in companions]
         if self.config.antigena_enabled and ("antigena", "antigena") not in \
                 self.prepared.plugins.loaded:
@@ -376,6 +406,9 @@ class Sensor:
         elif self.config.antigena_enabled and not enforcers:
             log.warning("ANTIGENA_ENABLED is true but no installed plugin enforces response "
                         "actions: none will be enforced")
+        if self.config.single_copy and not self.config.every_interface:
+            log.info("single copy: off, as not every interface is captured (NETWORK_DEVICE_ANY=1 "
+                     "without OSSENSOR_NETWORK_DEVICE or include/exclude lists)")
         log.info("sensor %s running: backend %s, transport %s, filter %r", self.config.name,
                  self.backend.name, self.transport.name, self.prepared.kernel_filter)
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ossensor_core.capture.bpf import BpfProgram, combine_filters, compile_filter
@@ -20,6 +20,7 @@ from ossensor_core.node.patterns import PatternError
 from ossensor_core.errors import ConfigError, FilterError, InterfaceError, PluginError
 from ossensor_core.node.interfaces import (Decision, Interface, InterfaceSelector, Primary, list_interfaces,
                          primary_interface)
+from ossensor_core.node.placement import Plan, Rules, plan, read_node_view
 from ossensor_core.pipeline.loading import LoadedPlugins, load_plugins
 from ossensor_core.pipeline.settings import PluginSettings, SettingsGroup, resolve_settings
 
@@ -37,6 +38,8 @@ class Prepared:
     decisions: list[Decision]
     primary: Primary
     kernel_filter: str
+    #: The single-copy rules of every interface at start-up (empty when they are off).
+    placement: Plan = field(default_factory=Plan)
 
     def decide(self, interface: Interface) -> Decision:
         """The decision for an interface that appears later: same rules, same plugins."""
@@ -160,7 +163,15 @@ def prepare(environ: Mapping[str, str], *, write_config: bool = True) -> Prepare
             problems.extend(exc.problems)
     if problems or selector is None:
         raise ConfigError(problems)
-    return Prepared(config, plugins, selector, interfaces, decisions, primary, combined)
+    placement = Plan()
+    if config.single_copy_active:
+        try:
+            placement = plan(read_node_view(), Rules(config.service_ranges, config.pod_copy,
+                                                     config.keep_encapsulated))
+        except InterfaceError as exc:  # the running sensor tries again at once
+            log.warning("single copy: %s", exc)
+    return Prepared(config, plugins, selector, interfaces, decisions, primary, combined,
+                    placement)
 
 
 def _check_filter(what: str, expression: str, decisions: list[Decision],
@@ -174,6 +185,25 @@ def _check_filter(what: str, expression: str, decisions: list[Decision],
         except FilterError as exc:
             problems.append(f"{what}: {exc}")
             return
+
+
+def single_copy_state(prepared: Prepared) -> dict[str, Any]:
+    """Whether the single-copy rules are on, why not, and each interface's role."""
+    config = prepared.config
+    if not config.single_copy:
+        why = "off (OSSENSOR_SINGLE_COPY=false): a packet seen on several interfaces is " \
+              "stored once per interface"
+    elif not config.every_interface:
+        why = "off: they need every interface captured (NETWORK_DEVICE_ANY=1 without " \
+              "OSSENSOR_NETWORK_DEVICE or include/exclude lists); a packet seen on several " \
+              "captured interfaces is stored once per interface"
+    else:
+        why = "on: each interface keeps the copies no other one keeps"
+    placements = prepared.placement.placements.values()
+    return {"active": config.single_copy_active, "why": why,
+            "interfaces": [{"interface": p.name, "role": p.role, "reason": p.reason,
+                            "filter": p.expression} for p in placements],
+            "unplaced": prepared.placement.notes()}
 
 
 def describe(prepared: Prepared) -> dict[str, Any]:
@@ -197,6 +227,7 @@ def describe(prepared: Prepared) -> dict[str, Any]:
         "loaded": [{"stage": stage, "name": name} for stage, name in prepared.plugins.loaded],
         "bpf": config.bpf,
         "kernel_filter": prepared.kernel_filter,
+        "single_copy": single_copy_state(prepared),
         "vsensor": config.vsensor_address,
         "config_path": str(config.config_path),
         "settings": settings,

@@ -105,6 +105,13 @@ def test_sensor_pod_spec(source, request):
     assert container["readinessProbe"]["exec"]["command"] == ["ossensor", "health"]
     assert container["livenessProbe"]["exec"]["command"] == ["ossensor", "health", "--live"]
     assert env["OSSENSOR_METRICS_ADDRESS"]["value"].startswith("127.0.0.1:")
+    # One copy of each packet, decided in the kernel: no dedup walking every packet in Python
+    # (docs/deploy.md, "Single copy"); every interface captured, so the rules apply.
+    assert "dedup" not in env["OSSENSOR_PLUGINS"].get("value", "")
+    assert env["OSSENSOR_SINGLE_COPY"]["value"] == "true"
+    assert env["NETWORK_DEVICE_ANY"]["value"] == "1" and not \
+        env["NETWORK_DEVICE_INCLUDELIST"]["value"] and not env["NETWORK_DEVICE_EXCLUDELIST"]["value"]
+    assert env["OSSENSOR_SERVICE_RANGES"]["value"] == "10.96.0.0/12"
     resources = container["resources"]
     assert resources["requests"]["memory"] and resources["limits"]["memory"]
     assert resources["requests"]["cpu"] and resources["limits"]["cpu"]

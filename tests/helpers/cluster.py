@@ -127,6 +127,39 @@ def two_nodes() -> Iterator[Cluster]:
         yield Cluster(net, a, b)
 
 
+#: The VXLAN overlay's addresses: node ``n`` at ``10.200.0.n``.
+OVERLAY = "10.200.0.{}"
+
+
+def vxlan_overlay(made: Sequence[Node], behind: Node) -> None:
+    """A VXLAN device ``vx0`` on every node (VNI 1 on Linux's port 8472, as flannel sets it,
+    replicated to every other node), and ``behind``'s IPv4 pod range reached through it (and
+    the others' ranges from ``behind``): pod traffic between ``behind`` and the other nodes
+    crosses the overlay, encapsulated between the nodes' addresses on the uplinks."""
+    for number, node in enumerate(made, 1):
+        node.ns.ip("link", "add", "vx0", "type", "vxlan", "id", "1", "dstport", "8472", "local",
+                   node.address, "dev", "up0")
+        node.ns.ip("addr", "add", f"{OVERLAY.format(number)}/24", "dev", "vx0")
+        node.ns.ip("link", "set", "vx0", "up")
+        for other in made:
+            if other is not node:
+                node.ns.exec("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0",
+                             "dst", other.address)
+    there = OVERLAY.format(made.index(behind) + 1)
+    for number, node in enumerate(made, 1):
+        if node is not behind:
+            node.ns.ip("route", "replace", behind.pod_range, "via", there, "dev", "vx0")
+            behind.ns.ip("route", "replace", node.pod_range, "via", OVERLAY.format(number),
+                         "dev", "vx0")
+
+
+def masquerade(node: Node, destination: str) -> None:
+    """The node's pods reach ``destination`` under the node's address (iptables MASQUERADE
+    on the uplink, as kube-proxy and CNIs set it for traffic leaving the cluster)."""
+    node.ns.exec("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", node.pod_range, "-d",
+                 destination, "-o", "up0", "-j", "MASQUERADE")
+
+
 @dataclass
 class Pod:
     """A pod added to a running node by :func:`pod`."""
@@ -239,10 +272,14 @@ def udp_sender(ns: Namespace, dst: str, port: int, count: int, pace: int = 20) -
 # -- reading back what was stored --------------------------------------------------------------
 
 
+#: UDP destination ports of VXLAN: IANA's and Linux's (flannel).
+VXLAN_PORTS = (4789, 8472)
+
+
 def packet_key(frame: bytes) -> tuple | None:
-    """What identifies one IPv4 packet of the test traffic in a stored Ethernet frame: UDP
-    ``("udp", port, seq)`` for numbered datagrams, ICMP ``("icmp", src, dst, type, id, seq)``,
-    TCP ``("tcp", src, dst, sport, dport, seq, ack, flags, payload length, window, IP id)``
+    """What identifies one IPv4 packet of the test traffic in a stored Ethernet frame (inside
+    VXLAN too): UDP ``("udp", port, seq)`` for numbered datagrams, ICMP ``("icmp", src, dst,
+    type, id, seq)``, TCP ``("tcp", src, dst, sport, dport, seq, ack, flags, payload length, window, IP id)``
     (window updates and duplicate ACKs differ only in the last two); None otherwise."""
     if len(frame) >= 62 and frame[12:14] == b"\x86\xdd" and frame[20] == 17 \
             and frame[62:66] == b"OSSQ":  # numbered UDP over IPv6 (no extension headers)
@@ -255,6 +292,8 @@ def packet_key(frame: bytes) -> tuple | None:
     proto = ip[9]
     src, dst = ".".join(map(str, ip[12:16])), ".".join(map(str, ip[16:20]))
     body = ip[ihl:struct.unpack("!H", ip[2:4])[0]]
+    if proto == 17 and struct.unpack("!H", body[2:4])[0] in VXLAN_PORTS and len(body) >= 30:
+        return packet_key(body[16:])  # a VXLAN copy counts as a copy of its inner packet
     if proto == 17 and body[8:12] == b"OSSQ":
         return ("udp", struct.unpack("!H", body[2:4])[0], struct.unpack("!I", body[12:16])[0])
     if proto == 1 and body[0] in (0, 8):

@@ -7,7 +7,9 @@ import re
 import signal
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from tests.helpers.cli import COMMAND
 from tests.helpers.netns import Namespace
@@ -105,3 +107,14 @@ def numbered(packets: list[bytes], port: int) -> set[int]:
                 found.add(int.from_bytes(frame[udp + 12:udp + 16], "big"))
     return found
 
+
+
+def placed(sensor: Any, veth: str, since: float, role: str = "pod-veth") -> float:
+    """Seconds from ``since`` until ``veth`` had its single-copy rule (when its capture opened,
+    or when the rules were computed again), from the log of ``sensor`` (a :class:`Sensor` or a
+    DaemonSet's)."""
+    pattern = (rf"(?m)^(\S+ \S+) \S+ ossensor\.sensor: (capturing on {veth} \([^)\n]*single "
+               rf"copy: {role}|single copy: new rules on [^\n]*{veth} \({role}\))")
+    sensor.wait_for_log(pattern, timeout=10)
+    stamp = re.search(pattern, sensor.log.read_text())[1]
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp() - since
