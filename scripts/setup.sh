@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 libpcap0.8 tcpdump tshark iputils-ping netsniff-ng tcpreplay iperf3 procps libcap2-bin chromium)
+packages=(iproute2 libpcap0.8 tcpdump tshark iputils-ping netsniff-ng tcpreplay iperf3 socat procps libcap2-bin chromium)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
