@@ -19,7 +19,8 @@ test-image: setup
 demo: setup
 	$(PYTHON) scripts/demo.py
 
-# What capture costs the node, against tcpdump in the same run, three rounds (about 13 minutes;
+# What capture costs the node, against tcpdump -w FILE and tcpdump | socat over TLS in the same run,
+# three rounds, routed trials through the simulated cluster included (about 25 minutes, estimated;
 # root).
 # BENCH_ARGS="--smoke" for a quick check, "--help" for the options.
 BENCH_ARGS ?=
