@@ -180,6 +180,7 @@ class DaemonSetCapturer(Capturer):
     vSensor on the bridge that is started for the trial."""
 
     name = "ossensor daemonset"
+    profiled = True
 
     def __init__(self, bed: RoutedBed, workdir: Path) -> None:
         super().__init__(bed, workdir)

@@ -289,6 +289,8 @@ class Capturer:
     """A process that captures on the receiving interface; started per trial."""
 
     name = "capturer"
+    #: A sensor (a Python process) that ``BENCH_PROFILE`` samples with py-spy.
+    profiled = False
 
     def __init__(self, bed: TestBed, workdir: Path) -> None:
         self.bed = bed
@@ -347,6 +349,8 @@ class TcpdumpCapturer(Capturer):
 class SensorCapturer(Capturer):
     """``ossensor run`` with a backend and a transport; the HTTPS transport talks to a vSensor
     on the capture namespace's loopback, started for this trial."""
+
+    profiled = True
 
     def __init__(self, bed: TestBed, workdir: Path, backend: str, transport: str,
                  extra_env: dict[str, str] | None = None) -> None:
@@ -521,7 +525,7 @@ def _profiler(capturer: Capturer, traffic: Traffic) -> subprocess.Popen | None:
     """With BENCH_PROFILE=DIR, py-spy samples the sensor during the traffic (collapsed stacks
     in DIR, one file per trial): to find where the CPU goes, not for the figures."""
     folder = os.environ.get("BENCH_PROFILE")
-    if not folder or not isinstance(capturer, SensorCapturer) or not shutil.which("py-spy"):
+    if not folder or not capturer.profiled or not shutil.which("py-spy"):
         return None
     name = f"{traffic.name}-{capturer.name.split()[-1].replace('/', '-')}.txt"
     Path(folder).mkdir(parents=True, exist_ok=True)
