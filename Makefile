@@ -20,8 +20,8 @@ demo: setup
 	$(PYTHON) scripts/demo.py
 
 # What capture costs the node, against tcpdump -w FILE and tcpdump | socat over TLS in the same run,
-# three rounds, routed trials through the simulated cluster included (about 25 minutes, estimated;
-# root).
+# three rounds, routed trials through the simulated cluster included (about 20 minutes: one round
+# took 400 s; root).
 # BENCH_ARGS="--smoke" for a quick check, "--help" for the options.
 BENCH_ARGS ?=
 bench: setup
