@@ -19,8 +19,9 @@ test-image: setup
 demo: setup
 	$(PYTHON) scripts/demo.py
 
-# What capture costs the node, against tcpdump in the same run, three rounds (about 13 minutes;
-# root).
+# What capture costs the node, against tcpdump -w FILE and tcpdump | socat over TLS in the same run,
+# three rounds, routed trials through the simulated cluster included (about 20 minutes: one round
+# took 400 s; root).
 # BENCH_ARGS="--smoke" for a quick check, "--help" for the options.
 BENCH_ARGS ?=
 bench: setup

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 import tracemalloc
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,18 @@ _SEQ_MAGIC = b"OSSQ"
 
 
 def count_numbered(paths: list[Path], port: int, sent: int) -> dict[str, Any]:
-    """How often each numbered datagram (``traffic udp --seq``, IPv4) to ``port`` was stored."""
+    """How often each numbered datagram (``traffic udp --seq``, IPv4) to ``port`` was stored
+    in the pcapng files ``paths``."""
+    return count_numbered_frames(pcapng_frames(paths), port, sent)
+
+
+def count_numbered_frames(frames: Iterable[memoryview | bytes], port: int,
+                          sent: int) -> dict[str, Any]:
+    """How often each of ``sent`` numbered datagrams (``OSSQ`` and a big-endian u32 after the
+    UDP header, IPv4) to ``port`` appears among Ethernet ``frames``."""
     seen = bytearray(sent)
     other = 0
-    for frame in pcapng_frames(paths):
+    for frame in frames:
         if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
             continue
         udp = 14 + (frame[14] & 0x0F) * 4

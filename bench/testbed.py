@@ -52,7 +52,7 @@ class Traffic:
     """One traffic pattern: a fixed number of UDP frames, or a fixed TCP transfer."""
 
     name: str
-    kind: str  # "udp" or "tcp"
+    kind: str  # "udp", "tcp" or "routed" (bench/routed.py)
     frame: int = 64  # UDP: bytes per Ethernet frame (without FCS)
     packets: int = 0  # UDP: frames to send
     rate_pps: int | None = None  # UDP: None = as fast as trafgen goes
@@ -164,10 +164,11 @@ def memory_kib(pid: int) -> tuple[int, int]:
 
 
 class MemorySampler:
-    """Samples RSS outside and inside the rings of a process every ``period`` seconds."""
+    """Samples RSS outside and inside the rings of processes (summed) every ``period``
+    seconds."""
 
-    def __init__(self, pid: int, period: float = 0.2) -> None:
-        self.pid = pid
+    def __init__(self, pids: list[int], period: float = 0.2) -> None:
+        self.pids = pids
         self.period = period
         self.peak_rss_kib = 0
         self.peak_ring_kib = 0
@@ -177,7 +178,8 @@ class MemorySampler:
         self._thread.start()
 
     def sample(self) -> None:
-        rss, ring = memory_kib(self.pid)
+        found = [memory_kib(pid) for pid in self.pids]
+        rss, ring = sum(r for r, _ in found), sum(r for _, r in found)
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
         self.peak_ring_kib = max(self.peak_ring_kib, ring)
         self.peak_outside_kib = max(self.peak_outside_kib, rss - ring)
@@ -209,6 +211,20 @@ def wait_idle(pids: list[int], minimum: float, maximum: float = 120.0,
 
 
 # -- reading what was stored --------------------------------------------------------------------
+
+def pcap_frames(path: Path) -> Iterator[memoryview]:
+    """The captured bytes of every record of a classic pcap file."""
+    data = memoryview(path.read_bytes())
+    if len(data) < 24:
+        return
+    endian = "<" if bytes(data[:4]) in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    record = struct.Struct(endian + "IIII")
+    position = 24
+    while position + 16 <= len(data):
+        incl = record.unpack_from(data, position)[2]
+        yield data[position + 16:position + 16 + incl]
+        position += 16 + incl
+
 
 def count_pcap(path: Path) -> int:
     """Records in a classic pcap file."""
@@ -273,6 +289,8 @@ class Capturer:
     """A process that captures on the receiving interface; started per trial."""
 
     name = "capturer"
+    #: A sensor (a Python process) that ``BENCH_PROFILE`` samples with py-spy.
+    profiled = False
 
     def __init__(self, bed: TestBed, workdir: Path) -> None:
         self.bed = bed
@@ -283,6 +301,11 @@ class Capturer:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def cpu_pids(self) -> list[int]:
+        """The capturing processes, whose CPU (with their descendants') is the trial's
+        figure, and whose memory is summed."""
+        return [self.pid]
 
     def helper_pids(self) -> dict[str, int]:
         """Other processes whose CPU is reported separately (the vSensor)."""
@@ -319,12 +342,15 @@ class TcpdumpCapturer(Capturer):
         self.proc.wait(timeout=30)
         text = self.err.read_text()
         match = re.search(r"(\d+) packets dropped by kernel", text)
-        return Outcome(count_pcap(self.out), int(match.group(1)) if match else -1)
+        stored, notes = self.bed.stored_pcap(self.out)
+        return Outcome(stored, int(match.group(1)) if match else -1, notes)
 
 
 class SensorCapturer(Capturer):
     """``ossensor run`` with a backend and a transport; the HTTPS transport talks to a vSensor
     on the capture namespace's loopback, started for this trial."""
+
+    profiled = True
 
     def __init__(self, bed: TestBed, workdir: Path, backend: str, transport: str,
                  extra_env: dict[str, str] | None = None) -> None:
@@ -388,7 +414,8 @@ class SensorCapturer(Capturer):
         spooled = list((self.workdir / "spool").glob("*.chunk")) if self.transport == "https" \
             else []
         notes["spooled_chunks_left"] = len(spooled)
-        return Outcome(count_pcapng(files), drops[-1] if drops else -1, notes)
+        stored, counted = self.bed.stored_pcapng(files)
+        return Outcome(stored, drops[-1] if drops else -1, {**notes, **counted})
 
     def kill(self) -> None:
         super().kill()
@@ -427,6 +454,13 @@ class TestBed:
         self.rx_mac = rx.exec("cat", f"/sys/class/net/{rx_if}/address").stdout.strip()
         tx.ip("neigh", "replace", RX_ADDR, "lladdr", self.rx_mac, "nud", "permanent", "dev", tx_if)
         rx.ip("neigh", "replace", TX_ADDR, "lladdr", self.tx_mac, "nud", "permanent", "dev", rx_if)
+
+    def stored_pcap(self, path: Path) -> tuple[int, dict[str, Any]]:
+        """(packets stored, notes) of a classic pcap file: here every record counts."""
+        return count_pcap(path), {}
+
+    def stored_pcapng(self, paths: list[Path]) -> tuple[int, dict[str, Any]]:
+        return count_pcapng(paths), {}
 
     def rx_counters(self) -> tuple[int, int]:
         """(received, sent) packets of the capture interface."""
@@ -491,7 +525,7 @@ def _profiler(capturer: Capturer, traffic: Traffic) -> subprocess.Popen | None:
     """With BENCH_PROFILE=DIR, py-spy samples the sensor during the traffic (collapsed stacks
     in DIR, one file per trial): to find where the CPU goes, not for the figures."""
     folder = os.environ.get("BENCH_PROFILE")
-    if not folder or not isinstance(capturer, SensorCapturer) or not shutil.which("py-spy"):
+    if not folder or not capturer.profiled or not shutil.which("py-spy"):
         return None
     name = f"{traffic.name}-{capturer.name.split()[-1].replace('/', '-')}.txt"
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -506,31 +540,33 @@ def measure(bed: TestBed, capturer: Capturer, traffic: Traffic) -> dict[str, Any
     capturer.start()
     try:
         helpers = capturer.helper_pids()
+        pids = capturer.cpu_pids()
         # Start-up is not part of the figures: let it finish (the sensor registers, imports
         # what Antigena crafts resets with, ...) before the traffic window opens.
-        wait_idle([capturer.pid, *helpers.values()], minimum=0.5, maximum=30)
-        memory = MemorySampler(capturer.pid)
-        cpu0, ticks0 = cpu_ns(capturer.pid), cpu_ticks_seconds(capturer.pid)
-        threads0 = thread_ticks(capturer.pid)
+        wait_idle([*pids, *helpers.values()], minimum=0.5, maximum=30)
+        memory = MemorySampler(pids)
+        cpu0, ticks0 = sum(map(cpu_ns, pids)), sum(map(cpu_ticks_seconds, pids))
+        threads0 = {k: v for pid in pids for k, v in thread_ticks(pid).items()}
         helper0 = {k: cpu_ns(p) for k, p in helpers.items()}
         profiler = _profiler(capturer, traffic)
         sent = bed.send(traffic)
-        waited = wait_idle([capturer.pid, *helpers.values()], minimum=1.5)
+        waited = wait_idle([*pids, *helpers.values()], minimum=1.5)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=30)
-        cpu1, ticks1 = cpu_ns(capturer.pid), cpu_ticks_seconds(capturer.pid)
-        threads = thread_split(threads0, thread_ticks(capturer.pid))
+        cpu1, ticks1 = sum(map(cpu_ns, pids)), sum(map(cpu_ticks_seconds, pids))
+        threads = thread_split(threads0, {k: v for pid in pids
+                                          for k, v in thread_ticks(pid).items()})
         helper1 = {k: cpu_ns(p) for k, p in helpers.items()}
         memory.stop()
         outcome = capturer.stop()
     finally:
         capturer.kill()
-    packets = sent["on_wire"]
+    packets = sent.pop("on_wire")
     cpu = (cpu1 - cpu0) / 1e9
-    result = {
+    result = {**sent,
         "capturer": capturer.name, "traffic": traffic.name, "kind": traffic.kind,
-        "frame_bytes": traffic.frame if traffic.kind == "udp" else None,
+        "frame_bytes": traffic.frame if traffic.kind != "tcp" else None,
         "rate_pps": traffic.rate_pps, "sent": packets, "stored": outcome.stored,
         "kernel_drops": outcome.kernel_drops, "lost": packets - outcome.stored,
         "loss_percent": round(100 * (packets - outcome.stored) / packets, 4) if packets else 0.0,
@@ -540,7 +576,7 @@ def measure(bed: TestBed, capturer: Capturer, traffic: Traffic) -> dict[str, Any
         "peak_rss_mib": round(memory.peak_rss_kib / 1024, 1),
         "peak_ring_rss_mib": round(memory.peak_ring_kib / 1024, 1),
         "peak_rss_outside_ring_mib": round(memory.peak_outside_kib / 1024, 1),
-        "send_seconds": sent["send_seconds"], "idle_wait_seconds": round(waited, 2),
+        "idle_wait_seconds": round(waited, 2),
         "threads": threads,
     }
     result.update(outcome.notes)

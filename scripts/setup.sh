@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 
 packages=(iproute2 libpcap0.8 tcpdump tshark iputils-ping netsniff-ng tcpreplay iperf3 procps libcap2-bin chromium iptables)
 missing=()
+packages+=(socat)  # make bench's C-tools anchor: tcpdump -w - | socat - OPENSSL:...
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
 done
