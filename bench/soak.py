@@ -1,10 +1,11 @@
 """``make soak``: months on a node, compressed into an hour: does memory stay flat?
 
 The two-node cluster of ``tests/helpers/cluster.py``: node A runs the sensor exactly as the
-DaemonSet does (``tests/helpers/daemonset.py``: every interface captured, ``dedup``, Antigena on,
-HTTPS to the reference vSensor on the bridge, trusted through a throwaway CA); node B sends
-numbered UDP datagrams to node A's pod at a steady rate, so every datagram crosses node A's
-uplink and the pod's veth and ``dedup`` works on all of them. Meanwhile, each on its own clock:
+DaemonSet does (``tests/helpers/daemonset.py``: every interface captured, the single-copy rules,
+Antigena on, HTTPS to the reference vSensor on the bridge, trusted through a throwaway CA); node B
+sends numbered UDP datagrams to node A's pod at a steady rate, so every datagram crosses node A's
+uplink and the pod's veth and the rules keep one of the two copies. Meanwhile, each on its own
+clock:
 
 - a pod comes to node A (a Calico-style veth, ``cluster.pod``) or goes again (``--churn``);
 - the vSensor stops (SIGTERM, every other time SIGKILL), stays away ``--down`` seconds and
