@@ -28,6 +28,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from ossensor_core.runtime.logsetup import level
+
 log = logging.getLogger(__name__)
 
 # <malloc.h>
@@ -83,5 +85,5 @@ async def tidy_periodically(period: float = TIDY_SECONDS) -> None:
         await asyncio.sleep(period)
         found, took = tidy(freeze=passes == 0)
         passes += 1
-        log.debug("memory: %d unreachable objects freed, heap trimmed, in %.1f ms", found,
-                  took * 1000)
+        log.log(level(1), "memory: %d unreachable objects freed and the heap trimmed in %.1f ms",
+                found, took * 1000)
