@@ -85,5 +85,5 @@ async def tidy_periodically(period: float = TIDY_SECONDS) -> None:
         await asyncio.sleep(period)
         found, took = tidy(freeze=passes == 0)
         passes += 1
-        log.log(level(1), "memory: %d unreachable objects freed and the heap trimmed in %.1f ms",
+        log.log(level(1), "%d unreachable objects freed and the heap trimmed in %.1f ms",
                 found, took * 1000)
