@@ -13,7 +13,7 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ossensor_core.capture.bpf import ARPHRD_TO_LINKTYPE
 from ossensor_core.node.patterns import ExtendedRegex
@@ -125,6 +125,16 @@ def _link_to_interface(message: dict, addresses: dict[int, list[str]]) -> Interf
     )
 
 
+def addresses_by_index(ipr: Any) -> dict[int, list[str]]:
+    """The addresses of every interface of an open pyroute2 ``IPRoute``, by interface index."""
+    addresses: dict[int, list[str]] = {}
+    for message in ipr.get_addr():
+        address = message.get("IFA_ADDRESS")
+        if address:
+            addresses.setdefault(message["index"], []).append(address)
+    return addresses
+
+
 def list_interfaces() -> list[Interface]:
     """Every interface of this network namespace, in index order, with its addresses."""
     from pyroute2 import IPRoute
@@ -132,11 +142,7 @@ def list_interfaces() -> list[Interface]:
 
     try:
         with IPRoute() as ipr:
-            addresses: dict[int, list[str]] = {}
-            for message in ipr.get_addr():
-                address = message.get("IFA_ADDRESS")
-                if address:
-                    addresses.setdefault(message["index"], []).append(address)
+            addresses = addresses_by_index(ipr)
             links = [_link_to_interface(m, addresses) for m in ipr.get_links()]
     except (OSError, NetlinkError) as exc:
         raise InterfaceError(f"cannot list interfaces over netlink: {exc}") from exc

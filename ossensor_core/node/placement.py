@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ossensor_core.errors import InterfaceError
+from ossensor_core.node.interfaces import addresses_by_index
 from ossensor_core.node.workloads import main_table_routes, workload_ranges
 
 Role = Literal["uplink", "pod-veth", "bridge-port", "pod-bridge", "overlay", "unplaced"]
@@ -264,11 +265,7 @@ def read_node_view() -> NodeView:
 
     try:
         with IPRoute() as ipr:
-            addresses: dict[int, list[str]] = {}
-            for message in ipr.get_addr():
-                address = message.get("IFA_ADDRESS")
-                if address:
-                    addresses.setdefault(message["index"], []).append(address)
+            addresses = addresses_by_index(ipr)
             links: list[Link] = []
             kinds: dict[int, str] = {}
             for message in ipr.get_links():
