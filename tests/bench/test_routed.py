@@ -16,14 +16,19 @@ def write_pcap(path, frames) -> None:
             out.write(struct.pack("<IIII", 0, 0, len(frame), len(frame)) + bytes(frame))
 
 
+def numbered_frames(tmp_path, size: int, count: int) -> list[bytes]:
+    """The routed trial's ``count`` datagrams of ``size`` bytes, node B to node A's pod."""
+    path = tmp_path / "routed.pcap"
+    numbered_pcap(path, size, count, "02:00:00:00:00:0b", "02:00:00:00:00:0a",
+                  "198.51.100.18", "198.51.100.34", ROUTED_PORT)
+    return [bytes(f) for f in pcap_frames(path)]
+
+
 def test_numbered_frames_are_valid_ipv4_udp_with_random_payloads(tmp_path):
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
-    path = tmp_path / "routed.pcap"
-    numbered_pcap(path, 64, 250_001, "02:00:00:00:00:0b", "02:00:00:00:00:0a",
-                  "198.51.100.18", "198.51.100.34", ROUTED_PORT)
-    frames = [bytes(f) for f in pcap_frames(path)]
+    frames = numbered_frames(tmp_path, 64, 250_001)
     assert len(frames) == 250_001 and {len(f) for f in frames} == {64}
     last = Ether(frames[-1])
     assert last.dst == "02:00:00:00:00:0a" and last.src == "02:00:00:00:00:0b"
@@ -38,10 +43,7 @@ def test_numbered_frames_are_valid_ipv4_udp_with_random_payloads(tmp_path):
 
 
 def test_missing_and_twice_stored_numbers_are_counted(tmp_path):
-    path = tmp_path / "routed.pcap"
-    numbered_pcap(path, 512, 100, "02:00:00:00:00:0b", "02:00:00:00:00:0a",
-                  "198.51.100.18", "198.51.100.34", ROUTED_PORT)
-    frames = [bytes(f) for f in pcap_frames(path)]
+    frames = numbered_frames(tmp_path, 512, 100)
     assert len(frames) == 100 and {len(f) for f in frames} == {512}
     stored = frames[:3] + frames[4:] + [frames[7], frames[7], frames[9]]  # 3 lost, 7 and 9 again
     stored.append(frames[5][:40])  # a frame cut short is no datagram of ours
