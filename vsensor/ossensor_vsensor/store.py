@@ -31,7 +31,6 @@ import logging
 import os
 import struct
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +39,8 @@ from ossensor_core.errors import StorageError
 from ossensor_core.wire.names import MAX_CHUNK_LINKTYPES
 from ossensor_core.wire.rotating_pcapng import RotatingPcapngFiles
 from ossensor_core.wire.chunk import Chunk
+
+from .sequences import SequenceWindow
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class SensorStore:
         self._files = RotatingPcapngFiles(self.directory, "", rotate_bytes, rotate_seconds,
                                           continue_after_failure=True,
                                           max_open=MAX_CHUNK_LINKTYPES)
-        self._sequences: OrderedDict[int, None] = OrderedDict()
+        self._sequences = SequenceWindow(SEQUENCE_MEMORY)
         self._journal: int | None = None  # descriptor, opened by the first write
         self._journal_lines = 0
 
@@ -115,10 +116,7 @@ class SensorStore:
         return sequence in self._sequences
 
     def remember(self, sequence: int) -> None:
-        self._sequences[sequence] = None
-        self._sequences.move_to_end(sequence)
-        while len(self._sequences) > SEQUENCE_MEMORY:
-            self._sequences.popitem(last=False)
+        self._sequences.add(sequence)
 
     # Writing -----------------------------------------------------------------------------
 
