@@ -36,7 +36,7 @@ from tests.helpers.netns import Namespace
 SERVER_SETTINGS: dict[str, Any] = {
     "max_payload": 1 << 20,
     "jetstream_max_memory": 64 << 20,
-    "jetstream_max_file": 8 << 30,
+    "jetstream_max_file": 16 << 30,
 }
 
 needs_nats = pytest.mark.skipif(shutil.which("nats-server") is None,

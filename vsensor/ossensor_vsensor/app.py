@@ -20,6 +20,7 @@ from ossensor_core.wire.signing import Verified
 from . import antigena
 from .auth import Authenticator
 from .chunks import ChunkReceiver
+from .cluster.connection import Cluster
 from .metrics import Metrics, metrics_registry, request_counter
 from .registration import Registrar
 from .registry import SensorRegistry, SensorState
@@ -46,6 +47,9 @@ class VSensor:
         self.stores = SensorStores(settings)
         self.registrar = Registrar(settings, self.registry, self.auth, self.filters)
         self.chunks = ChunkReceiver(self.registry, self.auth, self.stores, self.metrics)
+        #: Cluster mode's NATS connection, streams and buckets (connected at start); None in
+        #: single mode.
+        self.cluster: Cluster | None = None
 
     @property
     def sensors(self) -> dict[str, SensorState]:
@@ -60,12 +64,17 @@ class VSensor:
         return await self.auth.authenticate(request)
 
     async def start(self, app: web.Application) -> None:
+        if self.settings.cluster is not None:
+            self.cluster = await Cluster.connect(self.settings.cluster,
+                                                 replay_window=2 * self.settings.skew_seconds)
         await self.stores.start()
 
     async def close(self, app: web.Application | None = None) -> None:
         """Complete every open file (``.part`` renamed); later chunks get 503."""
         await self.stores.close()
         self.auth.close()
+        if self.cluster is not None:
+            await self.cluster.close()
 
 
 VSENSOR = web.AppKey("vsensor", VSensor)

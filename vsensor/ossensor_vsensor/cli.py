@@ -31,6 +31,7 @@ from . import __version__
 from .action_store import ActionFileError
 from .app import VSENSOR, create_app
 from .claims import parse_allow
+from .cluster.connection import ClusterSettings
 from .server import start_guarded
 from .settings import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, VSensorSettings
 from .tls import certificate_fingerprint, ensure_self_signed, server_context
@@ -170,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--claims-max-prefix6", type=number(int, 1, 128), default=48,
                         metavar="N",
                         help="widest IPv6 claim taken, as a prefix length (default 48)")
+    cluster = parser.add_argument_group(
+        "cluster mode", "replicas sharing their state through NATS JetStream (docs/cluster.md)")
+    cluster.add_argument("--nats", metavar="URL[,URL...]",
+                         help="NATS servers (nats:// or tls://): run as a replica of a cluster; "
+                              "needs --tls-cert")
+    cluster.add_argument("--nats-replicas", type=number(int, 1, 5), default=3, metavar="N",
+                         help="copies JetStream keeps of the stream and buckets (default 3)")
+    cluster.add_argument("--replica", metavar="NAME",
+                         help="this replica's name in the cluster (default: the host name)")
+    cluster.add_argument("--nats-stream-max-bytes", type=number(int, 1 << 20, 1 << 50),
+                         default=4 << 30, metavar="N",
+                         help="size limit of the chunk stream: beyond it sensors are answered "
+                              "507 until store workers catch up (default 4 GiB)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -246,6 +260,7 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         raise UsageError(f"--data-dir {shown(data_dir)}: is not a folder")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    cluster = cluster_settings(args)
     direct = (parse_listen(args.advertise, "--advertise") if args.advertise is not None
               else None)  # an empty value is a slip (an unset variable), not "none"
     if args.tls_cert:
@@ -280,8 +295,33 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         max_requests=args.max_connections,
         max_requests_per_address=args.max_connections_per_address,
         claims_allow=tuple(args.claims_allow), claims_max_prefix_v4=args.claims_max_prefix,
-        claims_max_prefix_v6=args.claims_max_prefix6)
+        claims_max_prefix_v6=args.claims_max_prefix6, cluster=cluster)
     return settings, host, port, context
+
+
+def cluster_settings(args: argparse.Namespace) -> ClusterSettings | None:
+    """``--nats`` and its options, checked; None in single mode."""
+    if args.nats is None:
+        for option in ("replica",):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option} needs --nats (cluster mode)")
+        return None
+    if not args.tls_cert:
+        # Replicas sit behind a load balancer and are reached directly too: one certificate
+        # must cover every name, and a self-signed one per replica would not.
+        raise UsageError("--nats needs --tls-cert and --tls-key: one certificate for the "
+                         "load-balanced name and every replica's --advertise name")
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        raise UsageError("--nats needs the nats-py package: pip install "
+                         "'ossensor-vsensor[cluster]'") from None
+    try:
+        return ClusterSettings(tuple(args.nats.split(",")), replicas=args.nats_replicas,
+                               stream_max_bytes=args.nats_stream_max_bytes,
+                               **({"name": args.replica} if args.replica else {}))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def warn_about(settings: VSensorSettings) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ossensor_core.wire.names import DEFAULT_SKEW_SECONDS, MAX_CHUNK_BYTES
 
+from .cluster.connection import ClusterSettings
+
 CLIENT_MAX_SIZE = MAX_CHUNK_BYTES  # larger bodies get 413 before they are read
 
 #: Sized so that 5,000 sensors with three connections each (chunks, heartbeats, Antigena's
@@ -63,6 +65,9 @@ class VSensorSettings:
     claims_allow: Sequence[str] = ()
     claims_max_prefix_v4: int = 16
     claims_max_prefix_v6: int = 48
+    #: Cluster mode (``--nats``): a replica sharing its state through NATS JetStream
+    #: (``cluster/``); None: single mode, everything in this process and ``data_dir``.
+    cluster: ClusterSettings | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
