@@ -396,6 +396,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     if argv[:1] == ["antigena"]:  # the operator's client for a running vSensor
         from .antigena_cli import run_cli
         return run_cli(argv[1:], environ)
+    if argv[:1] == ["store"]:  # a store worker of a cluster (cluster/store_worker.py)
+        from .store_cli import run_store
+        return run_store(argv[1:], environ)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or one line naming a bad option

@@ -14,13 +14,26 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
+from typing import Protocol
 
 from ossensor_core.wire.chunk import Chunk
 
-from .settings import VSensorSettings
 from .store import SensorStore, enforce_retention, recover
 
 log = logging.getLogger("ossensor_vsensor")
+
+
+class StoreSettings(Protocol):
+    """What the stores read of their settings: :class:`~.settings.VSensorSettings` in single
+    mode, the store worker's settings in cluster mode (``cluster/store_worker.py``)."""
+
+    data_dir: Path
+    rotate_bytes: int
+    rotate_seconds: float
+    retain_seconds: float | None
+    retain_bytes: int | None
+    retention_interval: float
 
 
 class ShuttingDown(Exception):
@@ -30,7 +43,7 @@ class ShuttingDown(Exception):
 class SensorStores:
     """The stores of all sensors, and the timers that complete and delete their files."""
 
-    def __init__(self, settings: VSensorSettings) -> None:
+    def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
         self.stores: dict[str, SensorStore] = {}
         self._locks: dict[str, asyncio.Lock] = {}

@@ -1,0 +1,299 @@
+"""The store worker: the chunk stream turned into the same pcapng files as single mode.
+
+``ossensor-vsensor store`` (``store_cli.py``) runs one :class:`StoreWorker`. It holds some of
+the stream's partitions (leases, ``leases.py``) and, for each, pulls from the partition's
+durable consumer ``store-pNN`` in batches. A message is read (``parts.py``: headers checked
+against the subject, parts put back together), decoded, and written by the same
+:class:`~ossensor_vsensor.stores.SensorStores` as single mode: the same folders, rotation,
+retention, journal and ``.part`` recovery. One partition is handled in stream order by one
+task, so each sensor's chunks are stored in the order JetStream holds them.
+
+Exactly once across the worker's own crashes: a message is acknowledged only after the store
+returned, and the store journals a chunk's sequence before it returns. A worker killed between
+the two gets the message again (after the consumer's ``ack_wait``) and finds the sequence in
+the journal: a duplicate, acknowledged and not stored again. A sensor's retry that reached the
+stream twice (beyond JetStream's two-minute de-duplication window, or through two replicas) is
+recognised the same way, over the last 65,536 sequences of the sensor, as in single mode.
+
+What cannot be stored is never allowed to stop a partition: a message that is not a chunk by
+the contract, does not decode, or whose chunk names another sensor or sequence than its headers
+is logged in one bounded line and terminated (it leaves the stream). A store that fails (disk
+full) is retried every few seconds, holding the partition: nothing is acknowledged that is not
+stored, and the stream fills until replicas answer 507.
+
+Every few seconds the worker puts ``worker.<name>`` in the ``ossensor-store`` bucket: the
+partitions it holds, what it stored, and each partition's backlog (messages not yet delivered
+plus delivered and not acknowledged), for the status pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ossensor_core.wire.chunk import ChunkCodec
+from ossensor_core.wire.names import MAX_CHUNK_BYTES
+
+from ..store import StoreError
+from ..stores import SensorStores, ShuttingDown
+from . import STREAM
+from .connection import Cluster, ClusterSettings
+from .leases import PartitionLeases
+from .parts import BadMessage, Dropped, Reassembly, read_headers
+
+log = logging.getLogger("ossensor_vsensor.cluster.store")
+
+#: How long one pull waits for messages: also how soon a stopping partition notices.
+FETCH_WAIT = 1.0
+#: Bytes fetched at once per partition (divided by the server's ``max_payload`` to give the
+#: batch size): what one partition holds in memory beside its incomplete chunks.
+FETCH_BYTES = 8 << 20
+MAX_BATCH = 64
+#: Seconds between tries to store a chunk the disk refused.
+STORE_RETRY = 5.0
+
+
+@dataclass(frozen=True)
+class StoreWorkerSettings:
+    """What ``ossensor-vsensor store`` is told; the fields :class:`SensorStores` reads have the
+    names of :class:`~ossensor_vsensor.settings.VSensorSettings`."""
+
+    data_dir: Path
+    cluster: ClusterSettings
+    rotate_bytes: int = 100 << 20
+    rotate_seconds: float = 300.0
+    retain_seconds: float | None = None
+    retain_bytes: int | None = None
+    retention_interval: float = 10.0
+    #: A partition whose holder stopped renewing it for this long may be taken by another.
+    lease_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if not 1.0 <= self.lease_seconds <= 3600:
+            raise ValueError("the lease of a partition must be 1-3600 seconds")
+
+    @property
+    def tick_seconds(self) -> float:
+        """How often leases are renewed and the report is put: several times per lease."""
+        return min(5.0, self.lease_seconds / 6)
+
+
+@dataclass
+class Counters:
+    chunks: int = 0
+    packets: int = 0
+    bytes: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    dropped: int = 0  # incomplete chunks given up
+    started: float = field(default_factory=time.time)
+
+
+class PartitionConsumer:
+    """One held partition: a pull subscription on ``store-<part>``, handled in order."""
+
+    def __init__(self, worker: StoreWorker, part: str) -> None:
+        self.worker, self.part = worker, part
+        self.stopping = False
+        max_payload = max(1024, worker.max_payload)
+        self.batch = max(1, min(MAX_BATCH, FETCH_BYTES // max_payload))
+        # Parts are at most max_payload less their headers: half of it is a generous floor.
+        self.max_parts = math.ceil(MAX_CHUNK_BYTES / (max_payload // 2)) + 1
+        self.reassembly = Reassembly(max_bytes=2 * MAX_CHUNK_BYTES)
+        self.task = asyncio.create_task(self._run(), name=f"store {part}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand and unsubscribe; held parts stay unacknowledged (they
+        come back to whoever holds the partition next)."""
+        self.stopping = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def _run(self) -> None:
+        import nats.errors
+        js = self.worker.cluster.js
+        sub = None
+        failures = 0
+        while not self.stopping:
+            try:
+                if sub is None:
+                    sub = await js.pull_subscribe_bind(durable=f"store-{self.part}",
+                                                       stream=STREAM)
+                messages = await sub.fetch(self.batch, timeout=FETCH_WAIT)
+                failures = 0
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                messages = []
+            except Exception as exc:  # NATS gone, leader election: try again shortly
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("%s: cannot fetch (%s); retrying", self.part,
+                                str(exc)[:200] or type(exc).__name__)
+                await asyncio.sleep(min(5.0, 0.2 * failures))
+                continue
+            for message in messages:
+                await self._handle(message)
+            await self._give_up(self.reassembly.expired())
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _handle(self, message: Any) -> None:
+        worker = self.worker
+        try:
+            header = read_headers(message.subject, message.headers, self.max_parts)
+        except BadMessage as exc:
+            await self._refuse([message], "?", None, str(exc))
+            return
+        messages = [message]
+        body = message.data
+        if header.parts > 1:
+            whole, messages, dropped = self.reassembly.add(header, message, body)
+            await self._give_up(dropped)
+            if whole is None:
+                for repeat in messages:  # a part held already: this copy is not needed
+                    await repeat.ack()
+                return
+            body = whole
+        try:
+            chunk = await asyncio.to_thread(worker.codec.decode, body, MAX_CHUNK_BYTES)
+        except ValueError as exc:
+            await self._refuse(messages, header.sensor, header.sequence, str(exc))
+            return
+        if chunk.sensor != header.sensor or chunk.sequence != header.sequence:
+            await self._refuse(messages, header.sensor, header.sequence,
+                               f"the chunk is {chunk.sensor[:64]!r} {chunk.sequence}")
+            return
+        del body
+        added = await self._store(header.sensor, chunk, messages)
+        if added is False:
+            return  # stopping before it could be stored: not acknowledged
+        counters = worker.counters
+        if added is None:
+            counters.duplicates += 1
+        else:
+            counters.chunks += 1
+            counters.packets += chunk.packets
+            counters.bytes += added
+        for each in messages:
+            await each.ack()
+
+    async def _store(self, sensor: str, chunk: Any, messages: list[Any]) -> int | None | bool:
+        """The bytes stored, None for a duplicate, False when the worker stops first."""
+        failed = 0
+        while True:
+            try:
+                return await self.worker.stores.write(sensor, chunk)
+            except ShuttingDown:
+                return False
+            except StoreError as exc:
+                failed += 1
+                if failed in (1, 10) or failed % 100 == 0:
+                    log.error("%s: %s; trying again every %g s (%d tries)", self.part, exc,
+                              STORE_RETRY, failed)
+            if self.stopping:
+                return False
+            for each in messages:  # still working on it: not to be redelivered meanwhile
+                with contextlib.suppress(Exception):
+                    await each.in_progress()
+            await asyncio.sleep(STORE_RETRY)
+
+    async def _refuse(self, messages: list[Any], sensor: str, sequence: int | None,
+                      why: str) -> None:
+        """One bounded line, and the messages terminated: they leave the stream."""
+        self.worker.counters.refused += 1
+        log.warning("%s: refused chunk %s of %r: %s", self.part,
+                    "?" if sequence is None else sequence, sensor[:128],
+                    " ".join(why.split())[:300])
+        for each in messages:
+            await each.term()
+
+    async def _give_up(self, dropped: list[Dropped]) -> None:
+        for why, (sensor, sequence, parts), chunk in dropped:
+            self.worker.counters.dropped += 1
+            log.warning("%s: dropped incomplete chunk %d of %r (%d of %d parts): %s",
+                        self.part, sequence, sensor[:128], len(chunk.bodies), parts, why)
+            for each in chunk.messages:
+                await each.ack()
+
+
+class StoreWorker:
+    """Leases, one :class:`PartitionConsumer` per held partition, the stores and the report."""
+
+    def __init__(self, settings: StoreWorkerSettings) -> None:
+        self.settings = settings
+        self.stores = SensorStores(settings)
+        self.codec = ChunkCodec()
+        self.counters = Counters()
+        self.consumers: dict[str, PartitionConsumer] = {}
+        self.cluster: Cluster | None = None  # set by run()
+        self.leases: PartitionLeases | None = None
+        self.max_payload = 1 << 20
+
+    @property
+    def name(self) -> str:
+        return self.settings.cluster.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Recover, connect, then hold and consume partitions until ``stop`` is set; then
+        finish the batches in hand and complete every open file."""
+        await self.stores.start()  # recovers what a killed run left before anything new
+        self.cluster = cluster = await Cluster.connect(self.settings.cluster)
+        self.max_payload = cluster.nc.max_payload or self.max_payload
+        self.leases = PartitionLeases(cluster.kv("ossensor-store"), self.name,
+                                      self.settings.lease_seconds)
+        log.info("store worker %r storing under %s (lease %g s)", self.name,
+                 self.settings.data_dir, self.settings.lease_seconds)
+        try:
+            while not stop.is_set():
+                try:
+                    report = await self.report()
+                    gained, lost = await self.leases.tick(report, self._stop_partition)
+                except Exception as exc:  # NATS away: stop before others may take over
+                    log.warning("cannot renew the leases: %s", str(exc)[:200]
+                                or type(exc).__name__)
+                    gained, lost = [], self.leases.fence()
+                for part in lost:
+                    await self._stop_partition(part)
+                for part in gained:
+                    self.consumers[part] = PartitionConsumer(self, part)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.tick_seconds)
+            log.info("stopping: finishing the batches in hand")
+            await asyncio.gather(*(self._stop_partition(p) for p in list(self.consumers)))
+        finally:
+            await self.stores.close()
+            await cluster.close()  # drains: every acknowledgement goes out first
+        log.info("stopped: %d chunks (%d packets) stored, %d duplicates, %d refused",
+                 self.counters.chunks, self.counters.packets, self.counters.duplicates,
+                 self.counters.refused)
+
+    async def _stop_partition(self, part: str) -> None:
+        consumer = self.consumers.pop(part, None)
+        if consumer is not None:
+            await consumer.stop()
+
+    async def report(self) -> bytes:
+        """``worker.<name>``: bounded (at most every partition, numbers only)."""
+        pending: dict[str, int] = {}
+        assert self.cluster is not None
+        for part in sorted(self.consumers):
+            try:
+                info = await self.cluster.js.consumer_info(STREAM, f"store-{part}")
+                pending[part] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            except Exception:  # the report goes out without it
+                pending[part] = -1
+        c = self.counters
+        return json.dumps({
+            "worker": self.name, "partitions": sorted(self.consumers), "pending": pending,
+            "chunks": c.chunks, "packets": c.packets, "bytes": c.bytes,
+            "duplicates": c.duplicates, "refused": c.refused, "dropped": c.dropped,
+            "started": round(c.started, 3), "time": round(time.time(), 3),
+        }, separators=(",", ":")).encode()
