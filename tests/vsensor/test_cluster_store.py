@@ -1,0 +1,279 @@
+"""The store worker (``ossensor-vsensor store``) against a real 3-node JetStream cluster.
+
+Chunk messages are published here exactly as the contract says a replica does
+(``ossensor_vsensor/cluster/__init__.py``); real worker processes store them; the files are
+read back with tshark and tcpdump. Every packet carries ``<sensor>|<sequence>|<index>`` as its
+UDP payload, so "every packet exactly once, in order" is checked packet by packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ossensor_core.capture.batch import PacketBatch
+from ossensor_core.wire.chunk import Chunk, ChunkCodec
+from ossensor_vsensor.cluster import PARTITIONS, STREAM, SUBJECT_PREFIX, partition
+from ossensor_vsensor.cluster.connection import Cluster, ClusterSettings
+from ossensor_vsensor.cluster.names import token
+from ossensor_vsensor.store import safe_name
+from tests.helpers.nats import nats_cluster, needs_nats
+
+pytestmark = needs_nats
+
+LEASE = "3"
+#: Parts as a replica cuts them: under the servers' max_payload (1 MiB) with room for headers.
+PART_BYTES = 1_000_000
+
+
+def frame(payload: bytes) -> bytes:
+    """Ethernet/IPv4/UDP (ports tshark has no dissector for: the payload shows as data)."""
+    udp = (40000).to_bytes(2, "big") + (40001).to_bytes(2, "big") + \
+        (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
+    length = 20 + len(udp)
+    ip = bytes([0x45, 0, length >> 8, length & 0xFF, 0, 0, 0, 0, 64, 17, 0, 0,
+                192, 0, 2, 10, 192, 0, 2, 20])
+    return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00" + ip + udp
+
+
+def chunk_body(sensor: str, sequence: int, packets: int, pad: int = 0) -> bytes:
+    """A chunk of numbered packets, encoded as the sensor sends it (``pad`` random bytes per
+    packet make it incompressible, to get bodies over max_payload)."""
+    start = 1_764_262_800_000_000_000 + sequence * 1_000_000
+    frames = []
+    for i in range(packets):
+        data = frame(f"{sensor}|{sequence}|{i}|".encode() + os.urandom(pad))
+        frames.append((start + i * 1000, len(data), data))
+    chunk = Chunk(sensor, sequence, (PacketBatch.from_frames("eth0", 2, 1, frames),), start)
+    return ChunkCodec().encode(chunk)
+
+
+async def publish(js, sensor: str, sequence: int, body: bytes, msg_id: str | None = None,
+                  subject: str | None = None) -> None:
+    """As a replica does: one message, or consecutive parts when over max_payload."""
+    subject = subject or f"{SUBJECT_PREFIX}.{partition(sensor)}.{token(sensor)}"
+    base = msg_id or f"{token(sensor)}.{sequence}"
+    headers = {"Ossensor-Sensor": sensor, "Ossensor-Sequence": str(sequence)}
+    if len(body) <= PART_BYTES:
+        await js.publish(subject, body, headers={**headers, "Nats-Msg-Id": base})
+        return
+    parts = [body[i:i + PART_BYTES] for i in range(0, len(body), PART_BYTES)]
+    for i, part in enumerate(parts, 1):
+        await js.publish(subject, part, headers={
+            **headers, "Ossensor-Part": f"{i}/{len(parts)}", "Nats-Msg-Id": f"{base}.{i}"})
+
+
+class Worker:
+    """``ossensor-vsensor store`` as a process, its log in ``folder/<name>.log``."""
+
+    def __init__(self, folder: Path, urls: str, name: str, *args: str) -> None:
+        self.name, self.data, self.log = name, folder / name, folder / f"{name}.log"
+        self.urls, self.args = urls, args
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ossensor_vsensor.cli", "store", "--nats", self.urls,
+                 "--data-dir", str(self.data), "--worker", self.name, "--nats-replicas", "3",
+                 "--lease-seconds", LEASE, "--rotate-seconds", "600", *self.args],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        self.proc = None
+        return code
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def stored(*data_dirs: Path) -> dict[str, list[str]]:
+    """Every packet payload prefix (``sensor|sequence|index``) per sensor folder, file by file
+    in name order, as tshark reads them; tcpdump must read every file too."""
+    found: dict[str, list[str]] = {}
+    for data in data_dirs:
+        for path in sorted(data.glob("*/*.pcapng")):
+            done = subprocess.run(["tcpdump", "-r", str(path), "-nn", "-q"],
+                                  capture_output=True, timeout=60)
+            assert done.returncode == 0, done.stderr[-500:]
+            fields = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "data.data"],
+                                    capture_output=True, text=True, timeout=60, check=True)
+            for line in fields.stdout.split():
+                text = bytes.fromhex(line)
+                found.setdefault(path.parent.name, []).append(
+                    b"|".join(text.split(b"|")[:3]).decode(errors="replace"))
+    return found
+
+
+def expected(sensor: str, sequences, packets: int) -> list[str]:
+    return [f"{sensor}|{s}|{i}" for s in sequences for i in range(packets)]
+
+
+async def drained(js, timeout: float = 120) -> None:
+    """Until the stream is empty: every message acknowledged by the store (interest
+    retention removes it then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await js.stream_info(STREAM)
+        if info.state.messages == 0:
+            return
+        assert time.monotonic() < deadline, f"{info.state.messages} messages left in the stream"
+        await asyncio.sleep(0.3)
+
+
+async def connect(urls: str) -> Cluster:
+    return await Cluster.connect(ClusterSettings(tuple(urls.split(",")), replicas=3,
+                                                 name="test-publisher"))
+
+
+def test_chunks_stored_once_in_order_parts_duplicates_and_garbage(tmp_path):
+    sensors = ["node.one", "node two", "n3"]
+
+    async def scenario(urls: str) -> Worker:
+        cluster = await connect(urls)
+        js = cluster.js
+        worker = Worker(tmp_path, urls, "w1")
+        for sequence in range(1, 11):
+            for sensor in sensors:
+                await publish(js, sensor, sequence, chunk_body(sensor, sequence, 20))
+        # A retry beyond JetStream's window: the same sequence under another message id.
+        await publish(js, "node.one", 5, chunk_body("node.one", 5, 20), msg_id="again.5")
+        # Garbage on node.one's subject, a message without headers, then more chunks: the
+        # partition goes on.
+        subject = f"{SUBJECT_PREFIX}.{partition('node.one')}.{token('node.one')}"
+        await js.publish(subject, b"\x00garbage" * 100, headers={
+            "Ossensor-Sensor": "node.one", "Ossensor-Sequence": "999",
+            "Nats-Msg-Id": "garbage"})
+        await js.publish(subject, b"no headers")
+        # A chunk over max_payload in three parts, with another sensor's chunk between them.
+        big = chunk_body("node.one", 11, 300, pad=8000)
+        assert 2 * PART_BYTES < len(big) <= 3 * PART_BYTES
+        parts = [big[i:i + PART_BYTES] for i in range(0, len(big), PART_BYTES)]
+        headers = {"Ossensor-Sensor": "node.one", "Ossensor-Sequence": "11"}
+        for i, part in enumerate(parts, 1):
+            await js.publish(subject, part, headers={
+                **headers, "Ossensor-Part": f"{i}/3", "Nats-Msg-Id": f"{token('node.one')}.11.{i}"})
+            if i == 1:
+                await publish(js, "node two", 11, chunk_body("node two", 11, 20))
+        for sensor in sensors:
+            await publish(js, sensor, 12, chunk_body(sensor, 12, 20))
+        await drained(js)
+        await cluster.close()
+        return worker
+
+    with nats_cluster(tmp_path / "nats", 3) as nats:
+        worker = asyncio.run(scenario(nats.urls))
+        assert worker.stop() == 0, worker.text()[-3000:]
+    log = worker.text()
+    assert "refused chunk 999 of 'node.one'" in log, log[-3000:]
+    assert "refused chunk ? of '?': missing or overlong Ossensor-Sensor header" in log
+    assert "stopped: 35 chunks (980 packets) stored, 1 duplicates, 2 refused" in log
+    files = stored(worker.data)
+    assert sorted(files) == sorted(safe_name(s) for s in sensors)
+    files = {s: files[safe_name(s)] for s in sensors}
+    assert files["node.one"] == expected("node.one", range(1, 11), 20) + \
+        expected("node.one", [11], 300) + expected("node.one", [12], 20)
+    assert files["node two"] == expected("node two", range(1, 13), 20)
+    assert files["n3"] == expected("n3", [*range(1, 11), 12], 20)
+    assert not list(worker.data.glob("*/*.part"))
+
+
+def test_a_killed_worker_restarted_stores_every_chunk_exactly_once(tmp_path):
+    sensors = ["a.b", "c d"]
+
+    async def scenario(urls: str) -> Worker:
+        cluster = await connect(urls)
+        for sequence in range(1, 301):
+            for sensor in sensors:
+                await publish(cluster.js, sensor, sequence, chunk_body(sensor, sequence, 50))
+        worker = Worker(tmp_path, urls, "w1")
+        deadline = time.monotonic() + 60
+        journals = [worker.data / s / ".chunks" for s in sensors]
+        while sum(len(j.read_text().splitlines()) for j in journals if j.exists()) < 100:
+            assert time.monotonic() < deadline, worker.text()[-2000:]
+            await asyncio.sleep(0.01)
+        worker.stop(signal.SIGKILL)
+        info = await cluster.js.stream_info(STREAM)
+        assert info.state.messages > 0  # killed mid-stream
+        worker.start()  # the same name and volume: its partitions back at once
+        # Messages delivered to the killed worker come back after the consumers' ack_wait.
+        await drained(cluster.js, timeout=150)
+        await cluster.close()
+        return worker
+
+    with nats_cluster(tmp_path / "nats", 3) as nats:
+        worker = asyncio.run(scenario(nats.urls))
+        assert worker.stop() == 0
+    log = worker.text()
+    assert "recovered" in log or "duplicates" in log
+    files = stored(worker.data)
+    for sensor in sensors:
+        assert files[safe_name(sensor)] == expected(sensor, range(1, 301), 50)
+
+
+def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(tmp_path):
+    sensors = [f"sensor.{i}" for i in range(40)]
+
+    async def reports(kv, names) -> dict[str, dict]:
+        return {n: json.loads((await kv.get(f"worker.{n}")).value) for n in names}
+
+    async def scenario(urls: str) -> tuple[Worker, Worker]:
+        cluster = await connect(urls)
+        kv = cluster.kv("ossensor-store")
+        first, second = Worker(tmp_path, urls, "w1"), Worker(tmp_path, urls, "w2")
+        deadline = time.monotonic() + 60
+        while True:  # balanced: 16 each, disjoint
+            try:
+                held = await reports(kv, ["w1", "w2"])
+            except Exception:
+                held = {}
+            if held and all(len(r["partitions"]) == PARTITIONS // 2 for r in held.values()):
+                break
+            assert time.monotonic() < deadline, (held, first.text()[-2000:])
+            await asyncio.sleep(0.5)
+        assert not set(held["w1"]["partitions"]) & set(held["w2"]["partitions"])
+        for sensor in sensors:
+            await publish(cluster.js, sensor, 1, chunk_body(sensor, 1, 10))
+        await drained(cluster.js)
+        second.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        for sensor in sensors:
+            await publish(cluster.js, sensor, 2, chunk_body(sensor, 2, 10))
+        await drained(cluster.js)
+        took = time.monotonic() - killed
+        assert took >= float(LEASE) - 0.5, took  # not before the lease ran out (less a tick)
+        report = (await reports(kv, ["w1"]))["w1"]
+        deadline = time.monotonic() + 30
+        while len(report["partitions"]) != PARTITIONS:
+            assert time.monotonic() < deadline, report
+            await asyncio.sleep(0.5)
+            report = (await reports(kv, ["w1"]))["w1"]
+        assert set(report["pending"].values()) == {0}
+        await cluster.close()
+        return first, second
+
+    with nats_cluster(tmp_path / "nats", 3) as nats:
+        first, second = asyncio.run(scenario(nats.urls))
+        assert first.stop() == 0
+    assert "held by 'w2'" in first.text()
+    files = stored(first.data, second.data)
+    both = {}
+    for folder in (first.data, second.data):
+        for sensor in sensors:
+            if (folder / safe_name(sensor)).is_dir():
+                both.setdefault(sensor, []).append(folder.name)
+    assert any(len(v) == 2 for v in both.values())  # w2's sensors went on on w1's volume
+    for sensor in sensors:
+        assert sorted(files.get(safe_name(sensor), [])) == sorted(expected(sensor, [1, 2], 10)), sensor
