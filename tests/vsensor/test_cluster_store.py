@@ -217,7 +217,7 @@ def test_a_killed_worker_restarted_stores_every_chunk_exactly_once(tmp_path):
         worker = asyncio.run(scenario(nats.urls))
         assert worker.stop() == 0
     log = worker.text()
-    assert "recovered" in log or "duplicates" in log
+    assert "recovered" in log  # its .part files, cut back to the journal and completed
     files = stored(worker.data)
     for sensor in sensors:
         assert files[safe_name(sensor)] == expected(sensor, range(1, 301), 50)

@@ -56,6 +56,8 @@ FETCH_WAIT = 1.0
 #: batch size): what one partition holds in memory beside its incomplete chunks.
 FETCH_BYTES = 8 << 20
 MAX_BATCH = 64
+#: Beyond ``ack_wait``, for the server to put the messages out back in line.
+REDELIVERY_MARGIN = 2.0
 #: Seconds between tries to store a chunk the disk refused.
 STORE_RETRY = 5.0
 
@@ -122,6 +124,7 @@ class PartitionConsumer:
         js = self.worker.cluster.js
         sub = None
         failures = 0
+        await self._wait_for_outstanding()
         while not self.stopping:
             try:
                 if sub is None:
@@ -144,6 +147,29 @@ class PartitionConsumer:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _wait_for_outstanding(self) -> None:
+        """Messages delivered to this partition's previous holder (a killed worker, or
+        buffered by one that let it go) and never acknowledged come back only after the
+        consumer's ``ack_wait``, while new ones would come at once: taking new ones first
+        would store a sensor's chunks out of order. So a partition taken with messages out
+        waits for them to become due again first (redeliveries go before new messages)."""
+        try:
+            info = await self.worker.cluster.js.consumer_info(STREAM, f"store-{self.part}")
+        except Exception as exc:  # then nothing is known to be out: start at once
+            log.warning("%s: cannot read the consumer (%s)", self.part,
+                        str(exc)[:200] or type(exc).__name__)
+            return
+        out = int(info.num_ack_pending or 0)
+        if not out:
+            return
+        wait = min(float(info.config.ack_wait or 30.0), 600.0) + REDELIVERY_MARGIN
+        log.info("%s: %d messages still out with its previous holder: waiting %.0f s for them "
+                 "to come back first, so that every sensor's chunks stay in order", self.part,
+                 out, wait)
+        deadline = time.monotonic() + wait
+        while not self.stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.5, deadline - time.monotonic()))
 
     async def _handle(self, message: Any) -> None:
         worker = self.worker
