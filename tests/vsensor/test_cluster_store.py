@@ -24,7 +24,7 @@ from ossensor_core.wire.chunk import Chunk, ChunkCodec
 from ossensor_vsensor.cluster import PARTITIONS, STREAM, SUBJECT_PREFIX, partition
 from ossensor_vsensor.cluster.connection import Cluster, ClusterSettings
 from ossensor_vsensor.cluster.names import token
-from ossensor_vsensor.store import safe_name
+from ossensor_vsensor.store import recover, safe_name
 from tests.helpers.nats import nats_cluster, needs_nats
 
 pytestmark = needs_nats
@@ -268,6 +268,8 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(tmp
         first, second = asyncio.run(scenario(nats.urls))
         assert first.stop() == 0
     assert "held by 'w2'" in first.text()
+    for folder in second.data.iterdir():  # what w2 does when it starts again on its volume
+        recover(folder)
     files = stored(first.data, second.data)
     both = {}
     for folder in (first.data, second.data):

@@ -25,6 +25,7 @@ on its own, before anyone else may take it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -100,19 +101,21 @@ class PartitionLeases:
         entries = {p: await self._entry(PARTITION_PREFIX + p) for p in partitions()}
         lost = await self._renew(entries, now)
         target = math.ceil(PARTITIONS / live)
-        for part in sorted(self.held, key=lambda p: score(self.name, p))[:max(
-                0, len(self.held) - target)]:
-            await stop(part)
+        excess = sorted(self.held, key=lambda p: score(self.name, p))[:max(
+            0, len(self.held) - target)]
+        # At once: each finishes the batch in hand first, and renewals must not wait for that.
+        await asyncio.gather(*(stop(part) for part in excess))
+        for part in excess:
             revision = self.held.pop(part)
             self.renewed.pop(part, None)
-            lost.append(part)
             try:
                 await self.kv.delete(PARTITION_PREFIX + part, last=revision)
             except Exception as exc:  # taken meanwhile, or NATS gone: the lease runs out
                 log.info("releasing %s: %s", part, exc or type(exc).__name__)
             log.info("released %s (%d live workers, aiming at %d partitions)", part, live, target)
-        gained = await self._take(entries, target, now)
-        return gained, lost
+        # What was just released or lost still names this worker in ``entries``.
+        gained = await self._take(entries, target, now, skip={*lost, *excess})
+        return gained, lost + excess
 
     async def _renew(self, entries: dict[str, Any], now: float) -> list[str]:
         from nats.js.errors import KeyWrongLastSequenceError
@@ -140,10 +143,11 @@ class PartitionLeases:
             self.renewed.pop(part, None)
         return lost
 
-    async def _take(self, entries: dict[str, Any], target: int, now: float) -> list[str]:
+    async def _take(self, entries: dict[str, Any], target: int, now: float,
+                    skip: set[str]) -> list[str]:
         mine, free = [], []
         for part, entry in entries.items():
-            if part in self.held:
+            if part in self.held or part in skip:
                 continue
             if entry is None:
                 free.append(part)
