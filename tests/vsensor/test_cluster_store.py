@@ -24,10 +24,9 @@ from ossensor_core.wire.chunk import Chunk, ChunkCodec
 from ossensor_vsensor.cluster import PARTITIONS, STREAM, SUBJECT_PREFIX, partition
 from ossensor_vsensor.cluster.connection import Cluster, ClusterSettings
 from ossensor_vsensor.cluster.names import token
+from ossensor_vsensor.cluster.parts import BadMessage, Header, Reassembly, read_headers
 from ossensor_vsensor.store import recover, safe_name
 from tests.helpers.nats import nats_cluster, needs_nats
-
-pytestmark = needs_nats
 
 LEASE = "3"
 #: Parts as a replica cuts them: under the servers' max_payload (1 MiB) with room for headers.
@@ -138,6 +137,7 @@ async def connect(urls: str) -> Cluster:
                                                  name="test-publisher"))
 
 
+@needs_nats
 def test_chunks_stored_once_in_order_parts_duplicates_and_garbage(tmp_path):
     sensors = ["node.one", "node two", "n3"]
 
@@ -190,6 +190,7 @@ def test_chunks_stored_once_in_order_parts_duplicates_and_garbage(tmp_path):
     assert not list(worker.data.glob("*/*.part"))
 
 
+@needs_nats
 def test_a_killed_worker_restarted_stores_every_chunk_exactly_once(tmp_path):
     sensors = ["a.b", "c d"]
 
@@ -223,6 +224,7 @@ def test_a_killed_worker_restarted_stores_every_chunk_exactly_once(tmp_path):
         assert files[safe_name(sensor)] == expected(sensor, range(1, 301), 50)
 
 
+@needs_nats
 def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(tmp_path):
     sensors = [f"sensor.{i}" for i in range(40)]
 
@@ -279,3 +281,73 @@ def test_two_workers_share_partitions_and_one_takes_over_when_the_other_dies(tmp
     assert any(len(v) == 2 for v in both.values())  # w2's sensors went on on w1's volume
     for sensor in sensors:
         assert sorted(files.get(safe_name(sensor), [])) == sorted(expected(sensor, [1, 2], 10)), sensor
+
+
+# -- reading messages, without NATS ------------------------------------------------------------
+
+def subject_of(sensor: str) -> str:
+    return f"{SUBJECT_PREFIX}.{partition(sensor)}.{token(sensor)}"
+
+
+@pytest.mark.parametrize("headers, subject, why", [
+    (None, subject_of("a"), "Ossensor-Sensor"),
+    ({"Ossensor-Sensor": "a" * 2000, "Ossensor-Sequence": "1"}, subject_of("a"),
+     "Ossensor-Sensor"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "-1"}, subject_of("a"), "Ossensor-Sequence"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": str(1 << 64)}, subject_of("a"),
+     "Ossensor-Sequence"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "١"}, subject_of("a"), "Ossensor-Sequence"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "1"}, subject_of("b"), "not the sensor's"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "1"},
+     f"{SUBJECT_PREFIX}.p99.{token('a')}", "not the sensor's"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "1", "Ossensor-Part": "0/2"},
+     subject_of("a"), "Ossensor-Part"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "1", "Ossensor-Part": "3/2"},
+     subject_of("a"), "Ossensor-Part"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "1", "Ossensor-Part": "1/100000"},
+     subject_of("a"), "at most 130 parts"),
+    ({"Ossensor-Sensor": "a", "Ossensor-Sequence": "1", "Ossensor-Part": "1/"},
+     subject_of("a"), "Ossensor-Part"),
+])
+def test_headers_that_break_the_contract_are_refused_in_one_bounded_line(headers, subject, why):
+    with pytest.raises(BadMessage) as refused:
+        read_headers(subject, headers, max_parts=130)
+    assert why in str(refused.value) and len(str(refused.value)) < 400
+
+
+def test_headers_of_a_chunk_and_of_a_part():
+    sensor = "node two.x"
+    base = {"Ossensor-Sensor": sensor, "Ossensor-Sequence": str((1 << 64) - 1)}
+    assert read_headers(subject_of(sensor), base, 130) == Header(sensor, (1 << 64) - 1)
+    assert read_headers(subject_of(sensor), {**base, "Ossensor-Part": "2/3"}, 130) == \
+        Header(sensor, (1 << 64) - 1, 2, 3)
+
+
+def test_reassembly_in_any_order_with_repeats_and_other_chunks_between():
+    parts = Reassembly(max_bytes=1000)
+    first = [Header("a", 7, i, 3) for i in (1, 2, 3)]
+    assert parts.add(first[1], "m2", b"BB") == (None, [], [])
+    assert parts.add(Header("b", 1, 1, 2), "other", b"X") == (None, [], [])
+    assert parts.add(first[1], "m2 again", b"BB") == (None, ["m2 again"], [])  # repeat: ack it
+    assert parts.add(first[0], "m1", b"AA") == (None, [], [])
+    assert parts.add(first[2], "m3", b"C") == (b"AABBC", ["m2", "m1", "m3"], [])
+    assert list(parts.open) == [("b", 1, 2)] and parts.size == 1
+
+
+def test_reassembly_drops_the_oldest_beyond_its_count_and_bytes_and_what_waited_too_long():
+    parts = Reassembly(max_bytes=10, max_open=2, wait=30.0)
+    parts.add(Header("a", 1, 1, 2), "a1", b"12345", now=0.0)
+    parts.add(Header("b", 1, 1, 2), "b1", b"1", now=1.0)
+    _, _, dropped = parts.add(Header("c", 1, 1, 2), "c1", b"1", now=2.0)
+    assert [(key, chunk.messages) for _, key, chunk in dropped] == [(("a", 1, 2), ["a1"])]
+    _, _, dropped = parts.add(Header("d", 1, 1, 2), "d1", b"123456789", now=3.0)
+    assert [key for _, key, _ in dropped] == [("b", 1, 2)]  # 3 open, then 10 bytes: in bounds
+    assert parts.size == 10
+    _, _, dropped = parts.add(Header("d", 1, 2, 3), "d2", b"12", now=3.0)  # another count
+    assert [key for _, key, _ in dropped] == [("c", 1, 2), ("d", 1, 2)]  # over 10 bytes
+    assert parts.size == 2
+    parts.add(Header("e", 1, 1, 2), "e1", b"1", now=4.0)
+    assert parts.expired(now=33.0) == []
+    assert [key for _, key, _ in parts.expired(now=33.5)] == [("d", 1, 3)]
+    assert [key for _, key, _ in parts.expired(now=34.5)] == [("e", 1, 2)]
+    assert parts.size == 0 and not parts.open
