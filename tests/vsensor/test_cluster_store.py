@@ -192,16 +192,18 @@ def test_chunks_stored_once_in_order_parts_duplicates_and_garbage(tmp_path):
 
 @needs_nats
 def test_a_killed_worker_restarted_stores_every_chunk_exactly_once(tmp_path):
+    """SIGKILL mid-stream, started again under its name; meanwhile one NATS server is
+    SIGKILLed and started again while more chunks come."""
     sensors = ["a.b", "c d"]
 
-    async def scenario(urls: str) -> Worker:
+    async def scenario(urls: str, nats) -> Worker:
         cluster = await connect(urls)
         for sequence in range(1, 301):
             for sensor in sensors:
                 await publish(cluster.js, sensor, sequence, chunk_body(sensor, sequence, 50))
         worker = Worker(tmp_path, urls, "w1")
         deadline = time.monotonic() + 60
-        journals = [worker.data / s / ".chunks" for s in sensors]
+        journals = [worker.data / safe_name(s) / ".chunks" for s in sensors]
         while sum(len(j.read_text().splitlines()) for j in journals if j.exists()) < 100:
             assert time.monotonic() < deadline, worker.text()[-2000:]
             await asyncio.sleep(0.01)
@@ -209,19 +211,36 @@ def test_a_killed_worker_restarted_stores_every_chunk_exactly_once(tmp_path):
         info = await cluster.js.stream_info(STREAM)
         assert info.state.messages > 0  # killed mid-stream
         worker.start()  # the same name and volume: its partitions back at once
+        nats.kill(1)
+        for sequence in range(301, 401):
+            for sensor in sensors:
+                await retried(cluster.js, sensor, sequence, chunk_body(sensor, sequence, 50))
+        nats.start(1)
         # Messages delivered to the killed worker come back after the consumers' ack_wait.
         await drained(cluster.js, timeout=150)
         await cluster.close()
         return worker
 
     with nats_cluster(tmp_path / "nats", 3) as nats:
-        worker = asyncio.run(scenario(nats.urls))
+        worker = asyncio.run(scenario(nats.urls, nats))
         assert worker.stop() == 0
     log = worker.text()
     assert "recovered" in log  # its .part files, cut back to the journal and completed
     files = stored(worker.data)
     for sensor in sensors:
-        assert files[safe_name(sensor)] == expected(sensor, range(1, 301), 50)
+        assert files[safe_name(sensor)] == expected(sensor, range(1, 401), 50)
+
+
+async def retried(js, sensor: str, sequence: int, body: bytes) -> None:
+    """:func:`publish` retried as a sensor retries through a replica while NATS elects new
+    leaders: the same message ids, so JetStream keeps one copy."""
+    for _ in range(60):
+        try:
+            await publish(js, sensor, sequence, body)
+            return
+        except Exception:
+            await asyncio.sleep(0.5)
+    raise AssertionError(f"could not publish {sensor} {sequence}")
 
 
 @needs_nats
