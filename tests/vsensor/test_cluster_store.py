@@ -347,9 +347,12 @@ def test_reassembly_in_any_order_with_repeats_and_other_chunks_between():
     first = [Header("a", 7, i, 3) for i in (1, 2, 3)]
     assert parts.add(first[1], "m2", b"BB") == (None, [], [])
     assert parts.add(Header("b", 1, 1, 2), "other", b"X") == (None, [], [])
-    assert parts.add(first[1], "m2 again", b"BB") == (None, ["m2 again"], [])  # repeat: ack it
-    assert parts.add(first[0], "m1", b"AA") == (None, [], [])
-    assert parts.add(first[2], "m3", b"C") == (b"AABBC", ["m2", "m1", "m3"], [])
+    # Another copy of a held part is left alone; the same stream message delivered again
+    # takes the place of the held delivery (its acknowledgement is the one that counts).
+    assert parts.add(first[1], "copy", b"BB", stream_sequence=9) == (None, [], [])
+    assert parts.add(first[0], "m1", b"AA", stream_sequence=10) == (None, [], [])
+    assert parts.add(first[0], "m1 again", b"AA", stream_sequence=10) == (None, [], [])
+    assert parts.add(first[2], "m3", b"C") == (b"AABBC", ["m2", "m1 again", "m3"], [])
     assert list(parts.open) == [("b", 1, 2)] and parts.size == 1
 
 
@@ -370,3 +373,36 @@ def test_reassembly_drops_the_oldest_beyond_its_count_and_bytes_and_what_waited_
     assert [key for _, key, _ in parts.expired(now=33.5)] == [("d", 1, 3)]
     assert [key for _, key, _ in parts.expired(now=34.5)] == [("e", 1, 2)]
     assert parts.size == 0 and not parts.open
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--nats", "nats://127.0.0.1:1", "--data-dir", "D", "--worker", "a b"], "--worker"),
+    (["--nats", "nats://127.0.0.1:1", "--data-dir", "D", "--worker", ".x"], "--worker"),
+    (["--nats", "http://x", "--data-dir", "D"], "--nats"),
+    (["--nats", "nats://127.0.0.1:1", "--data-dir", "D", "--lease-seconds", "0"],
+     "--lease-seconds"),
+    (["--nats", "nats://127.0.0.1:1", "--data-dir", "D", "--nats-replicas", "7"],
+     "--nats-replicas"),
+    (["--data-dir", "D"], "--nats"),
+])
+def test_bad_options_exit_1_with_one_line_naming_the_option(tmp_path, args, culprit):
+    args = [str(tmp_path / "data") if a == "D" else a for a in args]
+    done = subprocess.run([sys.executable, "-m", "ossensor_vsensor.cli", "store", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and culprit in done.stderr, done.stderr
+
+
+def test_sigterm_while_no_nats_server_answers_exits_0(tmp_path):
+    worker = Worker(tmp_path, "nats://127.0.0.1:1", "w1")
+    deadline = time.monotonic() + 20
+    while "open-files limit" not in worker.text():
+        assert time.monotonic() < deadline, worker.text()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    started = time.monotonic()
+    assert worker.stop() == 0, worker.text()
+    assert time.monotonic() - started < 10
+    assert "stopped before NATS could be reached" in worker.text()

@@ -84,6 +84,8 @@ class OpenChunk:
     started: float
     bodies: dict[int, bytes] = field(default_factory=dict)
     messages: list[Any] = field(default_factory=list)
+    sequences: dict[int, int | None] = field(default_factory=dict)  # part -> stream sequence
+    positions: dict[int, int] = field(default_factory=dict)  # part -> index in messages
     size: int = 0
 
 
@@ -100,12 +102,16 @@ class Reassembly:
         self.open: OrderedDict[tuple[str, int, int], OpenChunk] = OrderedDict()
         self.size = 0
 
-    def add(self, header: Header, message: Any, body: bytes,
-            now: float | None = None) -> tuple[bytes | None, list[Any], list[Dropped]]:
+    def add(self, header: Header, message: Any, body: bytes, now: float | None = None,
+            stream_sequence: int | None = None) -> tuple[bytes | None, list[Any], list[Dropped]]:
         """Keep one part. Returns ``(body, messages, dropped)``: the whole body and every
-        message of the chunk once its last part came (else None and the messages to
-        acknowledge at once: a repeated part), and the chunks dropped to stay in bounds as
-        :data:`Dropped`."""
+        message of the chunk once its last part came (else None and []), and the chunks dropped
+        to stay in bounds (:data:`Dropped`), whose messages are to be acknowledged.
+
+        A part held already is never acknowledged on its own: when it is the same stream
+        message delivered again (``stream_sequence``), the newer delivery replaces the held
+        one; another copy is left unacknowledged, to come back and be dropped with its own
+        incomplete chunk, so that no acknowledgement can ever take a held part away."""
         now = time.monotonic() if now is None else now
         key = (header.sensor, header.sequence, header.parts)
         dropped: list[Dropped] = []
@@ -114,8 +120,14 @@ class Reassembly:
             chunk = OpenChunk(header.parts, now)
             self.open[key] = chunk
         if header.part in chunk.bodies:
-            return None, [message], dropped  # a repeat (JetStream's window had passed)
+            held = chunk.sequences.get(header.part)
+            if held is not None and held == stream_sequence:
+                index = chunk.positions[header.part]
+                chunk.messages[index] = message
+            return None, [], dropped
         chunk.bodies[header.part] = body
+        chunk.sequences[header.part] = stream_sequence
+        chunk.positions[header.part] = len(chunk.messages)
         chunk.messages.append(message)
         chunk.size += len(body)
         self.size += len(body)

@@ -181,11 +181,10 @@ class PartitionConsumer:
         messages = [message]
         body = message.data
         if header.parts > 1:
-            whole, messages, dropped = self.reassembly.add(header, message, body)
+            whole, messages, dropped = self.reassembly.add(
+                header, message, body, stream_sequence=_stream_sequence(message))
             await self._give_up(dropped)
             if whole is None:
-                for repeat in messages:  # a part held already: this copy is not needed
-                    await repeat.ack()
                 return
             body = whole
         try:
@@ -250,6 +249,13 @@ class PartitionConsumer:
                 await each.ack()
 
 
+def _stream_sequence(message: Any) -> int | None:
+    try:
+        return int(message.metadata.sequence.stream)
+    except Exception:  # not a JetStream delivery (no reply subject to read it from)
+        return None
+
+
 class StoreWorker:
     """Leases, one :class:`PartitionConsumer` per held partition, the stores and the report."""
 
@@ -271,7 +277,18 @@ class StoreWorker:
         """Recover, connect, then hold and consume partitions until ``stop`` is set; then
         finish the batches in hand and complete every open file."""
         await self.stores.start()  # recovers what a killed run left before anything new
-        self.cluster = cluster = await Cluster.connect(self.settings.cluster)
+        connecting = asyncio.create_task(Cluster.connect(self.settings.cluster))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():  # stopped while waiting for NATS: nothing taken yet
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            await self.stores.close()
+            log.info("stopped before NATS could be reached")
+            return
+        self.cluster = cluster = connecting.result()
         self.max_payload = cluster.nc.max_payload or self.max_payload
         self.leases = PartitionLeases(cluster.kv("ossensor-store"), self.name,
                                       self.settings.lease_seconds)
