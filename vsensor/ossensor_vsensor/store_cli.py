@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="this worker's name in the cluster (default: the host name)")
     parser.add_argument("--nats-replicas", type=number(int, 1, 5), default=3, metavar="N",
                         help="copies JetStream keeps of the stream and buckets (default 3)")
+    parser.add_argument("--nats-stream-max-bytes", type=number(int, 1 << 20, 1 << 50),
+                        default=4 << 30, metavar="N",
+                        help="size limit of the chunk stream, as given to the replicas: every "
+                             "process that connects sets it (default 4 GiB)")
     parser.add_argument("--rotate-bytes", type=number(int, 1, 1 << 40), default=100 << 20,
                         metavar="N", help="complete a pcapng file at this size (default 100 MiB)")
     parser.add_argument("--rotate-seconds", type=number(float, 0, 7 * 86400, above=True),
@@ -80,6 +84,7 @@ def prepare(args: argparse.Namespace) -> StoreWorkerSettings:
                          "'ossensor-vsensor[cluster]'") from None
     try:
         cluster = ClusterSettings(tuple(args.nats.split(",")), replicas=args.nats_replicas,
+                                  stream_max_bytes=args.nats_stream_max_bytes,
                                   **({"name": args.worker} if args.worker else {}))
         if not WORKER_NAME.fullmatch(cluster.name):
             raise ValueError(f"the host name {shown(cluster.name)} cannot name a worker: "
