@@ -21,6 +21,18 @@ is logged in one bounded line and terminated (it leaves the stream). A store tha
 full) is retried every few seconds, holding the partition: nothing is acknowledged that is not
 stored, and the stream fills until replicas answer 507.
 
+Order across a takeover: messages delivered to a partition's previous holder and never
+acknowledged (it was killed) come back only after the consumer's ``ack_wait`` (60 s), while new
+ones would come at once. A partition taken with messages out therefore waits that long before
+its first pull, so that a sensor's chunks are never stored out of order; the stream holds what
+arrives meanwhile.
+
+Memory, per held partition: one pull of at most :data:`FETCH_BYTES` (messages are at most the
+server's ``max_payload``), the incomplete chunks (``parts.py``: at most 8, at most twice
+``MAX_CHUNK_BYTES`` together) and the chunk being decoded. The second bound is for 64 MiB
+chunks from several replicas at once; sensors' chunks are a few MiB, so in practice a worker
+holds a few MiB per partition.
+
 Every few seconds the worker puts ``worker.<name>`` in the ``ossensor-store`` bucket: the
 partitions it holds, what it stored, and each partition's backlog (messages not yet delivered
 plus delivered and not acknowledged), for the status pages.
@@ -141,9 +153,16 @@ class PartitionConsumer:
                                 str(exc)[:200] or type(exc).__name__)
                 await asyncio.sleep(min(5.0, 0.2 * failures))
                 continue
-            for message in messages:
-                await self._handle(message)
-            await self._give_up(self.reassembly.expired())
+            try:
+                for message in messages:
+                    await self._handle(message)
+                await self._give_up(self.reassembly.expired())
+            except Exception as exc:  # an acknowledgement lost with the connection: what
+                # was stored is recognised as a duplicate when it comes back
+                failures += 1
+                log.warning("%s: %s (what was not acknowledged comes back)", self.part,
+                            str(exc)[:200] or type(exc).__name__)
+                await asyncio.sleep(min(5.0, 0.2 * failures))
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -154,12 +173,19 @@ class PartitionConsumer:
         consumer's ``ack_wait``, while new ones would come at once: taking new ones first
         would store a sensor's chunks out of order. So a partition taken with messages out
         waits for them to become due again first (redeliveries go before new messages)."""
-        try:
-            info = await self.worker.cluster.js.consumer_info(STREAM, f"store-{self.part}")
-        except Exception as exc:  # then nothing is known to be out: start at once
-            log.warning("%s: cannot read the consumer (%s)", self.part,
-                        str(exc)[:200] or type(exc).__name__)
-            return
+        tries = 0
+        while True:
+            try:
+                info = await self.worker.cluster.js.consumer_info(STREAM, f"store-{self.part}")
+                break
+            except Exception as exc:  # NATS away or electing: nothing is known yet
+                tries += 1
+                if tries in (1, 10) or tries % 100 == 0:
+                    log.warning("%s: cannot read the consumer (%s); retrying", self.part,
+                                str(exc)[:200] or type(exc).__name__)
+                if self.stopping:
+                    return
+                await asyncio.sleep(min(5.0, 0.2 * tries))
         out = int(info.num_ack_pending or 0)
         if not out:
             return
