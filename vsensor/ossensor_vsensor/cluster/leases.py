@@ -98,7 +98,9 @@ class PartitionLeases:
             if entry is not None and self._observe(key, entry.revision, now) < self.lease:
                 live += 1
         self.live_workers = live
-        entries = {p: await self._entry(PARTITION_PREFIX + p) for p in partitions()}
+        names = partitions()
+        entries = dict(zip(names, await asyncio.gather(
+            *(self._entry(PARTITION_PREFIX + p) for p in names))))
         lost = await self._renew(entries, now)
         target = math.ceil(PARTITIONS / live)
         excess = sorted(self.held, key=lambda p: score(self.name, p))[:max(

@@ -190,12 +190,19 @@ class PartitionConsumer:
         if not out:
             return
         wait = min(float(info.config.ack_wait or 30.0), 600.0) + REDELIVERY_MARGIN
+        # Taken again by this process while an earlier wait still ran (and so pulled
+        # nothing): the messages out are the same, due at the same time.
+        now = time.monotonic()
+        deadline = self.worker.waits.get(self.part, 0.0)
+        if deadline <= now:
+            deadline = self.worker.waits[self.part] = now + wait
         log.info("%s: %d messages still out with its previous holder: waiting %.0f s for them "
                  "to come back first, so that every sensor's chunks stay in order", self.part,
-                 out, wait)
-        deadline = time.monotonic() + wait
+                 out, deadline - time.monotonic())
         while not self.stopping and time.monotonic() < deadline:
-            await asyncio.sleep(min(0.5, deadline - time.monotonic()))
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        if not self.stopping:
+            self.worker.waits.pop(self.part, None)
 
     async def _handle(self, message: Any) -> None:
         worker = self.worker
@@ -291,6 +298,9 @@ class StoreWorker:
         self.codec = ChunkCodec()
         self.counters = Counters()
         self.consumers: dict[str, PartitionConsumer] = {}
+        #: partition -> time.monotonic() until which it waits for messages out (see
+        #: PartitionConsumer._wait_for_outstanding)
+        self.waits: dict[str, float] = {}
         self.cluster: Cluster | None = None  # set by run()
         self.leases: PartitionLeases | None = None
         self.max_payload = 1 << 20
@@ -351,14 +361,23 @@ class StoreWorker:
 
     async def report(self) -> bytes:
         """``worker.<name>``: bounded (at most every partition, numbers only)."""
-        pending: dict[str, int] = {}
         assert self.cluster is not None
-        for part in sorted(self.consumers):
+        js = self.cluster.js
+
+        async def backlog(part: str) -> int:
             try:
-                info = await self.cluster.js.consumer_info(STREAM, f"store-{part}")
-                pending[part] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+                info = await js.consumer_info(STREAM, f"store-{part}")
+                return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
             except Exception:  # the report goes out without it
-                pending[part] = -1
+                return -1
+
+        parts = sorted(self.consumers)
+        try:  # at once, and bounded: the renewals that follow must not wait for a slow NATS
+            counts = await asyncio.wait_for(asyncio.gather(*(backlog(p) for p in parts)),
+                                            timeout=self.settings.tick_seconds)
+        except asyncio.TimeoutError:
+            counts = [-1] * len(parts)
+        pending = dict(zip(parts, counts))
         c = self.counters
         return json.dumps({
             "worker": self.name, "partitions": sorted(self.consumers), "pending": pending,
