@@ -18,10 +18,12 @@ needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None,
                                    reason="needs haproxy (scripts/setup.sh installs it)")
 
 
-def config(listen: str, servers: Sequence[str], proxy_v2: bool = True) -> str:
-    """A TCP balancer on ``listen`` (HOST:PORT) over ``servers`` (HOST:PORT each), which tells
-    each server the client's address in a PROXY v2 header when ``proxy_v2``."""
-    send = " send-proxy-v2" if proxy_v2 else ""
+def config(listen: str, servers: Sequence[str], proxy_v2: bool = True,
+           balance: str = "roundrobin") -> str:
+    """A TCP balancer on ``listen`` (HOST:PORT) over ``servers`` (``HOST:PORT [options]``
+    each), which tells each server the client's address in a PROXY v2 header when ``proxy_v2``
+    (its health checks too: a bare connect would be a connection without a header)."""
+    send = " send-proxy-v2 check-send-proxy" if proxy_v2 else ""
     backends = "\n".join(f"    server s{i} {server} check inter 1s fall 2 rise 1{send}"
                          for i, server in enumerate(servers))
     return f"""global
@@ -35,7 +37,7 @@ frontend sensors
     bind {listen}
     default_backend vsensors
 backend vsensors
-    balance roundrobin
+    balance {balance}
 {backends}
 """
 
