@@ -310,18 +310,18 @@ def parse_networks(option: str, values: Sequence[str]) -> tuple[str, ...]:
     networks = []
     for text in (part.strip() for value in values for part in value.split(",")):
         try:
-            networks.append(str(ipaddress.ip_network(text, strict=False)))
+            networks.append(str(ipaddress.ip_network(text)))
         except ValueError:
-            raise UsageError(f"{option} {shown(text)}: not an address or CIDR network") from None
+            raise UsageError(f"{option} {shown(text)}: not an address or a CIDR network "
+                             "(without host bits)") from None
     return tuple(networks)
 
 
 def cluster_settings(args: argparse.Namespace) -> ClusterSettings | None:
     """``--nats`` and its options, checked; None in single mode."""
     if args.nats is None:
-        for option in ("replica",):
-            if getattr(args, option) is not None:
-                raise UsageError(f"--{option} needs --nats (cluster mode)")
+        if args.replica is not None:
+            raise UsageError("--replica needs --nats (cluster mode)")
         return None
     if not args.tls_cert:
         # Replicas sit behind a load balancer and are reached directly too: one certificate
