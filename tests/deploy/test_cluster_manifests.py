@@ -245,6 +245,26 @@ def test_chart_refuses(values, message):
     assert done.returncode != 0 and message in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("source", CLUSTER_SOURCES)
+def test_nats_network_policy(source, rendered):
+    """deploy/nats/networkpolicy.yaml lets the replicas and the store workers reach NATS's
+    client port, and not the sensors (nor anything else of ours)."""
+    cluster = Cluster(rendered[source])
+    (policy,) = documents((DEPLOY / "nats" / "networkpolicy.yaml").read_text())
+    (clients,) = [r for r in policy["spec"]["ingress"]
+                  if [p["port"] for p in r.get("ports", [])] == [4222]]
+
+    def admitted(pod: dict[str, Any]) -> bool:
+        labels = pod["metadata"]["labels"]
+        return any(peer["podSelector"]["matchLabels"].items() <= labels.items()
+                   for peer in clients["from"])
+
+    assert admitted(cluster.replica_pod) and admitted(cluster.store_pod)
+    assert not admitted(cluster.sensor_pod)
+    assert all(r.get("from") for r in policy["spec"]["ingress"]
+               if 8222 not in [p["port"] for p in r["ports"]])
+
+
 def test_no_nats_dependency():
     """NATS comes from its own chart, installed apart: ours could not be rendered offline."""
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())

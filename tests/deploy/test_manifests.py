@@ -72,9 +72,13 @@ def test_helm_lint(cluster):
         "--set", f"cluster.enabled={cluster}")
 
 
-@pytest.mark.parametrize("source", [*SOURCES, "sidecar"])
+#: Manifests applied as they are, not through kustomize or helm.
+FILES = {"sidecar": "examples/fargate-sidecar.yaml", "nats-policy": "nats/networkpolicy.yaml"}
+
+
+@pytest.mark.parametrize("source", [*SOURCES, *FILES])
 def test_kubernetes_schemas(source, tmp_path, rendered):
-    text = ((DEPLOY / "examples" / "fargate-sidecar.yaml").read_text() if source == "sidecar"
+    text = ((DEPLOY / FILES[source]).read_text() if source in FILES
             else rendering(source, rendered))
     rendered = tmp_path / f"{source}.yaml"
     rendered.write_text(text)
