@@ -33,7 +33,8 @@ nats://nats.{{ .Release.Namespace }}.svc.{{ .Values.cluster.clusterDomain }}:422
 
 {{- /* Pod anti-affinity for the pods of one component, by cluster.antiAffinity. */}}
 {{- define "ossensor.antiAffinity" -}}
-{{- $terms := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" .labels) -}}
+{{- $terms := dict "topologyKey" "kubernetes.io/hostname"
+      "labelSelector" (dict "matchLabels" .labels) -}}
 podAntiAffinity:
 {{- if eq .root.Values.cluster.antiAffinity "required" }}
   requiredDuringSchedulingIgnoredDuringExecution:
