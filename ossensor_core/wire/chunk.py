@@ -25,7 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import zstandard
 
@@ -194,7 +194,19 @@ class ChunkCodec(ChunkEncoder):
         except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
             raise ChunkError(f"malformed chunk: {exc}") from exc
 
-    def _decode(self, payload: bytes, max_size: int) -> Chunk:
+    def read_head(self, payload: bytes, max_size: int = MAX_CHUNK_BYTES) -> ChunkHead:
+        """What a chunk says about itself (sensor, sequence, instance, interface table) and
+        its batches' packet counts, without the records: for a receiver that passes the body
+        on as it is (cluster mode's replica) and leaves the records to whoever decodes it
+        (:meth:`decode`, which checks them). Every count and length is bounded as in
+        :meth:`decode`; the batch data is decompressed and skipped, never walked, so the cost
+        is per chunk and per batch, not per packet. Raises :class:`ChunkError`."""
+        try:
+            return self._decode(payload, max_size, records=False)
+        except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
+            raise ChunkError(f"malformed chunk: {exc}") from exc
+
+    def _decode(self, payload: bytes, max_size: int, records: bool = True) -> Any:
         magic, version, codec, _, length = _OUTER.unpack_from(payload, 0)
         if magic != MAGIC:
             raise ChunkError("malformed chunk: bad magic")
@@ -236,6 +248,7 @@ class ChunkCodec(ChunkEncoder):
             raise ChunkError(f"malformed chunk: {count} batches, over the limit of "
                              f"{MAX_CHUNK_BATCHES}")
         batches = []
+        packets_in_batches = 0
         linktypes: set[int] = set()
         for index in range(count):
             interface = body.name("interface name")
@@ -246,6 +259,10 @@ class ChunkCodec(ChunkEncoder):
             if packets > size // TPACKET3_HDR.size:
                 raise ChunkError(f"malformed chunk: batch {index} claims {packets} packets in "
                                  f"{size} bytes of records")
+            if not records:
+                body.skip(size, f"batch {index}")
+                packets_in_batches += packets
+                continue
             data = body.take(size, f"batch {index}")
             try:
                 check_records(data, packets)
@@ -254,7 +271,24 @@ class ChunkCodec(ChunkEncoder):
                                  f"{exc}") from None
             batches.append(PacketBatch(interface, ifindex, linktype, data, packets))
         body.end()
+        if not records:
+            return ChunkHead(sensor, sequence, created_ns, instance, tuple(interfaces), count,
+                             packets_in_batches)
         return Chunk(sensor, sequence, tuple(batches), created_ns, instance, tuple(interfaces))
+
+
+@dataclass(frozen=True)
+class ChunkHead:
+    """A chunk without its records (:meth:`ChunkCodec.read_head`): what identifies it and
+    how many packets its batches declare (not checked against the records)."""
+
+    sensor: str
+    sequence: int
+    created_ns: int
+    instance: str
+    interfaces: tuple[InterfaceCounters, ...]
+    batches: int
+    packets: int
 
 
 class _Reader(Protocol):
@@ -313,6 +347,20 @@ class _Body:
             data = b"".join(parts)
         self.left -= size
         return data
+
+    def skip(self, size: int, what: str) -> None:
+        """Like :meth:`take` without keeping the bytes: read (decompress) in pieces of at
+        most 1 MiB, so skipping holds no more than that."""
+        if size > self.left:
+            raise ChunkError(f"malformed chunk: {what} ({size} bytes) takes the body past "
+                             f"{self.limit} bytes (or past its end)")
+        got = 0
+        while got < size:
+            more = len(self.source.read(min(size - got, 1 << 20)))
+            if not more:
+                raise ChunkError(f"malformed chunk: truncated {what}")
+            got += more
+        self.left -= size
 
     def u32(self, what: str) -> int:
         return int.from_bytes(self.take(4, what), "little")
