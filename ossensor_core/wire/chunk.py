@@ -219,7 +219,7 @@ class ChunkCodec(ChunkEncoder):
         if codec == CODEC_ZSTD:
             declared = zstandard.get_frame_parameters(packed).content_size
             if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > max_size:
-                raise ChunkError(f"malformed chunk: the zstd frame declares {declared} bytes, "
+                raise ChunkOverLimit(f"malformed chunk: the zstd frame declares {declared} bytes, "
                                  f"over the limit of {max_size}")
             # One decompressor per chunk: they are not thread-safe, and chunks decode in threads.
             decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
@@ -299,6 +299,11 @@ class ChunkError(ValueError):
     """A chunk that fails a check: the vSensor answers 400 ``bad_chunk`` and stores nothing."""
 
 
+class ChunkOverLimit(ChunkError):
+    """The chunk's body (decompressed) goes past the ``max_size`` it was decoded with, or its
+    fields past the body's end: a caller that tried a small limit first may try the real one."""
+
+
 _HDR_SIZE = TPACKET3_HDR.size
 _NS = 1_000_000_000
 
@@ -332,7 +337,7 @@ class _Body:
 
     def take(self, size: int, what: str) -> bytes:
         if size > self.left:
-            raise ChunkError(f"malformed chunk: {what} ({size} bytes) takes the body past "
+            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body past "
                              f"{self.limit} bytes (or past its end)")
         data = self.source.read(size)
         if len(data) < size:  # a stream may return less at a frame boundary
@@ -352,7 +357,7 @@ class _Body:
         """Like :meth:`take` without keeping the bytes: read (decompress) in pieces of at
         most 1 MiB, so skipping holds no more than that."""
         if size > self.left:
-            raise ChunkError(f"malformed chunk: {what} ({size} bytes) takes the body past "
+            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body past "
                              f"{self.limit} bytes (or past its end)")
         got = 0
         while got < size:

@@ -7,10 +7,12 @@ import asyncio
 import os
 import time
 
+import pytest
 from ossensor_vsensor.cluster import (H_MSG_ID, H_PART, H_SENSOR, H_SEQUENCE, STREAM,
                                       SUBJECT_PREFIX, partition)
 from ossensor_vsensor.cluster.connection import ClusterSettings
 from ossensor_vsensor.cluster.ingest import HEADER_ROOM, JetStreamSink
+from ossensor_vsensor.chunks import INLINE_DECODED_BYTES, INLINE_HEAD_BYTES
 from ossensor_vsensor.cluster.names import token
 from ossensor_vsensor.sinks import LocalSink
 
@@ -66,8 +68,10 @@ async def stream_messages(urls: str) -> list:
 def test_a_chunk_is_published_as_sent_and_its_retry_is_a_duplicate(tmp_path, tls):
     codec = ChunkCodec()
     body = codec.encode(make_chunk(7, packets=3, raw_packets=2))
+    dense = b""
 
     async def scenario(urls):
+        nonlocal dense
         async with running(replica_settings(tmp_path, urls), tls) as client:
             vsensor = client.vsensor
             assert isinstance(vsensor.sink, JetStreamSink) and vsensor.stores is None
@@ -86,12 +90,20 @@ def test_a_chunk_is_published_as_sent_and_its_retry_is_a_duplicate(tmp_path, tls
             other = codec.encode(make_chunk(9, sensor="node-2"))
             status, answer, _ = await post_body(client, other, 9)
             assert status == 400 and "belongs to sensor 'node-2'" in answer["detail"]
+            # A small body that decompresses past what is read on the event loop: its head is
+            # read in a thread instead, and it is taken like any other.
+            start = 1_764_262_800_000_000_000
+            same = PacketBatch.from_frames("eth0", 2, 1, [(start, 60, b"\x02" * 60)] * 40000)
+            dense = codec.encode(Chunk(SENSOR, 11, (same,), start))
+            assert len(dense) < INLINE_HEAD_BYTES and len(same.data) > INLINE_DECODED_BYTES
+            assert (await post_body(client, dense, 11))[:2] == (200, {"stored": 40000})
             # A test chunk is decoded whole and not published either.
             status, answer, _ = await post_body(client, codec.encode(make_chunk(10)), 10,
                                                 headers={"X-Ossensor-Test": "1"})
             assert (status, answer) == (200, {"test": True, "packets": 3})
 
-        (message,) = await stream_messages(urls)
+        message, other = await stream_messages(urls)
+        assert other.data == dense and other.headers[H_SEQUENCE] == "11"
         assert message.subject == f"{SUBJECT_PREFIX}.{partition(SENSOR)}.{token(SENSOR)}"
         assert message.data == body
         assert message.headers[H_SENSOR] == SENSOR
@@ -215,3 +227,28 @@ def test_single_mode_still_stores_through_the_local_sink(tmp_path, tls):
             assert (await client.send_chunk(make_chunk(1)))[:2] == (200, {"stored": 3})
     run(scenario())
     assert any((tmp_path / "data" / SENSOR).iterdir())
+
+
+def test_the_head_says_what_decoding_says_without_the_records():
+    from ossensor_core.wire.chunk import ChunkError, ChunkOverLimit, InterfaceCounters
+    codec = ChunkCodec()
+    chunk = make_chunk(41, packets=5, raw_packets=3)
+    chunk = Chunk(chunk.sensor, chunk.sequence, chunk.batches, chunk.created_ns, "inst-1",
+                  (InterfaceCounters("eth0", 2, 1, 900, 4),))
+    for compress in (True, False):
+        codec.compress = compress
+        for version in (1, 2):
+            body = codec.encode(chunk, version)
+            whole, head = codec.decode(body), codec.read_head(body)
+            assert (head.sensor, head.sequence, head.created_ns, head.instance,
+                    head.interfaces, head.packets, head.batches) == \
+                (whole.sensor, whole.sequence, whole.created_ns, whole.instance,
+                 whole.interfaces, whole.packets, len(whole.batches))
+            with pytest.raises(ChunkError, match="body is"):
+                codec.read_head(body[:-1])
+            # A limit too small for the body is told apart (the receiver then uses the real
+            # one, in a thread).
+            with pytest.raises(ChunkOverLimit):
+                codec.read_head(body, 64)
+    with pytest.raises(ChunkError, match="bad magic"):
+        codec.read_head(b"XXXX" + body[4:])
