@@ -6,7 +6,7 @@ Usage (the CLI does this over TLS)::
     app = create_app(settings)  # run with web.AppRunner + web.TCPSite(ssl_context=...)
 
 This module only wires the parts together; each lives in a module of its own (``auth``,
-``registration``, ``chunks``, ``stores``, ``sensor_filters``, ``status``, ``metrics``,
+``registration``, ``chunks``, ``sinks``, ``stores``, ``sensor_filters``, ``status``, ``metrics``,
 ``antigena``; see ``vsensor/README.md``).
 """
 
