@@ -21,9 +21,12 @@ Chunks: stream ``OSSENSOR_CHUNKS``
     ``Nats-Msg-Id: <token>.<sequence>.<i>``; a replica answers the sensor only once every part is
     stored by JetStream. Parts are published in order, but when some failed the sensor's retry
     adds only those (the others are duplicates), so a reader collects the parts of a chunk by
-    ``<token>.<sequence>`` and ``<i>``, not by position in the stream. Retention is by interest: a message
-    leaves the stream once every durable consumer has acknowledged it; the store's consumers
-    (``store-<partition>``) are made with the stream, so no chunk is published before they exist.
+    ``<token>.<sequence>`` and ``<i>``, not by position in the stream. A replica checks a chunk's
+    head (sensor, sequence, instance) against the signed request, never its records: whoever
+    decodes a body checks it (``ChunkCodec.decode``) and must expect a malformed one.
+    Retention is by interest: a message leaves the stream once every durable consumer has
+    acknowledged it; the store's consumers (``store-<partition>``) are made with the stream, so
+    no chunk is published before they exist.
     The stream refuses new messages when full (``discard: new``): replicas answer ``507`` with
     ``Retry-After``, never drop what is stored.
 
