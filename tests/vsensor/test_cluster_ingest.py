@@ -219,6 +219,19 @@ def test_a_full_stream_answers_507_and_keeps_what_it_stored(tmp_path, tls):
         run(scenario(cluster.urls))
 
 
+@needs_nats
+def test_a_server_whose_max_payload_is_too_small_stops_the_start(tmp_path, tls, monkeypatch):
+    monkeypatch.setitem(SERVER_SETTINGS, "max_payload", 32 * 1024)
+
+    async def scenario(urls):
+        with pytest.raises(RuntimeError, match=r"max_payload \(32768 bytes\) is too small"):
+            async with running(replica_settings(tmp_path, urls, replicas=1), tls):
+                pass
+
+    with nats_cluster(tmp_path / "nats", 1) as cluster:
+        run(scenario(cluster.urls))
+
+
 def test_single_mode_still_stores_through_the_local_sink(tmp_path, tls):
     async def scenario():
         async with running(settings(tmp_path), tls) as client:

@@ -78,7 +78,12 @@ class VSensor:
                                                  replay_window=2 * self.settings.skew_seconds)
             assert isinstance(self.sink, JetStreamSink)
             self.sink.bind(self.cluster)
-        await self.sink.start()
+        try:
+            await self.sink.start()
+        except BaseException:  # aiohttp runs no cleanup after a failed start
+            if self.cluster is not None:
+                await self.cluster.close()
+            raise
 
     async def close(self, app: web.Application | None = None) -> None:
         """Complete every open file (``.part`` renamed); later chunks get 503."""
