@@ -232,6 +232,37 @@ def test_a_server_whose_max_payload_is_too_small_stops_the_start(tmp_path, tls, 
         run(scenario(cluster.urls))
 
 
+@needs_nats
+def test_an_answer_that_is_not_jetstreams_is_no_acknowledgement(tmp_path, tls):
+    """A client that may subscribe to the chunk subjects can answer a publish itself: with the
+    stream gone, only it answers, and the replica does not take that for "stored"."""
+    import nats
+
+    async def scenario(urls):
+        async with running(replica_settings(tmp_path, urls, replicas=1), tls) as client:
+            assert (await client.register())[0] == 200
+            impostor = await nats.connect(servers=[urls])
+            answers = iter([b"not json", b'{"seq": 3}', b'{"stream": "OTHER", "seq": 3}',
+                            b'{"stream": "OSSENSOR_CHUNKS", "seq": -1}'])
+
+            async def answer(msg):
+                await msg.respond(next(answers))
+
+            try:
+                await impostor.jetstream().delete_stream(STREAM)
+                await impostor.subscribe(f"{SUBJECT_PREFIX}.>", cb=answer)
+                await impostor.flush()
+                for sequence in range(1, 5):
+                    status, answer_body, headers = await client.send_chunk(make_chunk(sequence))
+                    assert status == 503 and headers["Retry-After"] == "5", answer_body
+            finally:
+                await impostor.close()
+            assert client.vsensor.sink.parts_published == 0
+
+    with nats_cluster(tmp_path / "nats", 1) as cluster:
+        run(scenario(cluster.urls))
+
+
 def test_single_mode_still_stores_through_the_local_sink(tmp_path, tls):
     async def scenario():
         async with running(settings(tmp_path), tls) as client:

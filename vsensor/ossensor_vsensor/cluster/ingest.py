@@ -18,6 +18,10 @@ What the sensor is told:
   is missing. A publish that timed out may still be stored later (nats-py sends what it
   buffered during a reconnect): the retry then finds it as a duplicate.
 
+An acknowledgement counts only when it names the stream and a sequence: a publish is a NATS
+request, and any client allowed to subscribe to the chunk subjects could answer it (NATS
+permissions should keep them to replicas; readers use JetStream consumers).
+
 A body over the server's ``max_payload`` (read from the connection each time: a reconnect may
 reach a server with another setting) goes in parts of ``max_payload`` minus room for headers.
 """
@@ -54,6 +58,10 @@ FULL_CODES = frozenset({10077, 10023})
 #: At most one warning per this many seconds while publishing fails (every chunk of every
 #: sensor fails the same way during an outage).
 WARN_EVERY = 10.0
+
+
+class ForeignAcknowledgement(Exception):
+    """The answer to a publish did not come from the chunk stream."""
 
 
 class JetStreamSink:
@@ -125,10 +133,22 @@ class JetStreamSink:
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> bool:
         """Publish one message; whether JetStream found it a duplicate."""
         assert self.cluster is not None
-        ack: Any = await self.cluster.js.publish(
-            subject, data, timeout=self.settings.publish_timeout, stream=STREAM, headers=headers)
+        try:
+            ack: Any = await self.cluster.js.publish(subject, data,
+                                                     timeout=self.settings.publish_timeout,
+                                                     stream=STREAM, headers=headers)
+        except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a PubAck's
+            raise ForeignAcknowledgement(f"an answer that is not JetStream's ({exc})"[:200]) \
+                from exc
+        # Any client allowed to subscribe to the subject can answer the request; only an
+        # acknowledgement naming our stream and a sequence counts (docs/cluster.md: NATS
+        # permissions keep the chunk subjects to replicas and JetStream).
+        if ack.stream != STREAM or not isinstance(ack.seq, int) or ack.seq < 1:
+            raise ForeignAcknowledgement(f"an answer that is not JetStream's: stream "
+                                         f"{str(ack.stream)[:64]!r}, sequence "
+                                         f"{str(ack.seq)[:32]!r}")
         self.parts_published += 1
-        return bool(ack.duplicate)
+        return ack.duplicate is True
 
     def _refusal(self, sensor: str, sequence: int, exc: BaseException) -> Exception:
         """The :class:`SinkError` for a failed publish, and a warning now and then."""
@@ -143,7 +163,7 @@ class JetStreamSink:
             what = f"no acknowledgement within {self.settings.publish_timeout:g} s"
         elif isinstance(exc, nats.js.errors.APIError):
             what = f"JetStream error {exc.err_code}: {exc.description}"
-        elif isinstance(exc, nats.errors.Error | OSError):
+        elif isinstance(exc, nats.errors.Error | OSError | ForeignAcknowledgement):
             what = str(exc) or type(exc).__name__
         else:  # a bug, not an outage: keep its traceback
             log.error("publishing chunk %d of %r failed", sequence, sensor, exc_info=exc)
