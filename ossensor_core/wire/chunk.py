@@ -25,7 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import zstandard
 
@@ -190,9 +190,11 @@ class ChunkCodec(ChunkEncoder):
         decoding holds at most ``max_size`` bytes of batch data plus a bounded overhead.
         """
         try:
-            return self._decode(payload, max_size)
+            head, batches = self._decode(payload, max_size, records=True)
         except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
             raise ChunkError(f"malformed chunk: {exc}") from exc
+        return Chunk(head.sensor, head.sequence, batches, head.created_ns, head.instance,
+                     head.interfaces)
 
     def read_head(self, payload: bytes, max_size: int = MAX_CHUNK_BYTES) -> ChunkHead:
         """What a chunk says about itself (sensor, sequence, instance, interface table) and
@@ -202,11 +204,13 @@ class ChunkCodec(ChunkEncoder):
         :meth:`decode`; the batch data is decompressed and skipped, never walked, so the cost
         is per chunk and per batch, not per packet. Raises :class:`ChunkError`."""
         try:
-            return self._decode(payload, max_size, records=False)
+            return self._decode(payload, max_size, records=False)[0]
         except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
             raise ChunkError(f"malformed chunk: {exc}") from exc
 
-    def _decode(self, payload: bytes, max_size: int, records: bool = True) -> Any:
+    def _decode(self, payload: bytes, max_size: int,
+                records: bool) -> tuple[ChunkHead, tuple[PacketBatch, ...]]:
+        """The head, and the batches with their records checked (none unless ``records``)."""
         magic, version, codec, _, length = _OUTER.unpack_from(payload, 0)
         if magic != MAGIC:
             raise ChunkError("malformed chunk: bad magic")
@@ -219,8 +223,8 @@ class ChunkCodec(ChunkEncoder):
         if codec == CODEC_ZSTD:
             declared = zstandard.get_frame_parameters(packed).content_size
             if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > max_size:
-                raise ChunkOverLimit(f"malformed chunk: the zstd frame declares {declared} bytes, "
-                                 f"over the limit of {max_size}")
+                raise ChunkOverLimit(f"malformed chunk: the zstd frame declares {declared} "
+                                     f"bytes, over the limit of {max_size}")
             # One decompressor per chunk: they are not thread-safe, and chunks decode in threads.
             decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
             source: _Reader = decompressor.stream_reader(packed, read_across_frames=True)
@@ -259,9 +263,9 @@ class ChunkCodec(ChunkEncoder):
             if packets > size // TPACKET3_HDR.size:
                 raise ChunkError(f"malformed chunk: batch {index} claims {packets} packets in "
                                  f"{size} bytes of records")
+            packets_in_batches += packets
             if not records:
                 body.skip(size, f"batch {index}")
-                packets_in_batches += packets
                 continue
             data = body.take(size, f"batch {index}")
             try:
@@ -271,10 +275,8 @@ class ChunkCodec(ChunkEncoder):
                                  f"{exc}") from None
             batches.append(PacketBatch(interface, ifindex, linktype, data, packets))
         body.end()
-        if not records:
-            return ChunkHead(sensor, sequence, created_ns, instance, tuple(interfaces), count,
-                             packets_in_batches)
-        return Chunk(sensor, sequence, tuple(batches), created_ns, instance, tuple(interfaces))
+        return (ChunkHead(sensor, sequence, created_ns, instance, tuple(interfaces), count,
+                          packets_in_batches), tuple(batches))
 
 
 @dataclass(frozen=True)
@@ -337,8 +339,8 @@ class _Body:
 
     def take(self, size: int, what: str) -> bytes:
         if size > self.left:
-            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body past "
-                             f"{self.limit} bytes (or past its end)")
+            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body "
+                                 f"past {self.limit} bytes (or past its end)")
         data = self.source.read(size)
         if len(data) < size:  # a stream may return less at a frame boundary
             parts = [data]
@@ -357,8 +359,8 @@ class _Body:
         """Like :meth:`take` without keeping the bytes: read (decompress) in pieces of at
         most 1 MiB, so skipping holds no more than that."""
         if size > self.left:
-            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body past "
-                             f"{self.limit} bytes (or past its end)")
+            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body "
+                                 f"past {self.limit} bytes (or past its end)")
         got = 0
         while got < size:
             more = len(self.source.read(min(size - got, 1 << 20)))
