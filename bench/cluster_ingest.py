@@ -16,21 +16,27 @@ the NATS servers' cost of taking in three copies. The stream is made large enoug
 
     python -m bench.cluster_ingest [--chunks N] [--packets N] [--in-flight N] [--json FILE]
 
-On the two-core test machine (shared with a running soak; two rounds of 393,216 packets each,
-``--chunks 393216/P --packets P``), microseconds of CPU per 64-byte packet:
+On the two-core test machine (shared with a running soak, so figures move by 10-20 % between
+runs), microseconds of CPU per packet, ``--chunks C --packets P [--frame-bytes 512]`` with
+C x P = 393,216 (64 bytes, two rounds) or 131,072 (512 bytes, one round):
 
-======================  ===========  ===============  ==========================
-packets per chunk       single mode  cluster replica  three NATS servers, total
-======================  ===========  ===============  ==========================
-1,024 (a node at 1k/s)  2.1-2.4      0.64-0.71        1.5-1.7
-4,096                   1.5          0.27-0.28        0.9
-32,768                  1.6          0.17-0.18        0.7
-======================  ===========  ===============  ==========================
+======  ======================  ======  ===============  ===================================
+frame   packets per chunk       single  cluster replica  three NATS servers, total (ms/MB)
+======  ======================  ======  ===============  ===================================
+64 B    1,024 (a node at 1k/s)  2.1-2.4 0.64-0.71        1.5-1.7 (55-64)
+64 B    4,096                   1.5     0.26-0.28        0.8-0.9 (30-34)
+64 B    32,768                  1.6     0.17-0.18        0.7 (26)
+512 B   1,024                   3.4     3.0              17 (31)
+512 B   4,096                   3.1     2.4-2.9          9-10 (16-18)
+512 B   8,192                   3.4     2.5              10.5 (19)
+======  ======================  ======  ===============  ===================================
 
-A replica's cost is about 0.5 ms per chunk (HTTPS, signature, nonce, publish) plus about
-0.15 us per packet (TLS and HMAC over the compressed body, decompressing it to find the
-batch counts); the sensor cuts a chunk at 4 MiB of records or after one second, so a node
-sending fewer packets a second pays the per-chunk part on fewer packets.
+The random payloads make a 64-byte packet about 27 bytes of compressed body and a 512-byte one
+about 560 (incompressible). A replica's cost is about 0.5 ms per chunk (HTTPS, signature,
+nonce, publish) plus, per byte of body, TLS, the signature's SHA-256, copies and the send to
+NATS (about 4.5 ns a byte): no work per packet, but a 512-byte packet is 20 times the bytes.
+The sensor cuts a chunk at 4 MiB of records or after one second, so a node sending fewer
+packets a second pays the per-chunk part on fewer packets.
 """
 
 from __future__ import annotations
@@ -60,26 +66,27 @@ from tests.helpers.vsensor_process import DOCUMENTATION_RANGES, free_port, start
 
 KEY = "bench-cluster-ingest-key-0001"
 SENSOR = "bench-node"
-FRAME_BYTES = 64
 
 
-def frames(count: int, start_ns: int) -> list[tuple[int, int, bytes]]:
-    """64-byte Ethernet/IPv4/UDP frames with 22 random payload bytes each."""
-    head = (b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00"
-            b"\x45\x00\x00\x32\x00\x00\x00\x00\x40\x11\x00\x00\xc0\x00\x02\x0a\xc0\x00\x02\x14"
-            b"\x04\xd2\x16\x2e\x00\x1e\x00\x00")
-    payload = os.urandom(count * (FRAME_BYTES - len(head)))
-    size = FRAME_BYTES - len(head)
-    return [(start_ns + i * 1000, FRAME_BYTES, head + payload[i * size:(i + 1) * size])
+def frames(count: int, start_ns: int, frame_bytes: int) -> list[tuple[int, int, bytes]]:
+    """Ethernet/IPv4/UDP frames of ``frame_bytes`` (at least 42) with random payloads."""
+    size = frame_bytes - 42
+    ip = (20 + 8 + size).to_bytes(2, "big")
+    udp = (8 + size).to_bytes(2, "big")
+    head = (b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00\x45\x00" + ip
+            + b"\x00\x00\x00\x00\x40\x11\x00\x00\xc0\x00\x02\x0a\xc0\x00\x02\x14"
+            + b"\x04\xd2\x16\x2e" + udp + b"\x00\x00")
+    payload = os.urandom(count * size)
+    return [(start_ns + i * 1000, frame_bytes, head + payload[i * size:(i + 1) * size])
             for i in range(count)]
 
 
-def chunk_bodies(chunks: int, packets: int) -> list[bytes]:
+def chunk_bodies(chunks: int, packets: int, frame_bytes: int) -> list[bytes]:
     codec = ChunkCodec()
     start = time.time_ns()
     bodies = []
     for sequence in range(1, chunks + 1):
-        batch = PacketBatch.from_frames("eth0", 2, 1, frames(packets, start))
+        batch = PacketBatch.from_frames("eth0", 2, 1, frames(packets, start, frame_bytes))
         bodies.append(codec.encode(Chunk(SENSOR, sequence, (batch,), start), version=2))
         start += packets * 1000
     return bodies
@@ -124,7 +131,7 @@ async def send(base: str, context: ssl.SSLContext, bodies: list[bytes], in_fligh
     return {"seconds": elapsed, "cpu_ns": {pid: after[pid] - before[pid] for pid in measured}}
 
 
-def trial(mode: str, folder: Path, bodies: list[bytes], packets: int,
+def trial(mode: str, folder: Path, bodies: list[bytes], packets: int, frame_bytes: int,
           in_flight: int) -> dict[str, Any]:
     folder.mkdir(parents=True)
     ca = trustme.CA()
@@ -160,26 +167,31 @@ def trial(mode: str, folder: Path, bodies: list[bytes], packets: int,
     vsensor_ns = result["cpu_ns"][process.pid]
     nats_ns = sum(ns for pid, ns in result["cpu_ns"].items() if pid != process.pid)
     return {"mode": mode, "chunks": len(bodies), "packets_per_chunk": packets,
-            "frame_bytes": FRAME_BYTES, "packets": sent,
+            "frame_bytes": frame_bytes, "packets": sent,
             "body_bytes": sum(map(len, bodies)), "seconds": round(result["seconds"], 3),
             "packets_per_second": round(sent / result["seconds"]),
             "vsensor_us_per_packet": round(vsensor_ns / 1000 / sent, 3),
-            "nats_us_per_packet": round(nats_ns / 1000 / sent, 3) if nats else None}
+            "nats_us_per_packet": round(nats_ns / 1000 / sent, 3) if nats else None,
+            "nats_ms_per_mb": (round(nats_ns / 1e6 / (sum(map(len, bodies)) / 1e6), 2)
+                               if nats else None)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=100)
     parser.add_argument("--packets", type=int, default=8192, help="packets per chunk")
+    parser.add_argument("--frame-bytes", type=int, default=64, choices=range(42, 1515),
+                        metavar="42-1514")
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--modes", default="single,cluster")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    bodies = chunk_bodies(args.chunks, args.packets)
+    bodies = chunk_bodies(args.chunks, args.packets, args.frame_bytes)
     results = []
     with tempfile.TemporaryDirectory(prefix="ossensor-ingest-") as tmp:
         for mode in args.modes.split(","):
-            row = trial(mode, Path(tmp) / mode, bodies, args.packets, args.in_flight)
+            row = trial(mode, Path(tmp) / mode, bodies, args.packets, args.frame_bytes,
+                        args.in_flight)
             results.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
