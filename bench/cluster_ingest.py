@@ -20,16 +20,16 @@ On the two-core test machine (shared with a running soak, so figures move by 10-
 runs), microseconds of CPU per packet, ``--chunks C --packets P [--frame-bytes 512]`` with
 C x P = 393,216 (64 bytes, two rounds) or 131,072 (512 bytes, one round):
 
-======  ======================  ======  ===============  ===================================
-frame   packets per chunk       single  cluster replica  three NATS servers, total (ms/MB)
-======  ======================  ======  ===============  ===================================
-64 B    1,024 (a node at 1k/s)  2.1-2.4 0.64-0.71        1.5-1.7 (55-64)
-64 B    4,096                   1.5     0.26-0.28        0.8-0.9 (30-34)
-64 B    32,768                  1.6     0.17-0.18        0.7 (26)
-512 B   1,024                   3.4     3.0              17 (31)
-512 B   4,096                   3.1     2.4-2.9          9-10 (16-18)
-512 B   8,192                   3.4     2.5              10.5 (19)
-======  ======================  ======  ===============  ===================================
+======  ======================  =======  ===============  ===================================
+frame   packets per chunk       single   cluster replica  three NATS servers, total (ms/MB)
+======  ======================  =======  ===============  ===================================
+64 B    1,024 (a node at 1k/s)  2.1-2.4  0.64-0.71        1.5-1.7 (55-64)
+64 B    4,096                   1.5      0.26-0.28        0.8-0.9 (30-34)
+64 B    32,768                  1.6      0.17-0.18        0.7 (26)
+512 B   1,024                   3.4      3.0              17 (31)
+512 B   4,096                   3.1      2.4-2.9          9-10 (16-18)
+512 B   8,192                   3.4      2.5              10.5 (19)
+======  ======================  =======  ===============  ===================================
 
 The random payloads make a 64-byte packet about 27 bytes of compressed body and a 512-byte one
 about 560 (incompressible). A replica's cost is about 0.5 ms per chunk (HTTPS, signature,
