@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench soak test-image
+.PHONY: setup test demo cluster-demo bench soak test-image
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,11 @@ test-image: setup
 
 demo: setup
 	$(PYTHON) scripts/demo.py
+
+# The vSensor in cluster mode: two replicas behind HAProxy, three NATS servers, a store worker,
+# a replica killed during the traffic (docs/cluster.md; root).
+cluster-demo: setup
+	$(PYTHON) scripts/cluster_demo.py
 
 # What capture costs the node, against tcpdump -w FILE and tcpdump | socat over TLS in the same run,
 # three rounds, routed trials through the simulated cluster included (about 20 minutes: one round

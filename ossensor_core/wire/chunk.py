@@ -190,11 +190,27 @@ class ChunkCodec(ChunkEncoder):
         decoding holds at most ``max_size`` bytes of batch data plus a bounded overhead.
         """
         try:
-            return self._decode(payload, max_size)
+            head, batches = self._decode(payload, max_size, records=True)
+        except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
+            raise ChunkError(f"malformed chunk: {exc}") from exc
+        return Chunk(head.sensor, head.sequence, batches, head.created_ns, head.instance,
+                     head.interfaces)
+
+    def read_head(self, payload: bytes, max_size: int = MAX_CHUNK_BYTES) -> ChunkHead:
+        """What a chunk says about itself (sensor, sequence, instance, interface table) and
+        its batches' packet counts, without the records: for a receiver that passes the body
+        on as it is (cluster mode's replica) and leaves the records to whoever decodes it
+        (:meth:`decode`, which checks them). Every count and length is bounded as in
+        :meth:`decode`; the batch data is decompressed and skipped, never walked, so the cost
+        is per chunk and per batch, not per packet. Raises :class:`ChunkError`."""
+        try:
+            return self._decode(payload, max_size, records=False)[0]
         except (struct.error, zstandard.ZstdError, UnicodeDecodeError, IndexError) as exc:
             raise ChunkError(f"malformed chunk: {exc}") from exc
 
-    def _decode(self, payload: bytes, max_size: int) -> Chunk:
+    def _decode(self, payload: bytes, max_size: int,
+                records: bool) -> tuple[ChunkHead, tuple[PacketBatch, ...]]:
+        """The head, and the batches with their records checked (none unless ``records``)."""
         magic, version, codec, _, length = _OUTER.unpack_from(payload, 0)
         if magic != MAGIC:
             raise ChunkError("malformed chunk: bad magic")
@@ -207,8 +223,8 @@ class ChunkCodec(ChunkEncoder):
         if codec == CODEC_ZSTD:
             declared = zstandard.get_frame_parameters(packed).content_size
             if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > max_size:
-                raise ChunkError(f"malformed chunk: the zstd frame declares {declared} bytes, "
-                                 f"over the limit of {max_size}")
+                raise ChunkOverLimit(f"malformed chunk: the zstd frame declares {declared} "
+                                     f"bytes, over the limit of {max_size}")
             # One decompressor per chunk: they are not thread-safe, and chunks decode in threads.
             decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
             source: _Reader = decompressor.stream_reader(packed, read_across_frames=True)
@@ -236,6 +252,7 @@ class ChunkCodec(ChunkEncoder):
             raise ChunkError(f"malformed chunk: {count} batches, over the limit of "
                              f"{MAX_CHUNK_BATCHES}")
         batches = []
+        packets_in_batches = 0
         linktypes: set[int] = set()
         for index in range(count):
             interface = body.name("interface name")
@@ -246,6 +263,10 @@ class ChunkCodec(ChunkEncoder):
             if packets > size // TPACKET3_HDR.size:
                 raise ChunkError(f"malformed chunk: batch {index} claims {packets} packets in "
                                  f"{size} bytes of records")
+            packets_in_batches += packets
+            if not records:
+                body.skip(size, f"batch {index}")
+                continue
             data = body.take(size, f"batch {index}")
             try:
                 check_records(data, packets)
@@ -254,7 +275,22 @@ class ChunkCodec(ChunkEncoder):
                                  f"{exc}") from None
             batches.append(PacketBatch(interface, ifindex, linktype, data, packets))
         body.end()
-        return Chunk(sensor, sequence, tuple(batches), created_ns, instance, tuple(interfaces))
+        return (ChunkHead(sensor, sequence, created_ns, instance, tuple(interfaces), count,
+                          packets_in_batches), tuple(batches))
+
+
+@dataclass(frozen=True)
+class ChunkHead:
+    """A chunk without its records (:meth:`ChunkCodec.read_head`): what identifies it and
+    how many packets its batches declare (not checked against the records)."""
+
+    sensor: str
+    sequence: int
+    created_ns: int
+    instance: str
+    interfaces: tuple[InterfaceCounters, ...]
+    batches: int
+    packets: int
 
 
 class _Reader(Protocol):
@@ -263,6 +299,11 @@ class _Reader(Protocol):
 
 class ChunkError(ValueError):
     """A chunk that fails a check: the vSensor answers 400 ``bad_chunk`` and stores nothing."""
+
+
+class ChunkOverLimit(ChunkError):
+    """The chunk's body (decompressed) goes past the ``max_size`` it was decoded with, or its
+    fields past the body's end: a caller that tried a small limit first may try the real one."""
 
 
 _HDR_SIZE = TPACKET3_HDR.size
@@ -298,8 +339,8 @@ class _Body:
 
     def take(self, size: int, what: str) -> bytes:
         if size > self.left:
-            raise ChunkError(f"malformed chunk: {what} ({size} bytes) takes the body past "
-                             f"{self.limit} bytes (or past its end)")
+            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body "
+                                 f"past {self.limit} bytes (or past its end)")
         data = self.source.read(size)
         if len(data) < size:  # a stream may return less at a frame boundary
             parts = [data]
@@ -313,6 +354,20 @@ class _Body:
             data = b"".join(parts)
         self.left -= size
         return data
+
+    def skip(self, size: int, what: str) -> None:
+        """Like :meth:`take` without keeping the bytes: read (decompress) in pieces of at
+        most 1 MiB, so skipping holds no more than that."""
+        if size > self.left:
+            raise ChunkOverLimit(f"malformed chunk: {what} ({size} bytes) takes the body "
+                                 f"past {self.limit} bytes (or past its end)")
+        got = 0
+        while got < size:
+            more = len(self.source.read(min(size - got, 1 << 20)))
+            if not more:
+                raise ChunkError(f"malformed chunk: truncated {what}")
+            got += more
+        self.left -= size
 
     def u32(self, what: str) -> int:
         return int.from_bytes(self.take(4, what), "little")

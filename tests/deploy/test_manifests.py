@@ -19,11 +19,13 @@ from tests.helpers.manifests import (
     FROM_POD,
     GUIDE_VARIABLES,
     KEY,
+    SOURCES,
     code_variables,
     documents,
     env_of,
     helm_template,
     pods,
+    render,
     run,
     tool,
 )
@@ -31,12 +33,24 @@ from tests.helpers.manifests import (
 
 @pytest.fixture(scope="module")
 def kustomized() -> str:
-    return run(tool("kubectl"), "kustomize", str(DEPLOY / "base"))
+    return render("kustomize")
 
 
 @pytest.fixture(scope="module")
 def charted() -> str:
-    return helm_template()
+    return render("helm")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, str]:
+    """Every rendering (tests.helpers.manifests.SOURCES), made once."""
+    return {}
+
+
+def rendering(source: str, cache: dict[str, str]) -> str:
+    if source not in cache:
+        cache[source] = render(source)
+    return cache[source]
 
 
 #: The variable table of the user guide, plus the capture backend (the issue asks for both).
@@ -52,24 +66,30 @@ def test_yamllint():
     run(tool("yamllint"), "--strict", "-c", str(DEPLOY / ".yamllint"), str(DEPLOY))
 
 
-def test_helm_lint():
-    run(tool("helm"), "lint", "--strict", str(CHART), "--set-string", f"hmac.key={KEY}")
+@pytest.mark.parametrize("cluster", ["false", "true"])
+def test_helm_lint(cluster):
+    run(tool("helm"), "lint", "--strict", str(CHART), "--set-string", f"hmac.key={KEY}",
+        "--set", f"cluster.enabled={cluster}")
 
 
-@pytest.mark.parametrize("source", ["kustomize", "helm", "sidecar"])
-def test_kubernetes_schemas(source, tmp_path, request):
-    text = {"kustomize": lambda: request.getfixturevalue("kustomized"),
-            "helm": lambda: request.getfixturevalue("charted"),
-            "sidecar": lambda: (DEPLOY / "examples" / "fargate-sidecar.yaml").read_text()}[source]()
+#: Manifests applied as they are, not through kustomize or helm.
+FILES = {"sidecar": "examples/fargate-sidecar.yaml", "nats-policy": "nats/networkpolicy.yaml"}
+
+
+@pytest.mark.parametrize("source", [*SOURCES, *FILES])
+def test_kubernetes_schemas(source, tmp_path, rendered):
+    text = ((DEPLOY / FILES[source]).read_text() if source in FILES
+            else rendering(source, rendered))
     rendered = tmp_path / f"{source}.yaml"
     rendered.write_text(text)
     output = run(tool("kubernetes-validate"), "--strict", str(rendered))
     assert "passed" in output and "error" not in output.lower()
 
 
-@pytest.mark.parametrize("source", ["kustomize", "helm"])
-def test_sensor_pod_spec(source, request):
-    text = request.getfixturevalue("kustomized" if source == "kustomize" else "charted")
+@pytest.mark.parametrize("source", SOURCES)
+def test_sensor_pod_spec(source, rendered):
+    """The sensor's DaemonSet, the same in single and cluster mode."""
+    text = rendering(source, rendered)
     docs = documents(text)
     workloads = pods(text)
     (daemonset, template), = [v for k, v in workloads.items() if k.startswith("DaemonSet/")]

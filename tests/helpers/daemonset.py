@@ -165,15 +165,16 @@ class DaemonSetSensor(Sensor):
             time.sleep(0.1)
 
 
-def issue_certificate(folder: Path, host: str = VSENSOR_ADDRESS) -> tuple[Path, Path, Path]:
-    """(CA, certificate, key) files for a vSensor at ``host``, from a throwaway trustme CA:
-    the stand-in for the DaemonSet's ``vsensor-ca`` Secret volume."""
+def issue_certificate(folder: Path, *hosts: str) -> tuple[Path, Path, Path]:
+    """(CA, certificate, key) files for a vSensor at ``hosts`` (default: the bridge address),
+    from a throwaway trustme CA: the stand-in for the DaemonSet's ``vsensor-ca`` Secret
+    volume."""
     import trustme
 
     authority = trustme.CA()
     ca_file, cert_file, key_file = (folder / n for n in ("ca.pem", "cert.pem", "key.pem"))
     authority.cert_pem.write_to_path(str(ca_file))
-    issued = authority.issue_cert(host)
+    issued = authority.issue_cert(*(hosts or (VSENSOR_ADDRESS,)))
     issued.cert_chain_pems[0].write_to_path(str(cert_file))
     issued.private_key_pem.write_to_path(str(key_file))
     return ca_file, cert_file, key_file

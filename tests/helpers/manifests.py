@@ -58,15 +58,31 @@ def documents(text: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
-def helm_template(*values: str) -> str:
+def helm_template(*values: str, typed: tuple[str, ...] = ()) -> str:
+    """The chart rendered with ``values`` as strings (``--set-string``) and ``typed`` as YAML
+    values (``--set``: ``cluster.enabled=false`` is false, not the string "false")."""
     sets = [arg for value in ("hmac.key=" + KEY, *values) for arg in ("--set-string", value)]
+    sets += [arg for value in typed for arg in ("--set", value)]
     return run(tool("helm"), "template", "demo", str(CHART), "--namespace", "ossensor", *sets)
+
+
+#: Every way the manifests are rendered: the kustomizations and the chart, in single mode and in
+#: cluster mode (docs/cluster.md).
+SOURCES = ("kustomize", "helm", "kustomize-cluster", "helm-cluster")
+
+
+def render(source: str) -> str:
+    """One of :data:`SOURCES`, rendered."""
+    if source.startswith("kustomize"):
+        folder = "cluster" if source.endswith("-cluster") else "base"
+        return run(tool("kubectl"), "kustomize", str(DEPLOY / folder))
+    return helm_template(typed=("cluster.enabled=true",) if source.endswith("-cluster") else ())
 
 
 def pods(text: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """kind/name -> (workload, pod template) of every workload."""
     return {f"{d['kind']}/{d['metadata']['name']}": (d, d["spec"]["template"])
-            for d in documents(text) if d["kind"] in ("DaemonSet", "Deployment")}
+            for d in documents(text) if d["kind"] in ("DaemonSet", "Deployment", "StatefulSet")}
 
 
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:

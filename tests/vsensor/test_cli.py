@@ -112,3 +112,20 @@ def test_retention_options_reach_the_settings(tmp_path):
                                       str(tmp_path / "d")])
     vsettings = prepare(args, {"VSENSOR_HMAC_KEY": "k"})[0]
     assert (vsettings.retain_seconds, vsettings.retain_bytes) == (None, None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nats", "nats://127.0.0.1:4222"], "--nats needs --tls-cert"),
+    (["--nats", "http://127.0.0.1:4222", "--tls-cert", "c.pem", "--tls-key", "k.pem"],
+     "not a nats:// or tls:// URL"),
+    (["--nats", " , ", "--tls-cert", "c.pem", "--tls-key", "k.pem"],
+     "--nats needs at least one server URL"),
+    (["--replica", "replica-a"], "--replica needs --nats"),
+])
+def test_cluster_options_are_refused_naming_the_option(tmp_path, capsys, argv, message):
+    """Refused before anything listens or connects (the certificate files here do not even
+    exist: the cluster options are checked first)."""
+    assert main(["--listen", "127.0.0.1:8443", "--data-dir", str(tmp_path / "d"), *argv],
+                {"VSENSOR_HMAC_KEY": KEY}) == 1
+    err = capsys.readouterr().err
+    assert message in err and KEY not in err

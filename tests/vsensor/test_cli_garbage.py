@@ -90,6 +90,9 @@ def trials(folder: Path, cert: Path, key: Path) -> Iterator[Trial]:
             values = path_values(folder, option)
         if option == "--claims-allow":  # networks, not addresses
             values = {kind: (value, REFUSE) for kind, value in NETWORKS.items()}
+        if option == "--proxy-protocol-from":  # networks, or one balancer's address
+            values = {kind: (value, REFUSE) for kind, value in NETWORKS.items()}
+            values["no-prefix"] = (NETWORKS["no-prefix"], EITHER)
         if option == "--clock-offset-seconds":  # for testing: any finite number in range
             values.update({"zero": (b"0", EITHER), "negative": (b"-1", EITHER)})
         if option == "--data-dir":  # a folder, created when missing

@@ -6,7 +6,7 @@ Usage (the CLI does this over TLS)::
     app = create_app(settings)  # run with web.AppRunner + web.TCPSite(ssl_context=...)
 
 This module only wires the parts together; each lives in a module of its own (``auth``,
-``registration``, ``chunks``, ``stores``, ``sensor_filters``, ``status``, ``metrics``,
+``registration``, ``chunks``, ``sinks``, ``stores``, ``sensor_filters``, ``status``, ``metrics``,
 ``antigena``; see ``vsensor/README.md``).
 """
 
@@ -21,12 +21,14 @@ from . import antigena
 from .auth import Authenticator
 from .chunks import ChunkReceiver
 from .cluster.connection import Cluster
+from .cluster.ingest import JetStreamSink
 from .metrics import Metrics, metrics_registry, request_counter
 from .registration import Registrar
 from .registry import SensorRegistry, SensorState
 from .server import ConnectionCounts, Handler, request_gate
 from .sensor_filters import SensorFilters
 from .settings import VSensorSettings
+from .sinks import ChunkSink, LocalSink
 from .status import StatusPages
 from .stores import SensorStores
 
@@ -44,9 +46,16 @@ class VSensor:
         self.registry = SensorRegistry(settings)
         self.auth = Authenticator(settings, self.registry, self.metrics)
         self.filters = SensorFilters(settings, self.registry)
-        self.stores = SensorStores(settings)
+        #: Single mode's pcapng files; None in cluster mode (the store workers write them).
+        self.stores: SensorStores | None = None
+        self.sink: ChunkSink
+        if settings.cluster is None:
+            self.stores = SensorStores(settings)
+            self.sink = LocalSink(self.stores)
+        else:
+            self.sink = JetStreamSink(settings.cluster)
         self.registrar = Registrar(settings, self.registry, self.auth, self.filters)
-        self.chunks = ChunkReceiver(self.registry, self.auth, self.stores, self.metrics)
+        self.chunks = ChunkReceiver(self.registry, self.auth, self.sink, self.metrics)
         #: Cluster mode's NATS connection, streams and buckets (connected at start); None in
         #: single mode.
         self.cluster: Cluster | None = None
@@ -67,11 +76,18 @@ class VSensor:
         if self.settings.cluster is not None:
             self.cluster = await Cluster.connect(self.settings.cluster,
                                                  replay_window=2 * self.settings.skew_seconds)
-        await self.stores.start()
+            assert isinstance(self.sink, JetStreamSink)
+            self.sink.bind(self.cluster)
+        try:
+            await self.sink.start()
+        except BaseException:  # aiohttp runs no cleanup after a failed start
+            if self.cluster is not None:
+                await self.cluster.close()
+            raise
 
     async def close(self, app: web.Application | None = None) -> None:
         """Complete every open file (``.part`` renamed); later chunks get 503."""
-        await self.stores.close()
+        await self.sink.close()
         self.auth.close()
         if self.cluster is not None:
             await self.cluster.close()

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--claims-max-prefix6", type=number(int, 1, 128), default=48,
                         metavar="N",
                         help="widest IPv6 claim taken, as a prefix length (default 48)")
+    parser.add_argument("--proxy-protocol-from", action="append", default=[],
+                        metavar="CIDR[,CIDR]",
+                        help="addresses of TCP load balancers that send a PROXY header "
+                             "(HAProxy send-proxy-v2): the client address is taken from it")
     cluster = parser.add_argument_group(
         "cluster mode", "replicas sharing their state through NATS JetStream (docs/cluster.md)")
     cluster.add_argument("--nats", metavar="URL[,URL...]",
@@ -261,6 +265,7 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     cluster = cluster_settings(args)
+    balancers = parse_networks("--proxy-protocol-from", args.proxy_protocol_from)
     direct = (parse_listen(args.advertise, "--advertise") if args.advertise is not None
               else None)  # an empty value is a slip (an unset variable), not "none"
     if args.tls_cert:
@@ -295,16 +300,28 @@ def prepare(args: argparse.Namespace, environ: dict[str, str]):
         max_requests=args.max_connections,
         max_requests_per_address=args.max_connections_per_address,
         claims_allow=tuple(args.claims_allow), claims_max_prefix_v4=args.claims_max_prefix,
-        claims_max_prefix_v6=args.claims_max_prefix6, cluster=cluster)
+        claims_max_prefix_v6=args.claims_max_prefix6, cluster=cluster,
+        proxy_protocol_from=balancers)
     return settings, host, port, context
+
+
+def parse_networks(option: str, values: Sequence[str]) -> tuple[str, ...]:
+    """Comma-separated CIDRs of a repeatable option, checked."""
+    networks = []
+    for text in (part.strip() for value in values for part in value.split(",")):
+        try:
+            networks.append(str(ipaddress.ip_network(text)))
+        except ValueError:
+            raise UsageError(f"{option} {shown(text)}: not an address or a CIDR network "
+                             "(without host bits)") from None
+    return tuple(networks)
 
 
 def cluster_settings(args: argparse.Namespace) -> ClusterSettings | None:
     """``--nats`` and its options, checked; None in single mode."""
     if args.nats is None:
-        for option in ("replica",):
-            if getattr(args, option) is not None:
-                raise UsageError(f"--{option} needs --nats (cluster mode)")
+        if args.replica is not None:
+            raise UsageError("--replica needs --nats (cluster mode)")
         return None
     if not args.tls_cert:
         # Replicas sit behind a load balancer and are reached directly too: one certificate

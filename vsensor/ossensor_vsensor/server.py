@@ -12,7 +12,10 @@ place of ``web.TCPSite``:
 - once a request's first byte has arrived its headers must be complete within
   ``header_seconds`` (aiohttp runs the handler only then);
 - requests in flight are capped overall and per address (:func:`request_gate`): ``503 busy``
-  with ``Retry-After`` beyond.
+  with ``Retry-After`` beyond;
+- behind a TCP load balancer (``proxy_protocol_from``), a connection from the balancer is
+  counted, capped and shown by the client address of its PROXY header (:mod:`.proxy_protocol`),
+  read before TLS within ``handshake_seconds``.
 
 The body deadline and the header-first checks live in :mod:`.auth`. A request in progress has
 no connection deadline here: Antigena's websocket (which pings) stays open for as long as it
@@ -25,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
+import socket
 import ssl
 import time
 from collections import Counter
@@ -34,6 +39,7 @@ from aiohttp import web
 
 from ossensor_core.wire.names import Reason
 
+from . import proxy_protocol
 from .answers import refusal
 from .settings import VSensorSettings
 
@@ -139,6 +145,8 @@ class _Gate(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.closed = False
+        #: The client's address from the load balancer's PROXY header (None: not proxied).
+        self.proxied: str | None = None
 
     # -- the raw TCP connection, before TLS --------------------------------------------------
 
@@ -146,13 +154,68 @@ class _Gate(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.raw = transport
         peer = transport.get_extra_info("peername")
-        self.address = client_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
+        peer_address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self.address = client_key(peer_address)
+        if self.site.from_balancer(peer_address):
+            transport.pause_reading()
+            self.task = asyncio.get_running_loop().create_task(self._read_proxy_header())
+            return
+        self._admit()
+
+    def _admit(self) -> None:
+        assert self.raw is not None
         if not self.site.counts.admit_connection(self.address):
-            transport.abort()
+            self.raw.abort()
             return
         self.admitted = True
         self.site.gates.add(self)
         self.task = asyncio.get_running_loop().create_task(self._start_tls())
+
+    async def _read_proxy_header(self) -> None:
+        """Take the PROXY header off the socket, and nothing after it (the TLS handshake stays
+        for ``start_tls``): peek until it is whole, then read exactly its length."""
+        assert self.raw is not None
+        balancer = self.address
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.site.settings.handshake_seconds
+        sock = socket.socket(fileno=os.dup(self.raw.get_extra_info("socket").fileno()))
+        try:
+            sock.setblocking(False)
+            seen = b""
+            while True:
+                try:
+                    data = sock.recv(proxy_protocol.MAX_V2_BYTES, socket.MSG_PEEK)
+                except BlockingIOError:
+                    data = None
+                if data == b"":
+                    raise ConnectionError("closed before its PROXY header")
+                if data:
+                    header = proxy_protocol.parse(data)
+                    if header is not None:
+                        break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"no whole PROXY header within "
+                                       f"{self.site.settings.handshake_seconds:g} s")
+                if data and data == seen:  # part of it, and nothing new: wait a little
+                    await asyncio.sleep(min(0.01, remaining))
+                else:
+                    seen = data or b""
+                    await _readable(sock, remaining)
+            length, client = header
+            if len(sock.recv(length)) != length:
+                raise ConnectionError("the PROXY header could not be read whole")
+        except (ValueError, OSError, TimeoutError) as exc:
+            log.warning("closed a connection from the load balancer %s: %s", balancer, exc)
+            self.raw.abort()
+            return
+        finally:
+            sock.close()
+        if client is not None:
+            self.proxied = client
+            self.address = client_key(client)
+        if not self.closed:
+            self._admit()
 
     async def _start_tls(self) -> None:
         assert self.raw is not None
@@ -258,6 +321,19 @@ class _Gate(asyncio.Protocol):
             transport.abort()
 
 
+async def _readable(sock: socket.socket, timeout: float) -> None:
+    """Until ``sock`` has bytes to read (or ``timeout`` passes)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
 class GuardedSite(web.BaseSite):
     """A TLS site like ``web.TCPSite``, with :mod:`this module's <.server>` caps and deadlines.
 
@@ -275,7 +351,21 @@ class GuardedSite(web.BaseSite):
         self.counts = counts
         self.gates: set[_Gate] = set()
         self.by_transport: dict[asyncio.BaseTransport, _Gate] = {}
+        self.balancers = [ipaddress.ip_network(n, strict=False)
+                          for n in settings.proxy_protocol_from]
         counts.sites.append(self)
+
+    def from_balancer(self, address: str) -> bool:
+        """Whether a connection from ``address`` starts with a PROXY header."""
+        if not self.balancers:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.balancers)
 
     @property
     def name(self) -> str:
@@ -316,6 +406,11 @@ def request_gate(counts: ConnectionCounts) -> Callable[[web.Request, Handler],
 
     @web.middleware
     async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        connection = counts.gate_of(request)
+        if connection is not None and connection.proxied is not None:
+            # Behind a load balancer: the client is who its PROXY header says, for the caps,
+            # the logs and what Antigena learns of the sensor's addresses.
+            request = request.clone(remote=connection.proxied)
         address = client_key(request.remote or "?")
         if not counts.admit_request(address):
             log.warning("refused %s %s from %s: too many requests in flight (%d from it, %d in "
@@ -325,7 +420,6 @@ def request_gate(counts: ConnectionCounts) -> Callable[[web.Request, Handler],
             answer.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             answer.force_close()
             return answer
-        connection = counts.gate_of(request)
         if connection is not None:
             connection.request_started()
         try:

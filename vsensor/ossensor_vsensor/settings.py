@@ -65,6 +65,9 @@ class VSensorSettings:
     claims_allow: Sequence[str] = ()
     claims_max_prefix_v4: int = 16
     claims_max_prefix_v6: int = 48
+    #: Networks (CIDR) of TCP load balancers whose connections start with a PROXY header
+    #: (``proxy_protocol.py``): the client address is taken from it.
+    proxy_protocol_from: Sequence[str] = ()
     #: Cluster mode (``--nats``): a replica sharing its state through NATS JetStream
     #: (``cluster/``); None: single mode, everything in this process and ``data_dir``.
     cluster: ClusterSettings | None = None
@@ -74,6 +77,7 @@ class VSensorSettings:
         object.__setattr__(self, "keys", tuple(self.keys))
         object.__setattr__(self, "vsensor_ports", tuple(int(p) for p in self.vsensor_ports))
         object.__setattr__(self, "claims_allow", tuple(self.claims_allow))
+        object.__setattr__(self, "proxy_protocol_from", tuple(self.proxy_protocol_from))
         if not 0 <= self.claims_max_prefix_v4 <= 32 or not 0 <= self.claims_max_prefix_v6 <= 128:
             raise ValueError("VSensorSettings.claims_max_prefix_v4/v6 must be 0-32 and 0-128")
         if not self.keys or not all(self.keys):

@@ -16,11 +16,17 @@ Chunks: stream ``OSSENSOR_CHUNKS``
     A message is the chunk exactly as the sensor sent it (the encoded, compressed body of
     ``POST /api/v1/chunks``), with headers ``Ossensor-Sensor`` (the name), ``Ossensor-Sequence``
     and ``Nats-Msg-Id: <token>.<sequence>`` (JetStream drops a retry within its window). A body
-    over the server's ``max_payload`` goes as consecutive parts, each with
-    ``Ossensor-Part: <i>/<n>`` and ``Nats-Msg-Id: <token>.<sequence>.<i>``; a replica answers the
-    sensor only once every part is stored by JetStream. Retention is by interest: a message
-    leaves the stream once every durable consumer has acknowledged it; the store's consumers
-    (``store-<partition>``) are made with the stream, so no chunk is published before they exist.
+    over the server's ``max_payload`` goes as ``<n>`` parts (the body cut in order, all but the
+    last of one size), each with ``Ossensor-Part: <i>/<n>`` (``i`` from 1) and
+    ``Nats-Msg-Id: <token>.<sequence>.<i>``; a replica answers the sensor only once every part is
+    stored by JetStream. Parts are published in order, but when some failed the sensor's retry
+    adds only those (the others are duplicates), so a reader collects the parts of a chunk by
+    ``<token>.<sequence>`` and ``<i>``, not by position in the stream. A replica checks a chunk's
+    head (sensor, sequence, instance) against the signed request, never its records: whoever
+    decodes a body checks it (``ChunkCodec.decode``) and must expect a malformed one.
+    Retention is by interest: a message leaves the stream once every durable consumer has
+    acknowledged it; the store's consumers (``store-<partition>``) are made with the stream, so
+    no chunk is published before they exist.
     The stream refuses new messages when full (``discard: new``): replicas answer ``507`` with
     ``Retry-After``, never drop what is stored.
 
@@ -45,6 +51,11 @@ import hashlib
 PARTITIONS = 32
 STREAM = "OSSENSOR_CHUNKS"
 SUBJECT_PREFIX = "ossensor.chunks"
+#: The headers of a chunk message (see above).
+H_SENSOR = "Ossensor-Sensor"
+H_SEQUENCE = "Ossensor-Sequence"
+H_PART = "Ossensor-Part"
+H_MSG_ID = "Nats-Msg-Id"
 
 
 def partition(sensor: str, partitions: int = PARTITIONS) -> str:

@@ -22,3 +22,29 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{ fail "sensor.env.VSENSOR_HOSTNAME is required when vsensor.enabled is false" }}
 {{- end -}}
 {{- end -}}
+
+{{- define "ossensor.natsUrls" -}}
+{{- if .Values.cluster.nats -}}
+{{ join "," .Values.cluster.nats }}
+{{- else -}}
+nats://nats.{{ .Release.Namespace }}.svc.{{ .Values.cluster.clusterDomain }}:4222
+{{- end -}}
+{{- end -}}
+
+{{- /* Pod anti-affinity for the pods of one component, by cluster.antiAffinity. */}}
+{{- define "ossensor.antiAffinity" -}}
+{{- $terms := dict "topologyKey" "kubernetes.io/hostname"
+      "labelSelector" (dict "matchLabels" .labels) -}}
+podAntiAffinity:
+{{- if eq .root.Values.cluster.antiAffinity "required" }}
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - {{- toYaml $terms | nindent 6 }}
+{{- else if eq .root.Values.cluster.antiAffinity "preferred" }}
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        {{- toYaml $terms | nindent 8 }}
+{{- else }}
+{{- fail "cluster.antiAffinity must be preferred or required" }}
+{{- end }}
+{{- end -}}
