@@ -169,6 +169,17 @@ def test_chunks_stored_once_in_order_parts_duplicates_and_garbage(tmp_path):
                 await publish(js, "node two", 11, chunk_body("node two", 11, 20))
         for sensor in sensors:
             await publish(js, sensor, 12, chunk_body(sensor, 12, 20))
+        # A chunk whose last part failed: the sensor's retry adds it later (the others are
+        # JetStream duplicates then).
+        late = chunk_body("node.one", 13, 300, pad=8000)
+        parts = [late[i:i + PART_BYTES] for i in range(0, len(late), PART_BYTES)]
+        headers = {"Ossensor-Sensor": "node.one", "Ossensor-Sequence": "13"}
+        for attempt in ([1, 2], [1, 2, 3]):
+            for i in attempt:
+                await js.publish(subject, parts[i - 1], headers={
+                    **headers, "Ossensor-Part": f"{i}/3",
+                    "Nats-Msg-Id": f"{token('node.one')}.13.{i}"})
+            await asyncio.sleep(3)
         await drained(js)
         await cluster.close()
         return worker
@@ -179,12 +190,13 @@ def test_chunks_stored_once_in_order_parts_duplicates_and_garbage(tmp_path):
     log = worker.text()
     assert "refused chunk 999 of 'node.one'" in log, log[-3000:]
     assert "refused chunk ? of '?': missing or overlong Ossensor-Sensor header" in log
-    assert "stopped: 35 chunks (980 packets) stored, 1 duplicates, 2 refused" in log
+    assert "stopped: 36 chunks (1280 packets) stored, 1 duplicates, 2 refused" in log
     files = stored(worker.data)
     assert sorted(files) == sorted(safe_name(s) for s in sensors)
     files = {s: files[safe_name(s)] for s in sensors}
     assert files["node.one"] == expected("node.one", range(1, 11), 20) + \
-        expected("node.one", [11], 300) + expected("node.one", [12], 20)
+        expected("node.one", [11], 300) + expected("node.one", [12], 20) + \
+        expected("node.one", [13], 300)
     assert files["node two"] == expected("node two", range(1, 13), 20)
     assert files["n3"] == expected("n3", [*range(1, 11), 12], 20)
     assert not list(worker.data.glob("*/*.part"))
@@ -373,6 +385,17 @@ def test_reassembly_drops_the_oldest_beyond_its_count_and_bytes_and_what_waited_
     assert [key for _, key, _ in parts.expired(now=33.5)] == [("d", 1, 3)]
     assert [key for _, key, _ in parts.expired(now=34.5)] == [("e", 1, 2)]
     assert parts.size == 0 and not parts.open
+
+
+def test_held_parts_are_kept_in_progress_every_so_often():
+    parts = Reassembly(max_bytes=100)
+    parts.add(Header("a", 1, 1, 3), "a1", b"1", now=0.0)
+    parts.add(Header("a", 1, 2, 3), "a2", b"2", now=5.0)
+    parts.add(Header("b", 1, 1, 2), "b1", b"1", now=15.0)
+    assert parts.to_touch(20.0, now=19.0) == []
+    assert parts.to_touch(20.0, now=20.0) == ["a1", "a2"]
+    assert parts.to_touch(20.0, now=35.0) == ["b1"]
+    assert parts.to_touch(20.0, now=40.0) == ["a1", "a2"]
 
 
 # -- the command line ---------------------------------------------------------------------------

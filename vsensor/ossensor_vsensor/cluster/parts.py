@@ -7,12 +7,13 @@ an unsigned 64-bit number, a part number ``i/n`` has ``1 <= i <= n <= max_parts`
 
 :class:`Reassembly` holds the parts of the chunks of one partition that are not complete yet.
 Parts of one chunk are published in order by one replica, but parts of other chunks (another
-sensor, or the same sensor's retry through another replica) may come between them, so several
-chunks may be open at once. Everything is bounded: how many chunks are open, the bytes they
-hold, and how long one may wait for its missing parts. A chunk that stays incomplete was never
-acknowledged to its sensor (a replica answers only once every part is stored), so the sensor
-sends it again: dropping it loses nothing that was promised. Its messages are then acknowledged
-so that they leave the stream.
+sensor, or the same sensor's retry through another replica) may come between them, and a retry
+adds only the parts that failed, so parts are collected by chunk and number, several chunks
+open at once. Everything is bounded: how many chunks are open, the bytes they hold, and how
+long one may wait for its missing parts (longer than JetStream's de-duplication window: after
+it, a retry publishes every part again, so a chunk still incomplete then was never acknowledged
+to its sensor, which sends it again). Dropping it loses nothing that was promised; its messages
+are acknowledged so that they leave the stream.
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import PARTITIONS, SUBJECT_PREFIX, partition
+from . import H_PART, H_SENSOR, H_SEQUENCE, PARTITIONS, SUBJECT_PREFIX, partition
 from .names import token
 
-#: Header names of a chunk message (see the package docstring).
-H_SENSOR = "Ossensor-Sensor"
-H_SEQUENCE = "Ossensor-Sequence"
-H_PART = "Ossensor-Part"
 #: The longest sensor name taken from a header (the protocol allows 253 characters; UTF-8
 #: names may take up to four bytes each).
 MAX_SENSOR_BYTES = 1024
-#: How long the parts of an incomplete chunk are kept; below the consumers' ``ack_wait``
-#: (60 s) so that a held part is never redelivered while it is held.
-PART_WAIT_SECONDS = 30.0
+#: How long the parts of an incomplete chunk are kept, beyond JetStream's de-duplication
+#: window (the worker passes the stream's own plus this): a sensor's retry of a chunk whose
+#: last parts failed adds only those within the window (the stored ones are duplicates), and
+#: all of them again after it. Held parts are kept "in progress" meanwhile, so that the
+#: consumer's ``ack_wait`` does not hand them out again.
+PART_WAIT_SECONDS = 150.0
+PART_WAIT_MARGIN = 30.0
 #: Incomplete chunks held at once per partition, and the bytes they may hold together.
 MAX_OPEN_CHUNKS = 8
 
@@ -84,6 +85,7 @@ class OpenChunk:
     started: float
     bodies: dict[int, bytes] = field(default_factory=dict)
     messages: list[Any] = field(default_factory=list)
+    touched: float = 0.0  # when its messages were last kept in progress
     sequences: dict[int, int | None] = field(default_factory=dict)  # part -> stream sequence
     positions: dict[int, int] = field(default_factory=dict)  # part -> index in messages
     size: int = 0
@@ -117,7 +119,7 @@ class Reassembly:
         dropped: list[Dropped] = []
         chunk = self.open.get(key)
         if chunk is None:
-            chunk = OpenChunk(header.parts, now)
+            chunk = OpenChunk(header.parts, now, touched=now)
             self.open[key] = chunk
         if header.part in chunk.bodies:
             held = chunk.sequences.get(header.part)
@@ -142,6 +144,16 @@ class Reassembly:
             dropped.append((f"more than {self.max_open} incomplete chunks or "
                             f"{self.max_bytes} bytes held", old_key, old))
         return None, [], dropped
+
+    def to_touch(self, every: float, now: float | None = None) -> list[Any]:
+        """The messages of chunks not kept in progress for ``every`` seconds (marked now)."""
+        now = time.monotonic() if now is None else now
+        due = []
+        for chunk in self.open.values():
+            if now - chunk.touched >= every:
+                chunk.touched = now
+                due += chunk.messages
+        return due
 
     def expired(self, now: float | None = None) -> list[Dropped]:
         """Drop the chunks whose parts waited longer than :attr:`wait`."""

@@ -29,7 +29,8 @@ arrives meanwhile.
 
 Memory, per held partition: one pull of at most :data:`FETCH_BYTES` (messages are at most the
 server's ``max_payload``), the incomplete chunks (``parts.py``: at most 8, at most twice
-``MAX_CHUNK_BYTES`` together) and the chunk being decoded. The second bound is for 64 MiB
+``MAX_CHUNK_BYTES`` together, for the de-duplication window plus half a minute, their messages
+kept in progress meanwhile) and the chunk being decoded. The second bound is for 64 MiB
 chunks from several replicas at once; sensors' chunks are a few MiB, so in practice a worker
 holds a few MiB per partition.
 
@@ -58,7 +59,8 @@ from ..stores import SensorStores, ShuttingDown
 from . import STREAM
 from .connection import Cluster, ClusterSettings
 from .leases import PartitionLeases
-from .parts import BadMessage, Dropped, Reassembly, read_headers
+from .parts import (PART_WAIT_MARGIN, PART_WAIT_SECONDS, BadMessage, Dropped, Reassembly,
+                    read_headers)
 
 log = logging.getLogger("ossensor_vsensor.cluster.store")
 
@@ -70,6 +72,8 @@ FETCH_BYTES = 8 << 20
 MAX_BATCH = 64
 #: Beyond ``ack_wait``, for the server to put the messages out back in line.
 REDELIVERY_MARGIN = 2.0
+#: How often held parts are marked in progress: well within the consumers' ack_wait (60 s).
+PROGRESS_SECONDS = 20.0
 #: Seconds between tries to store a chunk the disk refused.
 STORE_RETRY = 5.0
 
@@ -121,7 +125,7 @@ class PartitionConsumer:
         self.batch = max(1, min(MAX_BATCH, FETCH_BYTES // max_payload))
         # Parts are at most max_payload less their headers: half of it is a generous floor.
         self.max_parts = math.ceil(MAX_CHUNK_BYTES / (max_payload // 2)) + 1
-        self.reassembly = Reassembly(max_bytes=2 * MAX_CHUNK_BYTES)
+        self.reassembly = Reassembly(max_bytes=2 * MAX_CHUNK_BYTES, wait=worker.part_wait)
         self.task = asyncio.create_task(self._run(), name=f"store {part}")
 
     async def stop(self) -> None:
@@ -157,6 +161,8 @@ class PartitionConsumer:
                 for message in messages:
                     await self._handle(message)
                 await self._give_up(self.reassembly.expired())
+                for held in self.reassembly.to_touch(PROGRESS_SECONDS):
+                    await held.in_progress()
             except Exception as exc:  # an acknowledgement lost with the connection: what
                 # was stored is recognised as a duplicate when it comes back
                 failures += 1
@@ -304,6 +310,7 @@ class StoreWorker:
         self.cluster: Cluster | None = None  # set by run()
         self.leases: PartitionLeases | None = None
         self.max_payload = 1 << 20
+        self.part_wait = PART_WAIT_SECONDS  # set from the stream's de-duplication window
 
     @property
     def name(self) -> str:
@@ -326,6 +333,12 @@ class StoreWorker:
             return
         self.cluster = cluster = connecting.result()
         self.max_payload = cluster.nc.max_payload or self.max_payload
+        try:
+            window = float((await cluster.js.stream_info(STREAM)).config.duplicate_window or 0)
+            self.part_wait = max(PART_WAIT_SECONDS, min(window, 3600.0) + PART_WAIT_MARGIN)
+        except Exception as exc:  # the default covers the stream's usual two minutes
+            log.warning("cannot read the stream's de-duplication window: %s",
+                        str(exc)[:200] or type(exc).__name__)
         self.leases = PartitionLeases(cluster.kv("ossensor-store"), self.name,
                                       self.settings.lease_seconds)
         log.info("store worker %r storing under %s (lease %g s)", self.name,
