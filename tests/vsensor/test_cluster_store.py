@@ -132,8 +132,8 @@ async def drained(js, timeout: float = 120) -> None:
         await asyncio.sleep(0.3)
 
 
-async def connect(urls: str) -> Cluster:
-    return await Cluster.connect(ClusterSettings(tuple(urls.split(",")), replicas=3,
+async def connect(urls: str, replicas: int = 3) -> Cluster:
+    return await Cluster.connect(ClusterSettings(tuple(urls.split(",")), replicas=replicas,
                                                  name="test-publisher"))
 
 
@@ -241,6 +241,34 @@ def test_a_killed_worker_restarted_stores_every_chunk_exactly_once(tmp_path):
     files = stored(worker.data)
     for sensor in sensors:
         assert files[safe_name(sensor)] == expected(sensor, range(1, 401), 50)
+
+
+@needs_nats
+def test_rotation_and_retention_as_in_single_mode(tmp_path):
+    """--rotate-bytes completes files as chunks come, --retain-bytes deletes the oldest
+    completed ones: what stays is the newest packets, in order (one NATS server, one copy)."""
+
+    async def scenario(urls: str) -> Worker:
+        cluster = await connect(urls, replicas=1)
+        worker = Worker(tmp_path, urls, "w1", "--nats-replicas", "1", "--rotate-bytes", "20000",
+                        "--retain-bytes", "60000")
+        for sequence in range(1, 101):
+            await publish(cluster.js, "r.s", sequence, chunk_body("r.s", sequence, 20))
+        await drained(cluster.js)
+        await cluster.close()
+        deadline = time.monotonic() + 30
+        while sum(p.stat().st_size for p in worker.data.glob("*/*.pcapng")) > 60000:
+            assert time.monotonic() < deadline, worker.text()[-2000:]
+            time.sleep(0.2)
+        return worker
+
+    with nats_cluster(tmp_path / "nats", 1) as nats:
+        worker = asyncio.run(scenario(nats.urls))
+        assert worker.stop() == 0
+    assert "retention: deleted" in worker.text()
+    kept = stored(worker.data)["r.s"]
+    everything = expected("r.s", range(1, 101), 20)
+    assert 0 < len(kept) < len(everything) and everything[-len(kept):] == kept
 
 
 async def retried(js, sensor: str, sequence: int, body: bytes) -> None:
