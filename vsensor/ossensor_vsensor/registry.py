@@ -99,7 +99,7 @@ class SensorRegistry:
         for name, state in self.sensors.items():
             other = merged.get(name)
             if other is None or (state.registered is not None
-                                 and (state.last_seen or 0) >= (other.last_seen or 0)):
+                                 and (state.last_seen or 0) > (other.last_seen or 0)):
                 merged[name] = state
         return merged
 

@@ -194,6 +194,11 @@ class SharedRegistry:
         local = self.registry.sensors.get(sensor)
         if state.replica == self.replica and local is not None and local.registered:
             return  # our own write coming back
+        if local is not None:
+            # Written by another replica after our last write: the sensor moved there (or
+            # another instance took the name, or it stopped). Who holds the name follows, so
+            # the local name_in_use check agrees with the cluster's.
+            local.instance, local.last_seen = state.instance, state.last_seen
         known = self.registry.remote.get(sensor)
         self.registry.remote[sensor] = state
         if known is None or known.claim != state.claim or \
