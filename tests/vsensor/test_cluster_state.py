@@ -226,6 +226,30 @@ def test_actions_survive_both_replicas_and_a_full_nats_restart(tmp_path, tls):
         found, _ = asyncio.run(listed())
         assert found == [[issued["action"]], [issued["action"]]]
 
+        async def without_nats():
+            """No NATS at all: requests are refused with 503 and Retry-After, never taken
+            unprotected; an operator's change is not made."""
+            async with replicas(tmp_path, cluster.urls, tls) as (a, _):
+                for i in range(3):
+                    cluster.kill(i)
+                status, answer, headers = await register(a, "no-nats", "192.0.2.71")
+                assert (status, answer["error"]) == (503, "busy"), answer
+                assert headers["Retry-After"] == "5"
+                status, answer = await operator(a, "POST", body={"dst": "192.0.2.72",
+                                                                 "duration": 60})
+                assert (status, answer["reason"]) == (503, "actions_not_saved"), answer
+                for i in range(3):
+                    cluster.start(i)
+                await asyncio.to_thread(cluster.wait_ready)
+                await asyncio.sleep(2.0)
+                # Back: taken again (the nonce of a new request).
+                deadline = time.monotonic() + 30
+                while (await register(a, "no-nats", "192.0.2.71"))[0] != 200:
+                    assert time.monotonic() < deadline, "not taken after NATS came back"
+                    await asyncio.sleep(0.5)
+
+        asyncio.run(without_nats())
+
 
 def test_values_planted_in_the_buckets_are_skipped_not_fatal(tmp_path, tls, nats, caplog):
     async def scenario():

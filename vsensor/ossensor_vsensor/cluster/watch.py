@@ -35,13 +35,11 @@ def shown(key: str) -> str:
 class BucketWatch:
     """One bucket followed for the life of a replica (:meth:`start`, :meth:`stop`)."""
 
-    def __init__(self, kv: Any, name: str, on_entry: EntryCallback, max_value: int,
-                 on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, kv: Any, name: str, on_entry: EntryCallback, max_value: int) -> None:
         self.kv = kv
         self.name = name
         self.on_entry = on_entry
         self.max_value = max_value
-        self.on_ready = on_ready
         self.ready = asyncio.Event()  # set once the current values were all delivered
         self.skipped = 0
         self._task: asyncio.Task[None] | None = None
@@ -78,10 +76,7 @@ class BucketWatch:
             await asyncio.sleep(_RESTART_SECONDS)
 
     def _mark_ready(self) -> None:
-        if not self.ready.is_set():
-            self.ready.set()
-            if self.on_ready is not None:
-                self.on_ready()
+        self.ready.set()
 
     async def _deliver(self, entry: Any) -> None:
         key = str(entry.key)
