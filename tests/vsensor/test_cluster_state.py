@@ -239,6 +239,37 @@ def test_actions_survive_both_replicas_and_a_full_nats_restart(tmp_path, tls):
         found, _ = asyncio.run(listed())
         assert found == [[issued["action"]], [issued["action"]]]
 
+        async def failover():
+            """One NATS server SIGKILLed at a time (each in turn, started again after): an
+            action issued on A still reaches B's sensor. While JetStream elects new leaders the
+            operator gets 503 and retries; a watch that fell silent is started again."""
+            delays = []
+            async with replicas(tmp_path, cluster.urls, tls) as (a, b):
+                ws = await connect(b, "failover")
+                assert (await receive(ws))["type"] == "sync"
+                for i in range(3):
+                    cluster.kill(i)
+                    deadline = time.monotonic() + 60
+                    while True:
+                        status, issued = await operator(a, "POST", body={
+                            "dst": f"203.0.113.{10 + i}", "duration": 600})
+                        if status == 201:
+                            break
+                        assert status == 503 and time.monotonic() < deadline, issued
+                        await asyncio.sleep(0.5)
+                    taken = time.monotonic()
+                    while (pushed := await receive(ws, timeout=30))["type"] != "action":
+                        pass
+                    assert pushed["action"]["id"] == issued["id"]
+                    delays.append(round(time.monotonic() - taken, 1))
+                    cluster.start(i)
+                    await asyncio.to_thread(cluster.wait_ready)
+                await ws.close()
+            print(f"failover: pushed {delays} s after the operator's 201")
+            assert max(delays) < 15, delays
+
+        asyncio.run(failover())
+
         async def without_nats():
             """No NATS at all: requests are refused with 503 and Retry-After, never taken
             unprotected; an operator's change is not made."""

@@ -75,13 +75,14 @@ class SharedActions:
 
     def __init__(self, kv: Any, reports: Any, actions: dict[str, BlockAction],
                  now: Callable[[], float],
-                 push: Callable[[dict[str, Any], str | None], Awaitable[None]]) -> None:
+                 push: Callable[[dict[str, Any], str | None], Awaitable[None]],
+                 js: Any = None) -> None:
         self.kv = kv
         self.reports = reports
         self.actions = actions
         self.now = now
         self.push = push
-        self.watch = BucketWatch(kv, BUCKET, self._on_entry, MAX_ACTION_BYTES)
+        self.watch = BucketWatch(kv, BUCKET, self._on_entry, MAX_ACTION_BYTES, js)
         self._background: set[asyncio.Task[Any]] = set()
 
     async def start(self, wait: float = 10.0) -> None:

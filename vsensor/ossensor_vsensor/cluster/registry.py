@@ -150,7 +150,7 @@ class SharedRegistry:
 
     def __init__(self, settings: VSensorSettings, registry: SensorRegistry, kv: Any,
                  replica: str, claims: ClaimPolicy,
-                 claims_changed: Callable[[str], None]) -> None:
+                 claims_changed: Callable[[str], None], js: Any = None) -> None:
         self.settings = settings
         self.registry = registry
         self.kv = kv
@@ -160,7 +160,7 @@ class SharedRegistry:
         self.revisions: dict[str, int] = {}
         self.written_seen: dict[str, float] = {}  # last_seen of our last write, per sensor
         self.writes: dict[str, int] = {"register": 0, "refresh": 0, "change": 0}
-        self.watch = BucketWatch(kv, BUCKET, self._on_entry, MAX_RECORD_BYTES)
+        self.watch = BucketWatch(kv, BUCKET, self._on_entry, MAX_RECORD_BYTES, js)
         self._pending: dict[str, asyncio.Task[None]] = {}
 
     async def start(self, wait: float = 10.0) -> None:

@@ -86,7 +86,8 @@ class ReplicaStatus:
         self.counters = counters
         self.started = now()
         self.replicas: dict[str, dict[str, Any]] = {}
-        self.watch = BucketWatch(self.kv, BUCKET, self._on_entry, MAX_RECORD_BYTES)
+        self.watch = BucketWatch(self.kv, BUCKET, self._on_entry, MAX_RECORD_BYTES,
+                                 cluster.js)
         self._task: asyncio.Task[None] | None = None
 
     def _on_entry(self, key: str, value: bytes | None, revision: int) -> None:

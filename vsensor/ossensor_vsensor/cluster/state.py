@@ -73,10 +73,11 @@ async def join(vsensor: VSensor, cluster: Cluster, app: web.Application) -> Clus
         task.add_done_callback(background.discard)
 
     shared = SharedRegistry(vsensor.settings, vsensor.registry, cluster.kv(SENSORS),
-                            cluster.name, vsensor.registrar.claims, claims_changed)
+                            cluster.name, vsensor.registrar.claims, claims_changed,
+                            cluster.js)
     nonces = SharedNonces(cluster.kv(NONCES))
     actions = SharedActions(cluster.kv(ACTIONS), cluster.kv(REPORTS), hub.actions,
-                            vsensor.now, hub.push)
+                            vsensor.now, hub.push, cluster.js)
     direct = vsensor.settings.direct
     replicas = ReplicaStatus(cluster, f"{direct[0]}:{direct[1]}" if direct else "",
                              vsensor.now, lambda: _counters(vsensor, hub))
