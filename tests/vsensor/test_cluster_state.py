@@ -108,6 +108,12 @@ def test_peer_ranges_span_replicas_and_status_lists_every_sensor(tmp_path, tls, 
             status, text = await b.get("/metrics", TOKEN)
             assert 'sensor="pr-b"' in text and 'replica="replica-b"' in text
             assert 'sensor="pr-a"' not in text
+            # A registration too large for the shared registry: 400, named, nothing written.
+            huge = {"sensor": "pr-huge", "versions": [1], "addresses": ["192.0.2.13"],
+                    "interfaces": [f"if{i:04d}" + "x" * 300 for i in range(1100)]}
+            status, answer, _ = await a.post(PATH_REGISTER, json.dumps(huge).encode(),
+                                             sensor="pr-huge")
+            assert status == 400 and "shared registry" in answer["error"], answer
 
     asyncio.run(scenario())
 

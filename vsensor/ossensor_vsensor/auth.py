@@ -129,22 +129,19 @@ class Authenticator:
         try:
             fresh = await self.shared_nonces.claim(nonce)  # type: ignore[union-attr]
         except ClusterUnavailable as exc:
-            log.warning("refused %s %s from %s (sensor %r): replay check: NATS unavailable "
-                        "(%s)", request.method, request.path, request.remote,
-                        _shown(request.headers.get(H_SENSOR, "?")), exc)
-            raise self.cluster_unavailable(request, record=False) from None
+            raise self.cluster_unavailable(request, f"replay check: {exc}") from None
         if not fresh:
             raise self._refused(request, AuthError(
                 Reason.REPLAY, "nonce already used on another replica (replay)")) from None
 
     def cluster_unavailable(self, request: web.Request,
-                            record: bool = True) -> web.HTTPServiceUnavailable:
+                            detail: str) -> web.HTTPServiceUnavailable:
         """``503 busy`` with ``Retry-After``: cluster state (NATS) does not answer, and a
-        request is never taken without it. Counted under ``busy``."""
+        request is never taken without it. Counted under ``busy``, one log line."""
         self.metrics.auth_failures[Reason.BUSY] += 1
-        if record:
-            log.warning("refused %s %s from %s: NATS unavailable", request.method,
-                        request.path, request.remote)
+        log.warning("refused %s %s from %s (sensor %r): NATS unavailable (%s)",
+                    request.method, request.path, request.remote,
+                    _shown(request.headers.get(H_SENSOR, "?")), detail[:200])
         return web.HTTPServiceUnavailable(
             text=json.dumps({"error": Reason.BUSY, "server_time": self.settings.now()}),
             content_type="application/json",

@@ -133,9 +133,9 @@ class Registrar:
         try:
             holder = await self.shared.register(candidate)
         except ClusterUnavailable as exc:
-            log.warning("registration of %r: NATS unavailable (%s): answering 503",
-                        candidate.name, exc)
-            return self.auth.cluster_unavailable(request)
+            raise self.auth.cluster_unavailable(request, str(exc)) from None
+        except ValueError as exc:  # too large for the shared registry
+            return bad_json(request, candidate.name, f"bad registration: {exc}")
         if holder is None:
             return None
         return self.auth.refuse_name_held(candidate.name, candidate.instance, holder, request)
