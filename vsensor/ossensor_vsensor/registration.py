@@ -147,7 +147,9 @@ class Registrar:
         local, ports = self.filters.own_endpoint(request)
         state = self.registry.get(sensor)
         live = bool(state and state.registered
-                    and self.registry.held_by_another(state, instance))
+                    and self.registry.held_by_another(state, instance)) or bool(
+            self.shared is not None  # cluster mode: held through another replica
+            and self.shared.holds(self.registry.remote.get(sensor), instance))
         log.info("registration probe for %r from %s (protocol %d)", sensor, request.remote,
                  version)
         return web.json_response({

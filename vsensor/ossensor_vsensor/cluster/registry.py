@@ -171,6 +171,7 @@ class SharedRegistry:
         self.writes: dict[str, int] = {"register": 0, "refresh": 0, "change": 0}
         self.watch = BucketWatch(kv, BUCKET, self._on_entry, MAX_RECORD_BYTES, js)
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
 
     async def start(self, wait: float = 10.0) -> None:
         self.registry.touched = self.touch
@@ -182,6 +183,7 @@ class SharedRegistry:
 
     async def stop(self) -> None:
         await self.watch.stop()
+        self._again.clear()
         for task in list(self._pending.values()):
             task.cancel()
 
@@ -269,7 +271,11 @@ class SharedRegistry:
     def touch(self, state: SensorState, changed: bool = False) -> None:
         """A request of ``state``'s sensor was taken: write its record in the background when
         something changed or the ``last_seen`` written is getting old (see the docstring)."""
-        if state.registered is None or state.name in self._pending:
+        if state.registered is None:
+            return
+        if state.name in self._pending:
+            if changed:  # written again once the write in flight is done
+                self._again.add(state.name)
             return
         age = (state.last_seen or 0.0) - self.written_seen.get(state.name, 0.0)
         if not changed and age < REFRESH_HEARTBEATS * self.settings.heartbeat_seconds:
@@ -279,7 +285,13 @@ class SharedRegistry:
         task = asyncio.get_running_loop().create_task(
             self._refresh(state, "change" if changed else "refresh"))
         self._pending[state.name] = task
-        task.add_done_callback(lambda _: self._pending.pop(state.name, None))
+        task.add_done_callback(lambda _: self._written(state))
+
+    def _written(self, state: SensorState) -> None:
+        self._pending.pop(state.name, None)
+        if state.name in self._again:
+            self._again.discard(state.name)
+            self.touch(state, changed=True)
 
     async def _refresh(self, state: SensorState, reason: str) -> None:
         """Write ``state`` while this instance still holds the name (best effort: a failure
