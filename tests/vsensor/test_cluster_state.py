@@ -82,10 +82,16 @@ async def until(check, timeout: float = 5.0, what: str = "condition"):
 def test_peer_ranges_span_replicas_and_status_lists_every_sensor(tmp_path, tls, nats):
     async def scenario():
         async with replicas(tmp_path, nats.urls, tls) as (a, b):
-            status, first, _ = await register(a, "pr-a", "192.0.2.11")
+            status, first, _ = await register(a, "pr-a", "192.0.2.11",
+                                              features=("peer-ranges", "filter-refresh"))
             assert status == 200 and first["peer_ranges"]["ranges"] == []
+            ws = await connect(a, "pr-a")
+            assert (await receive(ws))["type"] == "sync"
             status, _, _ = await register(b, "pr-b", "192.0.2.12")
             assert status == 200
+            # A's sensor is told at once that its filter changed (a sensor joined on B).
+            assert await receive(ws, timeout=1.0) == {"type": "filters"}
+            await ws.close()
             await until(lambda: "pr-b" in a.vsensor.registry.remote, what="B's sensor on A")
             beat = json.dumps({"interfaces": {}, "peer_ranges_id": first["peer_ranges"]["id"]})
             status, answer, _ = await a.post(PATH_HEARTBEAT, beat.encode(), sensor="pr-a")
