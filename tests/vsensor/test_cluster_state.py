@@ -1,5 +1,6 @@
 """Cluster mode's shared state (issue 18): two vSensor replicas (real aiohttp apps over real TLS
-on loopback) sharing a real three-node JetStream cluster; sensors simulated by signed requests.
+on loopback, and once two ``ossensor-vsensor --nats`` processes) sharing a real three-node
+JetStream cluster; sensors simulated by signed requests.
 
 Each test uses sensor names of its own: the NATS cluster (and so its buckets) is shared by the
 module, except for the restart test, which has a cluster of its own.
@@ -11,10 +12,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
+import trustme
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from ossensor_core.wire.names import PATH_HEARTBEAT, PATH_REGISTER
@@ -31,7 +36,7 @@ from ossensor_vsensor.registry import SensorState
 from tests.helpers.nats import nats_cluster, needs_nats
 from tests.helpers.operator import TOKEN, connect, operator, receive
 from tests.helpers.vsensor import KEY, Client, make_chunk, running, settings
-from tests.helpers.vsensor_process import DOCUMENTATION_RANGES
+from tests.helpers.vsensor_process import DOCUMENTATION_RANGES, free_port, start_local
 
 pytestmark = needs_nats
 
@@ -368,6 +373,66 @@ def test_heartbeats_write_the_shared_record_every_other_beat_at_most(tmp_path, t
             # ... and the other replica never saw it older than the name_in_use window.
 
     asyncio.run(scenario())
+
+
+def test_two_replica_processes_share_the_registry_and_replay_protection(tmp_path, nats):
+    """``ossensor-vsensor --nats`` as two real processes (the CLI's path, one certificate):
+    a replay to the other process is refused, its status shows the first one's sensor, and a
+    sensor whose replica was SIGKILLed registers with the other one."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    ports, processes = [free_port(), free_port()], []
+    for name, port in zip(("proc-a", "proc-b"), ports):
+        (tmp_path / name).mkdir()
+        processes.append(start_local(
+            tmp_path / name, port, "vsensor.log", "--nats", nats.urls, "--replica", name,
+            "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+            "--claims-allow", DOCUMENTATION_RANGES, env={"VSENSOR_HMAC_KEY": KEY}))
+
+    async def scenario():
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=client_ctx)) as session:
+            async def post(port: int, body: bytes, signed: dict[str, str]):
+                async with session.post(f"https://127.0.0.1:{port}{PATH_REGISTER}",
+                                        data=body, headers={"X-Ossensor-Protocol": "1",
+                                                            "X-Ossensor-Instance": "p" * 16,
+                                                            **signed}) as r:
+                    return r.status, await r.json()
+
+            body = json.dumps({"sensor": "procs", "versions": [1], "instance": "p" * 16,
+                               "addresses": ["192.0.2.81"]}).encode()
+            captured = sign(KEY, "POST", PATH_REGISTER, body, "procs")
+            assert (await post(ports[0], body, captured))[0] == 200
+            status, answer = await post(ports[1], body, captured)
+            assert (status, answer["error"]) == (401, "replay")
+            deadline = time.monotonic() + 10
+            while True:
+                async with session.get(f"https://127.0.0.1:{ports[1]}/status.json") as r:
+                    page = await r.json()
+                shown = {s["name"]: s.get("replica") for s in page["sensors"]}
+                if shown.get("procs") == "proc-a":
+                    break
+                assert time.monotonic() < deadline, page
+                await asyncio.sleep(0.1)
+            processes[0].send_signal(signal.SIGKILL)
+            processes[0].wait(timeout=10)
+            status, _ = await post(ports[1], body, sign(KEY, "POST", PATH_REGISTER, body,
+                                                        "procs"))
+            assert status == 200  # the same instance, moved: not name_in_use
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                assert process.wait(timeout=30) == 0
+    log = (tmp_path / "proc-b" / "vsensor.log").read_text()
+    assert KEY not in log and "Traceback" not in log, log[-3000:]
 
 
 # -- the parse functions, fed anything ---------------------------------------------------------
