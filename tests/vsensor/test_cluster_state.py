@@ -348,6 +348,16 @@ def test_values_planted_in_the_buckets_are_skipped_not_fatal(tmp_path, tls, nats
             assert all(len(line) < 600 for line in skipped)
             # Both replicas still serve.
             assert (await register(a, "after-plant", "192.0.2.52"))[0] == 200
+            # Store workers' records are shown when present, a bad one as an error.
+            store = cluster.kv("ossensor-store")
+            await store.put("worker.w1", json.dumps({"lag": 5, "stored": 9}).encode())
+            await store.put("worker.w2", b"\xff garbage")
+            page = json.loads((await b.get("/status.json", TOKEN))[1])
+            workers = {w["worker"]: w for w in page["cluster"]["store_workers"]}
+            assert workers["w1"] == {"worker": "w1", "lag": 5, "stored": 9}, workers
+            assert "error" in workers["w2"] and len(workers["w2"]["error"]) <= 200, workers
+            await store.delete("worker.w1")
+            await store.delete("worker.w2")
             for kv, key, _ in planted:
                 await kv.delete(key)
             await sensors.delete(names.token("planted"))

@@ -168,6 +168,9 @@ class AntigenaHub:
         clustered = vsensor.settings.cluster is not None
         self.actions: dict[str, Action] = {} if clustered else {
             a.id: a for a in self.file.load(self.now())}
+        if clustered and self.file.path.exists():
+            log.warning("cluster mode: %s is not read; the actions in force are those of the "
+                        "shared bucket", self.file.path)
         self.sensors: dict[str, SensorAntigena] = {}
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         #: Where sensors reach this vSensor (address, port): the local side of their requests.
