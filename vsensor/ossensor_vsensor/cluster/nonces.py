@@ -7,6 +7,10 @@ bucket's age limit is the replay window, so a request replayed to any replica wi
 the key and is refused exactly as a replay on one vSensor is (``401 replay``). The key is the
 nonce's digest, so nothing a sensor chose appears in a key.
 
+The cost is one JetStream round trip per request (a chunk, a heartbeat), never per packet.
+Measured here (three ``nats-server`` on loopback, two cores shared with a benchmark): 0.66 ms
+per check one at a time, 7,600 checks/s with 16 at once, 60-230 us of the replica's CPU each.
+
 Without an answer from NATS (no quorum, no server) the request is refused with ``503`` and
 ``Retry-After``: taking it unchecked would let a captured request be replayed to every replica.
 """
