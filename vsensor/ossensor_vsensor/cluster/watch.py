@@ -14,6 +14,8 @@ holding its (ordered, ephemeral) consumer was SIGKILLed, new values reached the 
 about 18 s. So once a second the bucket's last sequence is compared with the last revision the
 watch delivered (the last message of a bucket is always the latest value of its key, so a watch
 that keeps up has delivered it); a watch behind for :data:`STALE_SECONDS` is started again.
+Making the new watch needs JetStream's meta leader: when that was the server killed, values
+reach the watch once a new leader is elected (measured here: up to 25 s, 0-3 s otherwise).
 """
 
 from __future__ import annotations
