@@ -75,7 +75,8 @@ async def join(vsensor: VSensor, cluster: Cluster, app: web.Application) -> Clus
     shared = SharedRegistry(vsensor.settings, vsensor.registry, cluster.kv(SENSORS),
                             cluster.name, vsensor.registrar.claims, claims_changed,
                             cluster.js)
-    nonces = SharedNonces(cluster.kv(NONCES))
+    # A request waits for the replay check no longer than for its chunk's publish.
+    nonces = SharedNonces(cluster.kv(NONCES), timeout=cluster.settings.publish_timeout)
     actions = SharedActions(cluster.kv(ACTIONS), cluster.kv(REPORTS), hub.actions,
                             vsensor.now, hub.push, cluster.js)
     direct = vsensor.settings.direct
