@@ -38,6 +38,8 @@ from ossensor_core.wire.names import PATH_ACTIONS, PATH_ANTIGENA, Reason
 
 from .action_store import ActionFile, ActionFileError
 from .auth import bearer_token_matches
+from .cluster.actions import SharedActions
+from .cluster.registry import ClusterUnavailable
 
 if TYPE_CHECKING:
     from .app import VSensor
@@ -160,7 +162,15 @@ class AntigenaHub:
         self.vsensor = vsensor
         #: Actions in force survive a restart (``action_store``): loaded here, saved on change.
         self.file = ActionFile(vsensor.settings.data_dir)
-        self.actions: dict[str, Action] = {a.id: a for a in self.file.load(self.now())}
+        #: Cluster mode: the actions live in the shared bucket instead (``cluster/actions``,
+        #: set up at start, which fills ``actions``).
+        self.shared: SharedActions | None = None
+        clustered = vsensor.settings.cluster is not None
+        self.actions: dict[str, Action] = {} if clustered else {
+            a.id: a for a in self.file.load(self.now())}
+        if clustered and self.file.path.exists():
+            log.warning("cluster mode: %s is not read; the actions in force are those of the "
+                        "shared bucket", self.file.path)
         self.sensors: dict[str, SensorAntigena] = {}
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         #: Where sensors reach this vSensor (address, port): the local side of their requests.
@@ -200,10 +210,11 @@ class AntigenaHub:
     def sensor_addresses(self, sensor: str | None) -> list[IPAddress]:
         """What ``sensor`` (None: every sensor) registered as its addresses, and where its
         requests came from."""
-        names = [sensor] if sensor else sorted(set(self.vsensor.sensors) | set(self.remotes))
+        everyone = self.vsensor.registry.everyone()
+        names = [sensor] if sensor else sorted(set(everyone) | set(self.remotes))
         found: set[IPAddress] = set()
         for name in names:
-            state = self.vsensor.sensors.get(name)
+            state = everyone.get(name)
             texts: Iterable[str] = state.addresses if state is not None else ()
             found |= {a for a in map(_address, texts) if a is not None}
             found |= self.remotes.get(name, set())
@@ -212,9 +223,12 @@ class AntigenaHub:
     def in_force(self, sensor: str | None = None) -> list[Action]:
         """Actions not yet expired (for ``sensor``: those targeting it or every sensor)."""
         now = self.now()
-        for expired in [a for a in self.actions.values() if a.expiry <= now]:
+        gone = [a for a in self.actions.values() if a.expiry <= now]
+        for expired in gone:
             del self.actions[expired.id]
             log.info("Antigena action %s (%s) expired", expired.id, expired.describe())
+        if gone and self.shared is not None:
+            self.shared.forget([a.id for a in gone])
         found = sorted(self.actions.values(), key=lambda a: a.start)
         return [a for a in found if sensor is None or a.sensor in (None, sensor)]
 
@@ -225,7 +239,7 @@ class AntigenaHub:
     def _sensor(self, name: str) -> SensorAntigena:
         return self.sensors.setdefault(name, SensorAntigena())
 
-    async def _push(self, message: dict[str, Any], sensor: str | None) -> None:
+    async def push(self, message: dict[str, Any], sensor: str | None) -> None:
         targets = [ws for name, sockets in self.sockets.items()
                    if sensor is None or name == sensor for ws in sockets]
         for ws in targets:
@@ -266,7 +280,7 @@ class AntigenaHub:
             message = json.loads(await request.read())
         except ValueError:
             return web.json_response({"error": "the body is not JSON"}, status=400)
-        known = set(self.vsensor.sensors) | set(self.sensors)
+        known = set(self.vsensor.registry.everyone()) | set(self.sensors)
         try:
             action = parse_block(message, self.now(), sorted(known))
         except ValueError as exc:
@@ -284,10 +298,10 @@ class AntigenaHub:
             if action.expiry > same.expiry:
                 same = Action(same.id, same.src, same.dst, same.sport, same.dport, same.start,
                               action.expiry, same.sensor)
-                failed = self._change({**self.actions, same.id: same})
+                failed = await self._change({**self.actions, same.id: same})
                 if failed is not None:
                     return failed
-                await self._push({"type": "action", "action": same.as_json()}, same.sensor)
+                await self.push({"type": "action", "action": same.as_json()}, same.sensor)
             return web.json_response({"id": same.id, "duplicate": True,
                                       "action": same.as_json()})
         targets = [action.sensor] if action.sensor else sorted(known) or [None]
@@ -298,25 +312,29 @@ class AntigenaHub:
                                f"{count} actions are in force for "
                                f"{target or 'every sensor'}: at most {MAX_ACTIONS_IN_FORCE}, "
                                "so that a sensor's watch filter fits the kernel (clear some)")
-        failed = self._change({**self.actions, action.id: action})
+        failed = await self._change({**self.actions, action.id: action})
         if failed is not None:
             return failed
         log.info("Antigena action %s: block %s for %.0f s on %s", action.id, action.describe(),
                  action.expiry - action.start, action.sensor or "every sensor")
-        await self._push({"type": "action", "action": action.as_json()}, action.sensor)
+        await self.push({"type": "action", "action": action.as_json()}, action.sensor)
         return web.json_response({"id": action.id, "action": action.as_json()}, status=201)
 
-    def _change(self, actions: dict[str, Action]) -> web.Response | None:
-        """Make ``actions`` the set in force, on disk first: None when done, else the
-        operator's ``503`` (nothing changed)."""
+    async def _change(self, actions: dict[str, Action]) -> web.Response | None:
+        """Make ``actions`` the set in force, on disk (or in the shared bucket) first: None
+        when done, else the operator's ``503`` (nothing changed)."""
         try:
-            self.file.save(sorted(actions.values(), key=lambda a: (a.start, a.id)))
-        except ActionFileError as exc:
+            if self.shared is not None:
+                await self.shared.save(dict(self.actions), actions)
+            else:
+                self.file.save(sorted(actions.values(), key=lambda a: (a.start, a.id)))
+        except (ActionFileError, ClusterUnavailable) as exc:
             log.error("Antigena: %s", exc)
             return web.json_response({"error": f"the change was not made: {exc}",
                                       "reason": Reason.ACTIONS_NOT_SAVED}, status=503,
                                      headers={"Retry-After": "10"})
-        self.actions = actions
+        self.actions.clear()  # in place: the shared bucket's watch holds the same dict
+        self.actions.update(actions)
         return None
 
     async def list_actions(self, request: web.Request) -> web.Response:
@@ -332,11 +350,12 @@ class AntigenaHub:
         if action is None:
             return web.json_response({"error": f"no action {action_id[:100]!r} is in force"},
                                      status=404)
-        failed = self._change({k: a for k, a in self.actions.items() if k != action_id})
+        failed = await self._change({k: a for k, a in self.actions.items()
+                                     if k != action_id})
         if failed is not None:
             return failed
         log.info("Antigena action %s cleared", action_id)
-        await self._push({"type": "clear", "id": action_id}, action.sensor)
+        await self.push({"type": "clear", "id": action_id}, action.sensor)
         return web.json_response({"cleared": action_id})
 
     # The sensors' websocket --------------------------------------------------------------
@@ -382,6 +401,15 @@ class AntigenaHub:
         except (ValueError, TypeError, KeyError, OverflowError) as exc:  # "seq": Infinity
             log.warning("sensor %r sent a malformed Antigena message: %s", name, exc)
             return
+        if sequence not in state.sequences and self.shared is not None and \
+                0 <= sequence < 1 << 63:  # cluster mode: counted once over the replicas
+            try:
+                if not await self.shared.first_report(name, sequence):
+                    state.sequences.append(sequence)  # counted by another replica
+            except ClusterUnavailable as exc:
+                log.warning("Antigena report %d of %r not counted yet (NATS: %s); not "
+                            "acknowledged, so the sensor sends it again", sequence, name, exc)
+                return
         if sequence not in state.sequences:  # a report resent after a lost ack counts once
             state.sequences.append(sequence)
             for action_id, counts in actions.items():

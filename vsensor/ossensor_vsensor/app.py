@@ -12,6 +12,8 @@ This module only wires the parts together; each lives in a module of its own (``
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from ossensor_core.wire.names import H_SERVER_TIME, PATH_CHUNKS, PATH_HEARTBEAT, PATH_REGISTER
@@ -20,6 +22,7 @@ from ossensor_core.wire.signing import Verified
 from . import antigena
 from .auth import Authenticator
 from .chunks import ChunkReceiver
+from .cluster import state as cluster_state
 from .cluster.connection import Cluster
 from .cluster.ingest import JetStreamSink
 from .metrics import Metrics, metrics_registry, request_counter
@@ -59,6 +62,9 @@ class VSensor:
         #: Cluster mode's NATS connection, streams and buckets (connected at start); None in
         #: single mode.
         self.cluster: Cluster | None = None
+        #: Cluster mode: the registry, replay check, actions and status shared with the other
+        #: replicas (``cluster/state.py``); None in single mode.
+        self.shared: cluster_state.ClusterState | None = None
 
     @property
     def sensors(self) -> dict[str, SensorState]:
@@ -72,6 +78,10 @@ class VSensor:
         """Read and verify a sensor's request (:meth:`.auth.Authenticator.authenticate`)."""
         return await self.auth.authenticate(request)
 
+    async def cluster_status(self) -> dict[str, Any] | None:
+        """Cluster mode's part of the status pages (None before start and in single mode)."""
+        return await self.shared.replicas.status() if self.shared is not None else None
+
     async def start(self, app: web.Application) -> None:
         if self.settings.cluster is not None:
             self.cluster = await Cluster.connect(self.settings.cluster,
@@ -79,8 +89,12 @@ class VSensor:
             assert isinstance(self.sink, JetStreamSink)
             self.sink.bind(self.cluster)
         try:
+            if self.cluster is not None:
+                self.shared = await cluster_state.join(self, self.cluster, app)
             await self.sink.start()
         except BaseException:  # aiohttp runs no cleanup after a failed start
+            if self.shared is not None:
+                await self.shared.close()
             if self.cluster is not None:
                 await self.cluster.close()
             raise
@@ -89,6 +103,8 @@ class VSensor:
         """Complete every open file (``.part`` renamed); later chunks get 503."""
         await self.sink.close()
         self.auth.close()
+        if self.shared is not None:
+            await self.shared.close()
         if self.cluster is not None:
             await self.cluster.close()
 
@@ -122,8 +138,10 @@ def create_app(settings: VSensorSettings) -> web.Application:
                           middlewares=[request_counter(vsensor.metrics),
                                        request_gate(vsensor.counts), _body_budget(vsensor)])
     app[VSENSOR] = vsensor
+    replica = settings.cluster.name if settings.cluster is not None else None
     pages = StatusPages(settings, vsensor.registry,
-                        metrics_registry(vsensor.metrics, vsensor.registry))
+                        metrics_registry(vsensor.metrics, vsensor.registry, replica),
+                        vsensor.cluster_status if replica is not None else None)
     app.router.add_post(PATH_REGISTER, vsensor.registrar.register)
     app.router.add_post(PATH_CHUNKS, vsensor.chunks.receive)
     app.router.add_post(PATH_HEARTBEAT, vsensor.registrar.heartbeat)

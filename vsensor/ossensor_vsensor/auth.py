@@ -28,9 +28,11 @@ from ossensor_core.wire.names import (AUTHORIZATION, H_CHUNK_SEQUENCE, H_INSTANC
 from ossensor_core.wire.signing import AuthError, Verified, negotiate, verify_headers
 
 from .answers import refusal
+from .cluster.nonces import SharedNonces
+from .cluster.registry import ClusterUnavailable
 from .metrics import Metrics
 from .nonces import NONCE_FILE, JournaledNonces
-from .registry import SensorRegistry
+from .registry import SensorRegistry, SensorState
 from .settings import VSensorSettings
 
 log = logging.getLogger("ossensor_vsensor")
@@ -77,6 +79,8 @@ class Authenticator:
         self.nonces = JournaledNonces(settings.data_dir / NONCE_FILE, settings.skew_seconds,
                                       settings.now())
         self.body_bytes_in_flight = 0
+        #: Cluster mode: the replay check shared by every replica (set at start).
+        self.shared_nonces: SharedNonces | None = None
 
     async def authenticate(self, request: web.Request,
                            limit: int | None = None) -> tuple[Verified, bytes]:
@@ -110,11 +114,38 @@ class Authenticator:
             verified = signed.check_body(body)
         except AuthError as exc:
             raise self._refused(request, exc) from None
+        if self.shared_nonces is not None:
+            await self._claim_shared(request, signed.nonce)
         state = self.registry.state(verified.sensor)
         instance = request.headers.get(H_INSTANCE, "")
         if not state.instance or not instance or instance == state.instance:
             state.last_seen = self.settings.now()  # not by another instance under the name
+            self.registry.touch(state)
         return verified, body
+
+    async def _claim_shared(self, request: web.Request, nonce: str) -> None:
+        """Cluster mode: the nonce, new here, must be new to every replica (``401 replay``
+        as on one vSensor), and without NATS nothing is taken (``503``)."""
+        try:
+            fresh = await self.shared_nonces.claim(nonce)  # type: ignore[union-attr]
+        except ClusterUnavailable as exc:
+            raise self.cluster_unavailable(request, f"replay check: {exc}") from None
+        if not fresh:
+            raise self._refused(request, AuthError(
+                Reason.REPLAY, "nonce already used on another replica (replay)")) from None
+
+    def cluster_unavailable(self, request: web.Request,
+                            detail: str) -> web.HTTPServiceUnavailable:
+        """``503 busy`` with ``Retry-After``: cluster state (NATS) does not answer, and a
+        request is never taken without it. Counted under ``busy``, one log line."""
+        self.metrics.auth_failures[Reason.BUSY] += 1
+        log.warning("refused %s %s from %s (sensor %r): NATS unavailable (%s)",
+                    request.method, request.path, request.remote,
+                    _shown(request.headers.get(H_SENSOR, "?")), detail[:200])
+        return web.HTTPServiceUnavailable(
+            text=json.dumps({"error": Reason.BUSY, "server_time": self.settings.now()}),
+            content_type="application/json",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     def _declared_length(self, request: web.Request, limit: int) -> int:
         """The body's declared length, refused when missing (chunked) or over the limit."""
@@ -226,6 +257,21 @@ class Authenticator:
                     "(OSSENSOR_NAME)", request.method, request.path, request.remote,
                     sensor[:64], state.instance[:12], self.settings.now() - state.last_seen,
                     instance[:12])
+        return refusal(Reason.NAME_IN_USE, self.settings.now(), 409)
+
+    def refuse_name_held(self, sensor: str, instance: str, holder: SensorState,
+                         request: web.Request) -> web.Response:
+        """409 ``name_in_use``: ``holder`` (a record of the shared registry, cluster mode)
+        says another live instance holds ``sensor`` through replica ``holder.replica``."""
+        state = self.registry.state(sensor)
+        state.conflict = {"instance": instance[:64], "address": str(request.remote),
+                          "at": self.settings.now()}
+        self.metrics.auth_failures[Reason.NAME_IN_USE] += 1
+        log.warning("refused %s %s from %s: sensor name %r is in use by instance %s through "
+                    "replica %r (seen %.0f s ago), this is instance %s: two sensors with one "
+                    "name (OSSENSOR_NAME)", request.method, request.path, request.remote,
+                    sensor[:64], holder.instance[:12], holder.replica[:64],
+                    self.settings.now() - (holder.last_seen or 0), instance[:12])
         return refusal(Reason.NAME_IN_USE, self.settings.now(), 409)
 
     def refuse_unless_holder(self, sensor: str, request: web.Request) -> web.Response | None:

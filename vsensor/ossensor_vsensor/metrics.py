@@ -78,33 +78,44 @@ FAMILIES: tuple[Family, ...] = (
 class VSensorCollector:
     """A ``prometheus_client`` collector that reads :class:`Metrics` and the sensors on scrape."""
 
-    def __init__(self, metrics: Metrics, registry: SensorRegistry) -> None:
+    def __init__(self, metrics: Metrics, registry: SensorRegistry,
+                 replica: str | None = None) -> None:
+        """``replica``: cluster mode's name of this replica, a label on every series."""
         self.metrics = metrics
         self.registry = registry
+        self.replica = replica
 
     def describe(self) -> Iterator[Metric]:
         """The families, without samples (what ``CollectorRegistry.register`` checks)."""
-        return (_family(f) for f in FAMILIES)
+        return (_family(f, self.replica) for f in FAMILIES)
 
     def collect(self) -> Iterator[Metric]:
+        # This process's sensors only (never the mirror of the other replicas' ones), so that
+        # the series of all replicas add up.
         sensors = list(self.registry.sensors.values())
+        extra = (self.replica,) if self.replica is not None else ()
         for spec in FAMILIES:
-            family = _family(spec)
+            family = _family(spec, self.replica)
             for labels, value in spec.samples(self.metrics, sensors):
-                family.add_metric(labels, value)  # no created time: no ``_created`` series
+                # no created time: no ``_created`` series
+                family.add_metric((*labels, *extra), value)
             yield family
 
 
-def _family(spec: Family) -> CounterMetricFamily | GaugeMetricFamily:
+def _family(spec: Family, replica: str | None = None
+            ) -> CounterMetricFamily | GaugeMetricFamily:
     # CounterMetricFamily takes the name with or without ``_total`` and exposes it with.
     kind = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
-    return kind(spec.name, spec.help, labels=spec.labels)
+    labels = (*spec.labels, "replica") if replica is not None else spec.labels
+    return kind(spec.name, spec.help, labels=labels)
 
 
-def metrics_registry(metrics: Metrics, registry: SensorRegistry) -> CollectorRegistry:
-    """A registry of its own for one application (no process or platform collectors)."""
+def metrics_registry(metrics: Metrics, registry: SensorRegistry,
+                     replica: str | None = None) -> CollectorRegistry:
+    """A registry of its own for one application (no process or platform collectors);
+    ``replica``: cluster mode's label (see :class:`VSensorCollector`)."""
     collectors = CollectorRegistry()
-    collectors.register(VSensorCollector(metrics, registry))
+    collectors.register(VSensorCollector(metrics, registry, replica))
     return collectors
 
 

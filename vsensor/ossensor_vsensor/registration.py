@@ -8,6 +8,7 @@ Heartbeats carry kernel counters and get the filter again (or only its id, when 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +24,8 @@ from . import antigena
 from .auth import Authenticator
 from .claims import DEFAULT_CLAIMS_ALLOW, IGNORED_SHOWN, ClaimPolicy, parse_allow
 from .filters import claimed_set, parse_address, self_expression
-from .registry import SensorRegistry
+from .cluster.registry import MAX_TEXT, ClusterUnavailable, SharedRegistry
+from .registry import SensorRegistry, SensorState
 from .sensor_filters import SensorFilters
 from .settings import VSensorSettings
 
@@ -46,6 +48,8 @@ class Registrar:
         self.claims = ClaimPolicy(parse_allow((*DEFAULT_CLAIMS_ALLOW, *settings.claims_allow)),
                                   settings.claims_max_prefix_v4, settings.claims_max_prefix_v6)
         self._background: set[asyncio.Task[None]] = set()
+        #: Cluster mode: the registry shared with the other replicas (set at start).
+        self.shared: SharedRegistry | None = None
 
     async def register(self, request: web.Request) -> web.Response:
         verified, body = await self.auth.authenticate(request, JSON_BODY_LIMIT)
@@ -81,6 +85,16 @@ class Registrar:
         if refused is not None:
             return refused
         state = self.registry.state(sensor)
+        if self.shared is not None:  # cluster mode: the name across every replica
+            refused = await self._register_shared(request, dataclasses.replace(
+                state, instance=instance, version=version, software=software,
+                addresses=addresses, interfaces=interfaces, workloads=workloads,
+                features=features, primary=str(primary or "")[:MAX_TEXT],
+                registered=self.settings.now(), last_seen=self.settings.now(),
+                replica=self.shared.replica))
+            if refused is not None:
+                return refused
+            state.replica = self.shared.replica
         state.instance = instance
         state.version, state.software = version, software
         state.addresses, state.interfaces = addresses, interfaces
@@ -92,6 +106,7 @@ class Registrar:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         state.workloads, state.claim, state.features = workloads, claim, features
+        state.primary = str(primary or "")[:MAX_TEXT]
         state.ignored_claims, state.ignored_claims_count = ignored[:IGNORED_SHOWN], len(ignored)
         if ignored:
             log.warning("sensor %r: %d claims ignored (%s)", sensor, len(ignored),
@@ -109,6 +124,22 @@ class Registrar:
                                   "heartbeat_seconds": self.settings.heartbeat_seconds,
                                   "server_time": self.settings.now()})
 
+    async def _register_shared(self, request: web.Request,
+                               candidate: SensorState) -> web.Response | None:
+        """Cluster mode: write ``candidate`` to the shared registry unless another live
+        instance holds the name on some replica (``name_in_use``, as on one vSensor); 503
+        ``busy`` with ``Retry-After`` while NATS does not answer."""
+        assert self.shared is not None
+        try:
+            holder = await self.shared.register(candidate)
+        except ClusterUnavailable as exc:
+            raise self.auth.cluster_unavailable(request, str(exc)) from None
+        except ValueError as exc:  # too large for the shared registry
+            return bad_json(request, candidate.name, f"bad registration: {exc}")
+        if holder is None:
+            return None
+        return self.auth.refuse_name_held(candidate.name, candidate.instance, holder, request)
+
     def _probe_answer(self, sensor: str, instance: str, version: int,
                       request: web.Request) -> web.Response:
         """A registration marked ``"probe": true`` (``ossensor diagnose``): verified and
@@ -116,7 +147,9 @@ class Registrar:
         local, ports = self.filters.own_endpoint(request)
         state = self.registry.get(sensor)
         live = bool(state and state.registered
-                    and self.registry.held_by_another(state, instance))
+                    and self.registry.held_by_another(state, instance)) or bool(
+            self.shared is not None  # cluster mode: held through another replica
+            and self.shared.holds(self.registry.remote.get(sensor), instance))
         log.info("registration probe for %r from %s (protocol %d)", sensor, request.remote,
                  version)
         return web.json_response({
@@ -145,9 +178,11 @@ class Registrar:
             log.info("sensor %r (instance %s) is stopping", sensor, state.instance[:12])
             state.last_seen = None
             state.instance = ""
+            self.registry.touch(state, changed=True)
             return web.json_response({})
         if note != state.filter_note:
             state.filter_note = note
+            self.registry.touch(state, changed=True)
             if note:
                 log.warning("sensor %r reports about its filter: %s", sensor, note)
         return web.json_response(await self.filters.filter_for(

@@ -1,11 +1,15 @@
 """The sensors this vSensor knows: what each registered, when it was last seen, who holds a name.
 
 Kept in memory only: after a restart every sensor registers again (``unknown_sensor``), which
-is what tells the vSensor its addresses, claims and filter features.
+is what tells the vSensor its addresses, claims and filter features. In cluster mode the
+sensors of the other replicas are mirrored into :attr:`SensorRegistry.remote` from the shared
+bucket (``cluster/registry.py``), for peer ranges and the status pages; what this replica
+decides from (chunks, heartbeats, ``unknown_sensor``) stays its own :attr:`~SensorRegistry.sensors`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,10 @@ class SensorState:
     #: other live instance that tried to use the same name (refused, see ``name_in_use``).
     instance: str = ""
     conflict: dict[str, Any] = field(default_factory=dict)
+    #: The ``primary_address`` of the registration (claimed with the addresses).
+    primary: str = ""
+    #: Cluster mode: the replica the sensor talks to ("" in single mode).
+    replica: str = ""
 
     @property
     def kernel_drops(self) -> int:
@@ -66,6 +74,7 @@ class SensorState:
             "kernel_packets": sum(v.get("packets", 0) for v in self.kernel.values()),
             "kernel_drops": self.kernel_drops,
             "kernel": self.kernel,
+            **({"replica": self.replica} if self.replica else {}),
         }
 
 
@@ -75,6 +84,29 @@ class SensorRegistry:
     def __init__(self, settings: VSensorSettings) -> None:
         self.settings = settings
         self.sensors: dict[str, SensorState] = {}
+        #: Cluster mode: the sensors of the other replicas, as the shared bucket has them.
+        self.remote: dict[str, SensorState] = {}
+        #: Cluster mode: told of every authenticated request of a registered sensor (with
+        #: ``changed`` when its record must be written now), so the shared record follows.
+        self.touched: Callable[..., None] | None = None
+
+    def everyone(self) -> dict[str, SensorState]:
+        """Every sensor of the cluster (this process's alone in single mode): for a sensor
+        known here and on another replica, the one seen last."""
+        if not self.remote:
+            return self.sensors
+        merged = dict(self.remote)
+        for name, state in self.sensors.items():
+            other = merged.get(name)
+            if other is None or (state.registered is not None
+                                 and (state.last_seen or 0) > (other.last_seen or 0)):
+                merged[name] = state
+        return merged
+
+    def touch(self, state: SensorState, changed: bool = False) -> None:
+        """``state``'s sensor made a request (``changed``: its record changed)."""
+        if self.touched is not None:
+            self.touched(state, changed)
 
     def get(self, sensor: str) -> SensorState | None:
         return self.sensors.get(sensor)
@@ -100,4 +132,5 @@ class SensorRegistry:
                     <= 3 * self.settings.heartbeat_seconds)
 
     def sorted_by_name(self) -> list[SensorState]:
-        return sorted(self.sensors.values(), key=lambda s: s.name)
+        """Every sensor of the cluster, by name (the status pages)."""
+        return sorted(self.everyone().values(), key=lambda s: s.name)

@@ -52,10 +52,11 @@ class SensorFilters:
         Sensors silent for six heartbeats (at least a minute) are left out (checked once a
         second): that only makes the others keep more (duplicates, never a gap)."""
         now = self.settings.now()
-        sensors = self.registry.sensors
+        sensors: dict[str, SensorState] = {}
         if now - self._live_checked >= 1.0 or self._once is None \
                 or self._once[0] != self._claims_version:
             self._live_checked = now
+            sensors = self.registry.everyone()  # in cluster mode: every replica's sensors
             horizon = now - max(60.0, 6 * self.settings.heartbeat_seconds)
             live = frozenset(n for n, s in sensors.items()
                              if s.registered is not None and (s.last_seen or 0) >= horizon)
@@ -63,7 +64,8 @@ class SensorFilters:
                 self._live = live
                 self._claims_version += 1
         if self._once is None or self._once[0] != self._claims_version:
-            once = claimed_once(sensors[n].claim for n in self._live)
+            sensors = sensors or self.registry.everyone()
+            once = claimed_once(sensors[n].claim for n in self._live if n in sensors)
             self._once = (self._claims_version, once, once.digest())
             self._peers.clear()
         return self._once[1], self._once[2]
