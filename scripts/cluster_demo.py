@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.soak_report import count_numbered  # noqa: E402  (the repository's own helpers)
+from bench.soak_report import count_numbered, count_numbered_frames
+from bench.testbed import pcap_frames  # noqa: E402  (the repository's own helpers)
 from tests.helpers.cli import TEST_KEY  # noqa: E402
 from tests.helpers.cluster import nodes, udp_sender  # noqa: E402
 from tests.helpers.daemonset import DaemonSetSensor  # noqa: E402
@@ -103,7 +104,7 @@ def main() -> int:
                 target = OUT / path.parent.name / path.name
                 target.parent.mkdir(exist_ok=True)
                 shutil.copy(path, target)
-            seen = count_numbered([reference], PORT, SENT)
+            seen = count_numbered_frames(pcap_frames(reference), PORT, SENT)
             stored = count_numbered(files, PORT, SENT)
             say("what the store worker wrote (pcapng, per sensor) against tcpdump in pod A")
             for path in files:

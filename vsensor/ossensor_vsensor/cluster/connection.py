@@ -72,6 +72,7 @@ class Cluster:
         self.nc = nc
         self.js = js
         self.buckets: dict[str, Any] = {}
+        self.manages_stream = True
 
     @property
     def name(self) -> str:
@@ -79,9 +80,11 @@ class Cluster:
 
     @classmethod
     async def connect(cls, settings: ClusterSettings, replay_window: float = 600.0,
-                      attempt_timeout: float = 5.0) -> Cluster:
+                      attempt_timeout: float = 5.0, manages_stream: bool = True) -> Cluster:
         """Connect, then make the stream, the consumers and the buckets (waiting for a quorum,
-        logging every 10 s while it waits)."""
+        logging every 10 s while it waits). ``manages_stream``: a replica sets an existing
+        stream's limits to its own options (``--nats-stream-max-bytes``, ``--nats-replicas``);
+        a store worker makes the stream only when it is missing and leaves it as it is."""
         import nats  # cluster mode only: nats-py is the [cluster] extra
 
         async def disconnected() -> None:
@@ -100,6 +103,7 @@ class Cluster:
                                 disconnected_cb=disconnected, reconnected_cb=reconnected,
                                 error_cb=error)
         cluster = cls(settings, nc, nc.jetstream(timeout=attempt_timeout))
+        cluster.manages_stream = manages_stream
         waited = 0.0
         while True:
             try:
@@ -128,7 +132,8 @@ class Cluster:
                               duplicate_window=120.0)
         try:
             await self.js.stream_info(STREAM)
-            await self.js.update_stream(config)
+            if self.manages_stream:
+                await self.js.update_stream(config)
         except NotFoundError:
             await self.js.add_stream(config)
         async def consumer(part: str) -> None:

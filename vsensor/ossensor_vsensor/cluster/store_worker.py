@@ -320,7 +320,8 @@ class StoreWorker:
         """Recover, connect, then hold and consume partitions until ``stop`` is set; then
         finish the batches in hand and complete every open file."""
         await self.stores.start()  # recovers what a killed run left before anything new
-        connecting = asyncio.create_task(Cluster.connect(self.settings.cluster))
+        connecting = asyncio.create_task(Cluster.connect(self.settings.cluster,
+                                                        manages_stream=False))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
