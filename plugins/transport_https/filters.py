@@ -3,6 +3,12 @@
 The vSensor hands out a libpcap expression (its own traffic, and whatever it wants left out) and,
 to sensors that said they take them, the address ranges other sensors store (the peer exclusion,
 sent again only when their ``id`` changes).
+
+Under it, from the transport's start, the sensor leaves out its own traffic to the vSensor it
+is configured with (:meth:`VSensorFilter.set_own`): the first registration goes out before any
+filter has come back, and a load balancer's address in front of several vSensors is known to
+none of them (a replica sees its own address, and the balancer's only when a PROXY header
+names it).
 """
 
 from __future__ import annotations
@@ -32,6 +38,32 @@ class VSensorFilter:
         self.refused = ""
         self._failed: tuple[str, AddressSet | None] | None = None
         self._failed_id: str | None = None
+        #: The sensor's own exclusion of its configured vSensor endpoint, ANDed with
+        #: ``expression`` ("" until the transport resolved it).
+        self.own = ""
+
+    def set_own(self, own: str) -> None:
+        """Leave out traffic to the configured vSensor (``own``: a libpcap expression) from now
+        on: alone until the vSensor's filter comes, and under every filter it sends."""
+        if own == self.own:
+            return
+        self.own = own
+        if self.control is None:
+            return
+        try:
+            if self.peers is None or not len(self.peers):
+                self.control.set_vsensor_filter(self._with_own(self.expression or ""))
+            else:
+                self.control.set_vsensor_filter(self._with_own(self.expression or ""),
+                                                self.peers)
+        except FilterError as exc:  # a host name's address we cannot compile: go without it
+            log.error("cannot leave out the traffic to the vSensor (%s): %s", own[:200], exc)
+            self.own = ""
+            return
+        log.info("left out the traffic to the configured vSensor: %s", own)
+
+    def _with_own(self, expression: str) -> str:
+        return " and ".join(p for p in (self.own, expression) if p)
 
     def _refuse(self, reason: str) -> None:
         """Keep the filter in force, log once per reason and report it with the heartbeats."""
@@ -80,9 +112,9 @@ class VSensorFilter:
             # The note it returns is read again with each heartbeat (SensorControl.filter_note):
             # a capture of a new link type may change it.
             if peers is None or not len(peers):
-                self.control.set_vsensor_filter(expression)
+                self.control.set_vsensor_filter(self._with_own(expression))
             else:
-                self.control.set_vsensor_filter(expression, peers)
+                self.control.set_vsensor_filter(self._with_own(expression), peers)
         except FilterError as exc:
             self._failed, self._failed_id = wanted, peers_id
             self._refuse(f": {expression[:100]!r} (keeping {(self.expression or '')[:100]!r}): "

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -32,6 +34,25 @@ log = logging.getLogger(__package__)  # one logger for the whole transport
 
 #: Kept free at the end of the shutdown grace for spooling, closing and the process exit.
 SHUTDOWN_MARGIN_SECONDS = 2.0
+
+
+async def own_exclusion(host: str, port: int, timeout: float = 5.0) -> str:
+    """``not (host A and tcp port P)`` for every address ``host`` resolves to (at most 16);
+    "" when it does not resolve in time (the vSensor's own filter still comes with the
+    registration)."""
+    try:
+        ipaddress.ip_address(host)
+        addresses = [host]
+    except ValueError:
+        try:
+            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cannot resolve %s to leave out the traffic to it before the "
+                        "vSensor's filter comes: %s", host, exc)
+            return ""
+        addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    return " and ".join(f"not (host {a} and tcp port {port})" for a in addresses[:16])
 
 
 class HttpsTransport(Transport):
@@ -180,6 +201,7 @@ class HttpsTransport(Transport):
 
     async def start(self, control: SensorControl) -> None:
         self.registration.control = self.filter.control = control
+        self.filter.set_own(await own_exclusion(self.connection.host, self.connection.port))
         if self.spool is not None:
             await asyncio.to_thread(self._load_spool)
             self.connection.instance = await asyncio.to_thread(load_instance, self.spool.folder)

@@ -13,8 +13,10 @@ restart of every replica. (Replay protection and reports across replicas:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+from collections import Counter
 import signal
 import sys
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak_report import count_numbered, count_numbered_frames
-from bench.testbed import pcap_frames
+from bench.testbed import pcap_frames, pcapng_frames
 from ossensor_core.capture.peer_exclusion import AddressSet
 from tests.e2e.test_antigena import Stream
 from tests.helpers.cli import TEST_KEY
@@ -62,6 +64,15 @@ def antigena(cluster: VSensorCluster, replica: int, *args: str) -> str:
                             env={"PATH": os.environ["PATH"], "VSENSOR_ADMIN_TOKEN": ADMIN_TOKEN})
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def vsensor_traffic(frame: memoryview) -> bool:
+    """An IPv4 TCP frame to or from port 8443 (the vSensor's)."""
+    if len(frame) < 38 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return False
+    tcp = 14 + (frame[14] & 0x0F) * 4
+    return len(frame) >= tcp + 4 and 8443 in (int.from_bytes(frame[tcp:tcp + 2], "big"),
+                                               int.from_bytes(frame[tcp + 2:tcp + 4], "big"))
 
 
 def stored(cluster: VSensorCluster) -> list[Path]:
@@ -122,6 +133,18 @@ def test_every_datagram_once_through_killed_replica_nats_server_and_store_worker
             assert result["stored_once"] == SENT and result["stored_twice_or_more"] == 0, result
             files = stored(cluster)
             assert sum(readable_by_tshark_and_tcpdump(f) for f in files) >= SENT
+            # The sensors' own traffic to the vSensor (to the balancer and to each replica
+            # directly, port 8443) is never among what they captured.
+            own = [f for f in pcapng_frames(files) if vsensor_traffic(f)]
+            assert not own, f"{len(own)} frames of the sensors' own traffic stored: " + str(
+                Counter((ipaddress.ip_address(bytes(f[26:30])), ipaddress.ip_address(bytes(f[30:34])))
+                        for f in own).most_common(8))
+            # Each replica saw the sensors' own addresses (from the PROXY header through the
+            # balancer, from the connection directly), never the balancer's.
+            logs = "".join(r.log.read_text(errors="replace") for r in cluster.replicas)
+            assert f"registered from {a.address} " in logs and f"registered from {b.address} " \
+                in logs, logs[-2000:]
+            assert "registered from 192.0.2.253" not in logs
             cluster.workers[0].start()
 
             # -- Antigena across replicas ----------------------------------------------------

@@ -56,9 +56,9 @@ def test_registration_negotiates_version_and_hands_out_the_filter(tmp_path, tls)
 
 def test_filter_leaves_out_peers_beyond_the_kernel_limit():
     import ipaddress
-    from ossensor_vsensor.filters import build_filter
+    from ossensor_vsensor.filters import build_filter, self_expression
     nets = [ipaddress.ip_network(f"2001:db8:{i:x}::{i:x}/128") for i in range(700)]
-    result = build_filter("192.0.2.1", [443], nets)
+    result = build_filter(self_expression("192.0.2.1", [443]), nets)
     assert result.peers_dropped and "4096" in result.reason
     assert result.expression == "not (host 192.0.2.1 and tcp port 443)"
 

@@ -25,7 +25,8 @@ from ossensor_core.capture.peer_exclusion import AddressSet, exclusion_code, low
 from ossensor_core.errors import FilterError
 from ossensor_core.node.workloads import Route, workload_ranges
 from ossensor_vsensor.filters import (build_filter, claimed_once, claimed_set, peer_set,
-                                      peers_expression)
+                                      peers_expression, self_expression)
+from tests.helpers.own_filter import vsensor_parts
 from tests.helpers.traffic import udp4_packet, udp6_packet
 from tests.helpers.bpf_oracle import MARK, Kernel, kernel_oracle
 
@@ -309,12 +310,18 @@ def test_the_vsensor_sends_peer_ranges_to_sensors_that_ask_and_only_when_they_ch
 class RecordingControl:
     """What the https transport sees of a sensor: one interface, and a filter note to report."""
 
+    @property
+    def applied(self) -> list[tuple[str, AddressSet | None]]:
+        """The vSensor's part of each filter applied (``tests/helpers/own_filter.py``)."""
+        return list(zip(vsensor_parts([e for e, _ in self.calls]),
+                        [p for _, p in self.calls[1:]]))
+
     def __init__(self) -> None:
-        self.applied: list[tuple[str, AddressSet | None]] = []
+        self.calls: list[tuple[str, AddressSet | None]] = []
         self.filter_notes = {"link type 1: the IPv6 peer ranges are left out: 5210 > 4096": None}
 
     def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
-        self.applied.append((expression, peers))
+        self.calls.append((expression, peers))
         return "; ".join(self.filter_notes)  # the note, as SensorControl returns it
 
     def filter_note(self) -> str:
@@ -366,7 +373,7 @@ def test_the_transport_applies_peer_ranges_and_reports_its_filter_note(tmp_path,
 
 def test_older_sensors_get_the_same_rule_as_a_libpcap_expression():
     peers = AddressSet.parse(["192.0.2.11", "198.51.100.64/26", "2001:db8:b::/64"])
-    result = build_filter("192.0.2.1", [443], peers)
+    result = build_filter(self_expression("192.0.2.1", [443]), peers)
     assert not result.peers_dropped
     assert "src net 198.51.100.64/26" in result.expression and "ip6[8:4]" in result.expression
     assert len(compile_filter(result.expression)) < BPF_MAXINSNS

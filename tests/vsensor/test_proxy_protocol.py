@@ -33,13 +33,13 @@ def v2(source: str, command: int = 1, tlvs: bytes = b"") -> bytes:
 def test_headers_of_both_versions_give_the_client_address():
     hello = b"\x16\x03\x01\x02\x00"  # what follows: the TLS ClientHello, not consumed
     header = v2("198.51.100.7", tlvs=b"\x01\x00\x02h2")
-    assert parse(header + hello) == (len(header), "198.51.100.7")
+    assert parse(header + hello) == (len(header), "198.51.100.7", ("198.51.100.7", 443))
     header6 = v2("2001:db8::7")
-    assert parse(header6) == (len(header6), "2001:db8::7")
-    assert parse(v2("198.51.100.7", command=0)) == (28, None)  # LOCAL: a health check
+    assert parse(header6) == (len(header6), "2001:db8::7", ("2001:db8::7", 443))
+    assert parse(v2("198.51.100.7", command=0)) == (28, None, None)  # LOCAL: a health check
     line = b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 443\r\n"
-    assert parse(line + hello) == (len(line), "198.51.100.7")
-    assert parse(b"PROXY UNKNOWN\r\n") == (15, None)
+    assert parse(line + hello) == (len(line), "198.51.100.7", ("192.0.2.1", 443))
+    assert parse(b"PROXY UNKNOWN\r\n") == (15, None, None)
     for whole in (header, line):  # every prefix is "not yet", never a wrong answer
         assert all(parse(whole[:n]) is None for n in range(1, len(whole)))
 
@@ -70,9 +70,10 @@ def test_any_bytes_give_a_header_within_them_not_yet_or_a_value_error(data):
         assert len(str(exc)) < 300
         return
     if result is not None:
-        length, address = result
+        length, address, front = result
         assert 0 < length <= min(len(data), MAX_V2_BYTES)
         assert address is None or ipaddress.ip_address(address)
+        assert front is None or (ipaddress.ip_address(front[0]) and 0 <= front[1] <= 65535)
 
 
 def run(coro):

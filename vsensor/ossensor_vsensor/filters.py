@@ -171,11 +171,10 @@ def peers_expression(peers: AddressSet | Iterable[IPNetwork]) -> str:
     return f"not ({' or '.join(terms)})" if terms else ""
 
 
-def build_filter(vsensor_address: str | None, ports: Iterable[int],
-                 peers: AddressSet | Iterable[IPNetwork]) -> FilterResult:
-    """The whole filter as a libpcap expression, for sensors without ``peer-ranges``: compiled
-    and checked; the self part alone when the peer part does not fit."""
-    own = self_expression(vsensor_address, ports) if vsensor_address else ""
+def build_filter(own: str, peers: AddressSet | Iterable[IPNetwork]) -> FilterResult:
+    """The whole filter as a libpcap expression, for sensors without ``peer-ranges``: ``own``
+    (the sensors' traffic to the vSensor, :func:`self_expression`) and the peer part, compiled
+    and checked; ``own`` alone when the peer part does not fit."""
     nets = _networks(peers) if isinstance(peers, AddressSet) else list(peers)
     if not nets:
         return FilterResult(own, False)

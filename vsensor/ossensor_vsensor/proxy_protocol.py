@@ -8,7 +8,9 @@ expects connections from those addresses to start with a PROXY header (HAProxy:
 is taken as it is, so nobody else can claim an address.
 
 :func:`parse` reads the header from the first bytes of a connection (TLS has not started: the
-header comes before the ClientHello). It is bounded: a version 1 header is at most 107 bytes,
+header comes before the ClientHello). The header also names the balancer's front end that the
+client connected to: the vSensor's filters leave the sensors' traffic to it out too
+(``sensor_filters.py``). It is bounded: a version 1 header is at most 107 bytes,
 a version 2 header at most :data:`MAX_V2_BYTES` (addresses and up to a few hundred bytes of
 TLVs, which are skipped).
 """
@@ -26,11 +28,15 @@ V1_MAX_BYTES = 107
 MAX_V2_BYTES = 16 + 1024
 
 
-def parse(data: bytes) -> tuple[int, str | None] | None:
-    """``(header length, client address)`` of the PROXY header at the start of ``data``; the
-    address is None for a connection the balancer made itself (v2 ``LOCAL``, v1 ``UNKNOWN``,
-    a health check). None when ``data`` does not hold the whole header yet. ValueError when
-    ``data`` does not start with a valid header."""
+#: What :func:`parse` found: the header's length, the client's address and the address and port
+#: the client connected to (the balancer's front end); both None for a connection the balancer
+#: made itself (v2 ``LOCAL``, v1 ``UNKNOWN``: a health check).
+Header = tuple[int, "str | None", "tuple[str, int] | None"]
+
+
+def parse(data: bytes) -> Header | None:
+    """The PROXY header at the start of ``data`` (:data:`Header`). None when ``data`` does not
+    hold the whole header yet. ValueError when ``data`` does not start with a valid header."""
     if data[:len(V2_SIGNATURE)] == V2_SIGNATURE[:len(data)] and len(data) < 16:
         return None
     if data.startswith(V2_SIGNATURE):
@@ -44,7 +50,7 @@ def parse(data: bytes) -> tuple[int, str | None] | None:
     raise ValueError("no PROXY protocol header (is the load balancer set to send-proxy-v2?)")
 
 
-def _v2(data: bytes) -> tuple[int, str | None] | None:
+def _v2(data: bytes) -> Header | None:
     version_command, family, length = struct.unpack_from("!BBH", data, 12)
     if version_command >> 4 != 2:
         raise ValueError(f"PROXY v2 header of version {version_command >> 4}")
@@ -54,20 +60,24 @@ def _v2(data: bytes) -> tuple[int, str | None] | None:
         return None
     command = version_command & 0x0F
     if command == 0:  # LOCAL: the balancer's own connection
-        return 16 + length, None
+        return 16 + length, None, None
     if command != 1:
         raise ValueError(f"PROXY v2 command {command} (0 LOCAL or 1 PROXY)")
     body = data[16:16 + length]
     if family >> 4 == 1 and len(body) >= 12:  # AF_INET
-        return 16 + length, str(ipaddress.IPv4Address(body[:4]))
+        port = struct.unpack_from("!H", body, 10)[0]
+        return (16 + length, str(ipaddress.IPv4Address(body[:4])),
+                (str(ipaddress.IPv4Address(body[4:8])), port))
     if family >> 4 == 2 and len(body) >= 36:  # AF_INET6
-        return 16 + length, str(ipaddress.IPv6Address(body[:16]))
+        port = struct.unpack_from("!H", body, 34)[0]
+        return (16 + length, str(ipaddress.IPv6Address(body[:16])),
+                (str(ipaddress.IPv6Address(body[16:32])), port))
     if family >> 4 == 0:  # AF_UNSPEC
-        return 16 + length, None
+        return 16 + length, None, None
     raise ValueError(f"PROXY v2 address family {family >> 4} with {len(body)} address bytes")
 
 
-def _v1(data: bytes) -> tuple[int, str | None]:
+def _v1(data: bytes) -> Header:
     end = data.index(b"\r\n")
     if end + 2 > V1_MAX_BYTES:
         raise ValueError(f"PROXY v1 header longer than {V1_MAX_BYTES} bytes")
@@ -76,17 +86,17 @@ def _v1(data: bytes) -> tuple[int, str | None]:
     except UnicodeDecodeError:
         raise ValueError("PROXY v1 header is not ASCII") from None
     if fields[1:2] == ["UNKNOWN"]:
-        return end + 2, None
+        return end + 2, None, None
     if len(fields) != 6 or fields[1] not in ("TCP4", "TCP6"):
         raise ValueError(f"PROXY v1 header {data[:end][:V1_MAX_BYTES]!r} is not "
                          "'PROXY TCP4|TCP6 SRC DST SPORT DPORT'")
     try:
         source = ipaddress.ip_address(fields[2])
-        ipaddress.ip_address(fields[3])
+        destination = ipaddress.ip_address(fields[3])
         ports = [int(p) for p in fields[4:]]
     except ValueError:
         raise ValueError(f"PROXY v1 header {data[:end]!r}: bad address or port") from None
     if source.version != (4 if fields[1] == "TCP4" else 6) or not all(0 <= p <= 65535
                                                                     for p in ports):
         raise ValueError(f"PROXY v1 header {data[:end]!r}: bad address or port")
-    return end + 2, str(source)
+    return end + 2, str(source), (str(destination), ports[1])

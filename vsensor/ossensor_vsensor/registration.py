@@ -23,7 +23,7 @@ from ossensor_core.wire.signing import DIGESTS, negotiate
 from . import antigena
 from .auth import Authenticator
 from .claims import DEFAULT_CLAIMS_ALLOW, IGNORED_SHOWN, ClaimPolicy, parse_allow
-from .filters import claimed_set, parse_address, self_expression
+from .filters import claimed_set, parse_address
 from .cluster.registry import MAX_TEXT, ClusterUnavailable, SharedRegistry
 from .registry import SensorRegistry, SensorState
 from .sensor_filters import SensorFilters
@@ -144,7 +144,6 @@ class Registrar:
                       request: web.Request) -> web.Response:
         """A registration marked ``"probe": true`` (``ossensor diagnose``): verified and
         answered, nothing recorded, so a diagnosis never disturbs a running sensor."""
-        local, ports = self.filters.own_endpoint(request)
         state = self.registry.get(sensor)
         live = bool(state and state.registered
                     and self.registry.held_by_another(state, instance)) or bool(
@@ -154,7 +153,7 @@ class Registrar:
                  version)
         return web.json_response({
             "version": version, "probe": True, "name_in_use": live,
-            "filter": self_expression(local[0], ports) if local else "",
+            "filter": self.filters.own_expression(request),
             "digests": list(DIGESTS), "heartbeat_seconds": self.settings.heartbeat_seconds,
             "server_time": self.settings.now()})
 

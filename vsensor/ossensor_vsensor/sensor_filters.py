@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from aiohttp import web
@@ -19,12 +20,14 @@ from ossensor_core.capture.peer_exclusion import AddressSet
 
 from .filters import (FEATURE_PEER_RANGES, FilterResult, build_filter, claimed_once, peer_set,
                       self_expression)
+from .server import BALANCER_FRONT
 from .registry import SensorRegistry, SensorState
 from .settings import VSensorSettings
 
 log = logging.getLogger("ossensor_vsensor")
 
 FILTER_CACHE_SIZE = 4096  # compiled filters kept (one per distinct sensor view)
+MAX_FRONTS = 8  # load balancer front ends remembered (their addresses are few)
 
 
 class SensorFilters:
@@ -40,6 +43,7 @@ class SensorFilters:
         self._peers: dict[AddressSet, AddressSet] = {}
         self._live_checked = 0.0
         self._live: frozenset[str] = frozenset()
+        self._fronts: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     def claims_changed(self) -> None:
         """A sensor registered for the first time or claims other addresses now."""
@@ -85,19 +89,31 @@ class SensorFilters:
             peers = self._peers[state.claim] = peer_set(state.claim, once)
         return peers
 
-    def own_endpoint(self, request: web.Request) -> tuple[tuple[str, int] | None, set[int]]:
-        """The address a request came to and the ports sensors use: their traffic to the
-        vSensor, which their filters leave out."""
+    def own_expression(self, request: web.Request) -> str:
+        """The sensors' traffic to this vSensor, which their filters leave out: to the address
+        the request came to, on every port sensors use, and to every load balancer front end
+        that passed a sensor's request here (from PROXY headers, ``server.BALANCER_FRONT``; the
+        last :data:`MAX_FRONTS`): a sensor that reaches this vSensor through the balancer, or
+        falls back to it, must not capture that either."""
         local = _local_address(request)
         ports = set(self.settings.vsensor_ports)
         if local and local[1]:
             ports.add(local[1])
-        return local, ports
+        front = request.get(BALANCER_FRONT)
+        if front is not None:
+            self._fronts[front] = None
+            self._fronts.move_to_end(front)
+            while len(self._fronts) > MAX_FRONTS:
+                self._fronts.popitem(last=False)
+        parts = [self_expression(local[0], ports)] if local else []
+        parts += [self_expression(host, [port]) for host, port in self._fronts
+                  if not (local and host == local[0] and port in ports)]
+        return " and ".join(parts)
 
     async def filter_for(self, sensor: str, request: web.Request,
                          known_id: str | None = None) -> dict[str, Any]:
         """The filter fields of a registration or heartbeat answer (``docs/protocol.md``)."""
-        local, ports = self.own_endpoint(request)
+        own = self.own_expression(request)
         state = self.registry.sensors[sensor]
         peers_id, once = self._peers_of(state)
         if FEATURE_PEER_RANGES in state.features:
@@ -106,15 +122,14 @@ class SensorFilters:
             ranges: dict[str, Any] = {"id": peers_id, "rule": "lower-address"}
             if known_id != peers_id:
                 ranges["ranges"] = self._peer_set(state, once).texts()
-            own = self_expression(local[0], ports) if local else ""
             return {"filter": own, "peer_ranges": ranges}
         peers = self._peer_set(state, once)
-        key = (local[0] if local else None, tuple(sorted(ports)), peers)
+        key = (own, peers)
         result = self._filters.get(key)
         if result is None:
             # Compiling hundreds of networks takes seconds: off the event loop, and only when
             # the set of sensors changed (heartbeats reuse the result).
-            result = await asyncio.to_thread(build_filter, key[0], key[1], peers)
+            result = await asyncio.to_thread(build_filter, own, peers)
             if len(self._filters) >= FILTER_CACHE_SIZE:
                 self._filters.clear()
             self._filters[key] = result

@@ -46,6 +46,9 @@ from .settings import VSensorSettings
 log = logging.getLogger("ossensor_vsensor")
 
 RETRY_AFTER_SECONDS = 5
+#: Request key: ``(address, port)`` of the load balancer's front end the client connected to,
+#: from its PROXY header (absent for direct connections).
+BALANCER_FRONT = "ossensor.balancer_front"
 #: At most one "connection refused" log line per this many seconds (a flood must not fill logs).
 _REFUSAL_LOG_SECONDS = 10.0
 
@@ -145,8 +148,10 @@ class _Gate(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.closed = False
-        #: The client's address from the load balancer's PROXY header (None: not proxied).
+        #: The client's address from the load balancer's PROXY header (None: not proxied), and
+        #: the balancer's address and port it connected to.
         self.proxied: str | None = None
+        self.front: tuple[str, int] | None = None
 
     # -- the raw TCP connection, before TLS --------------------------------------------------
 
@@ -202,7 +207,7 @@ class _Gate(asyncio.Protocol):
                 else:
                     seen = data or b""
                     await _readable(sock, remaining)
-            length, client = header
+            length, client, front = header
             if len(sock.recv(length)) != length:
                 raise ConnectionError("the PROXY header could not be read whole")
         except (ValueError, OSError, TimeoutError) as exc:
@@ -213,6 +218,7 @@ class _Gate(asyncio.Protocol):
             sock.close()
         if client is not None:
             self.proxied = client
+            self.front = front
             self.address = client_key(client)
         if not self.closed:
             self._admit()
@@ -411,6 +417,8 @@ def request_gate(counts: ConnectionCounts) -> Callable[[web.Request, Handler],
             # Behind a load balancer: the client is who its PROXY header says, for the caps,
             # the logs and what Antigena learns of the sensor's addresses.
             request = request.clone(remote=connection.proxied)
+            if connection.front is not None:
+                request[BALANCER_FRONT] = connection.front
         address = client_key(request.remote or "?")
         if not counts.admit_request(address):
             log.warning("refused %s %s from %s: too many requests in flight (%d from it, %d in "

@@ -38,6 +38,7 @@ from ossensor_plugins.transport_https import HttpsTransport
 from ossensor_plugins.transport_https.answers import (RETRY_AFTER_CAP, RETRY_AFTER_FLOOR,
                                                       retry_after)
 from ossensor_plugins.transport_https.registration import heartbeat_interval
+from tests.helpers.own_filter import vsensor_parts
 
 KEY = "Kx9secretHMACkey42-hostile"
 SENSOR = "node-1"
@@ -47,13 +48,19 @@ HOST = "127.0.0.1"
 class RecordingControl:
     """The sensor's side of the filter: records what is applied; 'bad' fails like libpcap."""
 
+    @property
+    def applied(self) -> list[tuple[str, AddressSet | None]]:
+        """The vSensor's part of each filter applied (``tests/helpers/own_filter.py``)."""
+        return list(zip(vsensor_parts([e for e, _ in self.calls]),
+                        [p for _, p in self.calls[1:]]))
+
     def __init__(self) -> None:
-        self.applied: list[tuple[str, AddressSet | None]] = []
+        self.calls: list[tuple[str, AddressSet | None]] = []
 
     def set_vsensor_filter(self, expression: str, peers: AddressSet | None = None) -> str:
         if "bad" in expression:
             raise FilterError(f"syntax error in {expression!r}")
-        self.applied.append((expression, peers))
+        self.calls.append((expression, peers))
         return ""
 
     def filter_note(self) -> str:

@@ -42,6 +42,7 @@ from ossensor_plugins import transport_https
 from ossensor_plugins.transport_https import HttpsTransport
 from ossensor_plugins.transport_https.answers import retry_after
 from ossensor_plugins.transport_https.spool import QueuedChunk
+from tests.helpers.own_filter import vsensor_parts
 from tests.helpers.vsensor_process import free_port
 
 KEY = "Kx9secretHMACkey42-https"
@@ -64,12 +65,17 @@ class FakeControl:
     """Records the filters the transport applies; 'bad' filters fail as libpcap would."""
 
     def __init__(self) -> None:
-        self.filters: list[str] = []
+        self.calls: list[str] = []
+
+    @property
+    def filters(self) -> list[str]:
+        """The vSensor's part of each filter applied (``tests/helpers/own_filter.py``)."""
+        return vsensor_parts(self.calls)
 
     def set_vsensor_filter(self, expression: str) -> None:
         if "bad" in expression:
             raise FilterError(f"syntax error in {expression!r}")
-        self.filters.append(expression)
+        self.calls.append(expression)
 
     def filter_note(self) -> str:
         return ""
@@ -1170,3 +1176,16 @@ def test_refresh_sends_the_next_heartbeat_at_once(ca, ca_file) -> None:
 
     assert asyncio.run(scenario()) < 1.0
     assert server.heartbeats
+
+
+def test_the_own_exclusion_covers_every_address_of_the_configured_vsensor() -> None:
+    from ossensor_plugins.transport_https.transport import own_exclusion
+
+    assert asyncio.run(own_exclusion("192.0.2.254", 8443)) == \
+        "not (host 192.0.2.254 and tcp port 8443)"
+    assert asyncio.run(own_exclusion("2001:db8::fe", 443)) == \
+        "not (host 2001:db8::fe and tcp port 443)"
+    # A name: every address it resolves to (here from /etc/hosts, no DNS needed).
+    assert "not (host 127.0.0.1 and tcp port 443)" in asyncio.run(own_exclusion("localhost", 443))
+    # A name that does not resolve: nothing (the vSensor's own filter comes with registration).
+    assert asyncio.run(own_exclusion("no-such-host.invalid", 443, timeout=5)) == ""
