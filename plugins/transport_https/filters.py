@@ -13,7 +13,10 @@ names it).
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
+import socket
 from typing import Any
 
 from ossensor_core.capture.peer_exclusion import AddressSet
@@ -149,3 +152,22 @@ def _checked_ranges(peer_ranges: Any) -> tuple[list[str] | None, str | None]:
             raise ValueError(f"the range {str(text)[:40]!r} is not a string of 1 to "
                              f"{MAX_PEER_RANGE_CHARS} characters")
     return ranges, peers_id
+
+
+async def own_exclusion(host: str, port: int, timeout: float = 5.0) -> str:
+    """``not (host A and tcp port P)`` for every address ``host`` resolves to (at most 16);
+    "" when it does not resolve in time (the vSensor's own filter still comes with the
+    registration)."""
+    try:
+        ipaddress.ip_address(host)
+        addresses = [host]
+    except ValueError:
+        try:
+            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cannot resolve %s to leave out the traffic to it before the "
+                        "vSensor's filter comes: %s", host, exc)
+            return ""
+        addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    return " and ".join(f"not (host {a} and tcp port {port})" for a in addresses[:16])

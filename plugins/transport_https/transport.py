@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
-import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -25,7 +23,7 @@ from ossensor_core.wire.signing import content_digest
 
 from .answers import Backoff, OnceLog, Refused, reason_of, state_of
 from .connection import VSensorConnection
-from .filters import VSensorFilter
+from .filters import VSensorFilter, own_exclusion
 from .registration import Registration, failure_message
 from .split import part_sequences, split_chunk
 from .spool import QueuedChunk, Spool
@@ -34,25 +32,6 @@ log = logging.getLogger(__package__)  # one logger for the whole transport
 
 #: Kept free at the end of the shutdown grace for spooling, closing and the process exit.
 SHUTDOWN_MARGIN_SECONDS = 2.0
-
-
-async def own_exclusion(host: str, port: int, timeout: float = 5.0) -> str:
-    """``not (host A and tcp port P)`` for every address ``host`` resolves to (at most 16);
-    "" when it does not resolve in time (the vSensor's own filter still comes with the
-    registration)."""
-    try:
-        ipaddress.ip_address(host)
-        addresses = [host]
-    except ValueError:
-        try:
-            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("cannot resolve %s to leave out the traffic to it before the "
-                        "vSensor's filter comes: %s", host, exc)
-            return ""
-        addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
-    return " and ".join(f"not (host {a} and tcp port {port})" for a in addresses[:16])
 
 
 class HttpsTransport(Transport):
@@ -223,8 +202,7 @@ class HttpsTransport(Transport):
     async def send(self, chunk: Chunk) -> None:
         if self._closing:
             raise TransportError("the https transport is closed")
-        # Encoding (zstd) and hashing release the GIL: on a worker thread they run beside the
-        # capture loop instead of stalling it.
+        # Encoding and hashing release the GIL: in a thread, beside the capture loop.
         payload, digest = await asyncio.to_thread(self._encode, chunk)
         self._order += 1
         entry = QueuedChunk(self._order, chunk.sequence, chunk.packets, len(payload), payload,

@@ -48,7 +48,7 @@ log = logging.getLogger("ossensor_vsensor")
 RETRY_AFTER_SECONDS = 5
 #: Request key: ``(address, port)`` of the load balancer's front end the client connected to,
 #: from its PROXY header (absent for direct connections).
-BALANCER_FRONT = "ossensor.balancer_front"
+BALANCER_FRONT = web.RequestKey("balancer_front", tuple)
 #: At most one "connection refused" log line per this many seconds (a flood must not fill logs).
 _REFUSAL_LOG_SECONDS = 10.0
 

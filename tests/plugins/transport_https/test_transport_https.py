@@ -1179,7 +1179,7 @@ def test_refresh_sends_the_next_heartbeat_at_once(ca, ca_file) -> None:
 
 
 def test_the_own_exclusion_covers_every_address_of_the_configured_vsensor() -> None:
-    from ossensor_plugins.transport_https.transport import own_exclusion
+    from ossensor_plugins.transport_https.filters import own_exclusion
 
     assert asyncio.run(own_exclusion("192.0.2.254", 8443)) == \
         "not (host 192.0.2.254 and tcp port 8443)"
