@@ -249,30 +249,28 @@ class Authenticator:
         state = self.registry.get(sensor)
         if not instance or state is None or not self.registry.held_by_another(state, instance):
             return None
-        state.conflict = {"instance": instance[:64], "address": str(request.remote),
-                          "at": self.settings.now()}
-        self.metrics.auth_failures[Reason.NAME_IN_USE] += 1
-        log.warning("refused %s %s from %s: sensor name %r is in use by instance %s (seen "
-                    "%.0f s ago), this is instance %s: two sensors with one name "
-                    "(OSSENSOR_NAME)", request.method, request.path, request.remote,
-                    sensor[:64], state.instance[:12], self.settings.now() - state.last_seen,
-                    instance[:12])
-        return refusal(Reason.NAME_IN_USE, self.settings.now(), 409)
+        return self._name_in_use(state, instance, request, state.instance, "",
+                                 state.last_seen or 0.0)
 
     def refuse_name_held(self, sensor: str, instance: str, holder: SensorState,
                          request: web.Request) -> web.Response:
         """409 ``name_in_use``: ``holder`` (a record of the shared registry, cluster mode)
         says another live instance holds ``sensor`` through replica ``holder.replica``."""
-        state = self.registry.state(sensor)
-        state.conflict = {"instance": instance[:64], "address": str(request.remote),
-                          "at": self.settings.now()}
+        return self._name_in_use(self.registry.state(sensor), instance, request, holder.instance,
+                                 f" through replica {holder.replica[:64]!r}",
+                                 holder.last_seen or 0.0)
+
+    def _name_in_use(self, state: SensorState, instance: str, request: web.Request,
+                     holder: str, through: str, seen: float) -> web.Response:
+        """409 ``name_in_use``, recorded on ``state`` (shown on the status) and logged once."""
+        now = self.settings.now()
+        state.conflict = {"instance": instance[:64], "address": str(request.remote), "at": now}
         self.metrics.auth_failures[Reason.NAME_IN_USE] += 1
-        log.warning("refused %s %s from %s: sensor name %r is in use by instance %s through "
-                    "replica %r (seen %.0f s ago), this is instance %s: two sensors with one "
-                    "name (OSSENSOR_NAME)", request.method, request.path, request.remote,
-                    sensor[:64], holder.instance[:12], holder.replica[:64],
-                    self.settings.now() - (holder.last_seen or 0), instance[:12])
-        return refusal(Reason.NAME_IN_USE, self.settings.now(), 409)
+        log.warning("refused %s %s from %s: sensor name %r is in use by instance %s%s (seen "
+                    "%.0f s ago), this is instance %s: two sensors with one name "
+                    "(OSSENSOR_NAME)", request.method, request.path, request.remote,
+                    state.name[:64], holder[:12], through, now - seen, instance[:12])
+        return refusal(Reason.NAME_IN_USE, now, 409)
 
     def refuse_unless_holder(self, sensor: str, request: web.Request) -> web.Response | None:
         """The refusal for a request of a registered sensor's process (heartbeat, chunk):

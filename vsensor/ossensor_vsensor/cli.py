@@ -130,17 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="FILE", help="file with one accepted key per line (repeatable)")
     parser.add_argument("--skew-seconds", type=number(float, 0, 86400, above=True), default=300.0, metavar="N",
                         help="accepted clock difference to a sensor (default 300)")
-    parser.add_argument("--rotate-bytes", type=number(int, 1, 1 << 40), default=100 << 20, metavar="N",
-                        help="complete a pcapng file at this size (default 100 MiB)")
-    parser.add_argument("--rotate-seconds", type=number(float, 0, 7 * 86400, above=True),
-                        default=300.0, metavar="N",
-                        help="complete a pcapng file this long after it was opened (default 300)")
-    parser.add_argument("--retain-seconds", type=number(float, 0, 1e9, above=True), metavar="N",
-                        help="delete completed pcapng files older than N seconds "
-                             "(default: keep them)")
-    parser.add_argument("--retain-bytes", type=number(int, 1, 1 << 60), metavar="N",
-                        help="keep the completed pcapng files of all sensors under N bytes, "
-                             "deleting the oldest first (default: no limit)")
+    add_file_options(parser, "of all sensors")
     parser.add_argument("--heartbeat-seconds", type=number(float, 0, 3600, above=True),
                         default=10.0, metavar="N",
                         help="heartbeat interval given to sensors (default 10)")
@@ -180,16 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nats", metavar="URL[,URL...]",
                          help="NATS servers (nats:// or tls://): run as a replica of a cluster; "
                               "needs --tls-cert")
-    cluster.add_argument("--nats-replicas", type=number(int, 1, 5), default=3, metavar="N",
-                         help="copies JetStream keeps of the stream and buckets (default 3)")
     cluster.add_argument("--replica", metavar="NAME",
                          help="this replica's name in the cluster (default: the host name)")
-    cluster.add_argument("--nats-stream-max-bytes", type=number(int, 1 << 20, 1 << 50),
-                         default=4 << 30, metavar="N",
-                         help="size limit of the chunk stream: beyond it sensors are answered "
-                              "507 until store workers catch up (default 4 GiB)")
+    add_stream_options(cluster, "beyond it sensors are answered 507 until store workers catch "
+                                "up")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def add_file_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                     scope: str) -> None:
+    """How pcapng files are rotated and kept, as the vSensor and its store workers take them;
+    ``scope``: whose completed files ``--retain-bytes`` bounds."""
+    parser.add_argument("--rotate-bytes", type=number(int, 1, 1 << 40), default=100 << 20,
+                        metavar="N", help="complete a pcapng file at this size (default 100 MiB)")
+    parser.add_argument("--rotate-seconds", type=number(float, 0, 7 * 86400, above=True),
+                        default=300.0, metavar="N",
+                        help="complete a pcapng file this long after it was opened (default 300)")
+    parser.add_argument("--retain-seconds", type=number(float, 0, 1e9, above=True), metavar="N",
+                        help="delete completed pcapng files older than N seconds "
+                             "(default: keep them)")
+    parser.add_argument("--retain-bytes", type=number(int, 1, 1 << 60), metavar="N",
+                        help=f"keep the completed pcapng files {scope} under N bytes, deleting "
+                             "the oldest first (default: no limit)")
+
+
+def add_stream_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                       limit: str) -> None:
+    """The copies and the size limit of cluster mode's stream (``--nats-replicas``,
+    ``--nats-stream-max-bytes``); ``limit``: what the size limit does for this process."""
+    parser.add_argument("--nats-replicas", type=number(int, 1, 5), default=3, metavar="N",
+                        help="copies JetStream keeps of the stream and buckets (default 3)")
+    parser.add_argument("--nats-stream-max-bytes", type=number(int, 1 << 20, 1 << 50),
+                        default=4 << 30, metavar="N",
+                        help=f"size limit of the chunk stream: {limit} (default 4 GiB)")
 
 
 def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:

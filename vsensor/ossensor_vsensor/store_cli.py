@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from ossensor_core.runtime.memory import keep_buffers_mapped, tidy_periodically
 
-from .cli import UsageError, _Parser, _path, number, raise_open_files_limit, shown
+from .cli import (UsageError, _Parser, _path, add_file_options, add_stream_options, number,
+                  raise_open_files_limit, shown)
 from .cluster.connection import ClusterSettings
 from .cluster.store_worker import StoreWorker, StoreWorkerSettings
 
@@ -40,23 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "kept across restarts)")
     parser.add_argument("--worker", metavar="NAME",
                         help="this worker's name in the cluster (default: the host name)")
-    parser.add_argument("--nats-replicas", type=number(int, 1, 5), default=3, metavar="N",
-                        help="copies JetStream keeps of the stream and buckets (default 3)")
-    parser.add_argument("--nats-stream-max-bytes", type=number(int, 1 << 20, 1 << 50),
-                        default=4 << 30, metavar="N",
-                        help="size limit of the chunk stream, as given to the replicas: every "
-                             "process that connects sets it (default 4 GiB)")
-    parser.add_argument("--rotate-bytes", type=number(int, 1, 1 << 40), default=100 << 20,
-                        metavar="N", help="complete a pcapng file at this size (default 100 MiB)")
-    parser.add_argument("--rotate-seconds", type=number(float, 0, 7 * 86400, above=True),
-                        default=300.0, metavar="N",
-                        help="complete a pcapng file this long after it was opened (default 300)")
-    parser.add_argument("--retain-seconds", type=number(float, 0, 1e9, above=True), metavar="N",
-                        help="delete completed pcapng files older than N seconds "
-                             "(default: keep them)")
-    parser.add_argument("--retain-bytes", type=number(int, 1, 1 << 60), metavar="N",
-                        help="keep the completed pcapng files on this volume under N bytes, "
-                             "deleting the oldest first (default: no limit)")
+    add_stream_options(parser, "used when this worker makes the stream; the replicas set it "
+                               "on an existing one")
+    add_file_options(parser, "on this volume")
     parser.add_argument("--lease-seconds", type=number(float, 1, 3600), default=30.0,
                         metavar="N",
                         help="how long a stopped worker's partitions wait before another "
