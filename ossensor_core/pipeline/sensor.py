@@ -377,7 +377,9 @@ class Sensor:
         one)."""
         hook = self.prepared.plugins.hook
         # to_thread's pool (chunk encoding, netlink): named, so per-thread CPU is legible.
-        asyncio.get_running_loop().set_default_executor(named_executor("ossensor-pool"))
+        # All of its threads from the start: a count that grows under load would hide a leak.
+        asyncio.get_running_loop().set_default_executor(
+            named_executor("ossensor-pool", start_all=True))
         # Asked once, before start-up: the antigena plugin hands these to the actions it gets.
         enforcers = [e for e in hook.ossensor_response_enforcer(config=self.config)
                      if e is not None]

@@ -31,6 +31,8 @@ import logging
 import os
 import struct
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -92,13 +94,13 @@ class SensorStore:
         """Remember the sequences of the journal (a crashed run's folder is recovered first, by
         :func:`recover`, at the vSensor's start)."""
         try:
-            entries = read_journal(self.directory / JOURNAL)[-SEQUENCE_MEMORY:]
+            # Line by line into the window (the lowest go beyond SEQUENCE_MEMORY): a journal
+            # of 131,072 lines as a list would be a transient 20 MiB that the heap keeps.
+            for sequence, _ in journal_entries(self.directory / JOURNAL):
+                self.remember(sequence)
         except OSError as exc:  # writing will fail too, and be answered 507
             log.error("cannot read the journal of %r in %s: %s", self.sensor, self.directory,
                       exc.strerror or exc)
-            return
-        for sequence, _ in entries:
-            self.remember(sequence)
 
     @property
     def files_completed(self) -> int:
@@ -151,15 +153,19 @@ class SensorStore:
         if self._journal is not None:
             os.close(self._journal)
             self._journal = None
-        entries = read_journal(path)
-        if len(entries) > SEQUENCE_MEMORY:
-            entries = entries[-SEQUENCE_MEMORY:]
+        lines = 0
+        last: deque[tuple[int, str]] = deque(maxlen=SEQUENCE_MEMORY)
+        for entry in journal_entries(path):
+            last.append(entry)
+            lines += 1
+        if lines > SEQUENCE_MEMORY:
             temporary = path.with_name(path.name + ".new")
-            temporary.write_text("".join(f"{seq} {rest}\n" for seq, rest in entries))
+            with open(temporary, "w") as out:
+                out.writelines(f"{seq} {rest}\n" for seq, rest in last)
             os.replace(temporary, path)
         self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                 0o640)
-        self._journal_lines = len(entries)
+        self._journal_lines = len(last)
 
     def _error(self, chunk: Chunk, reason: str, errno: int | None) -> StoreError:
         return StoreError(f"cannot store chunk {chunk.sequence} of {self.sensor!r} in "
@@ -182,19 +188,26 @@ class SensorStore:
             self._journal = None
 
 
-def read_journal(path: Path) -> list[tuple[int, str]]:
-    """``(sequence, file ends)`` of every complete line of a journal; [] when there is none.
-    A last line without its newline (the process died while writing it) is ignored."""
+def journal_entries(path: Path) -> Iterator[tuple[int, str]]:
+    """``(sequence, file ends)`` of every complete line of a journal, read a line at a time;
+    nothing when there is none. A last line without its newline (the process died while
+    writing it) is ignored."""
     try:
-        text = path.read_text(errors="replace")
+        source = open(path, errors="replace")
     except (FileNotFoundError, NotADirectoryError):
-        return []
-    entries = []
-    for line in text.split("\n")[:-1]:
-        sequence, _, rest = line.partition(" ")
-        if sequence.isdigit():
-            entries.append((int(sequence), rest))
-    return entries
+        return
+    with source:
+        for line in source:
+            if not line.endswith("\n"):
+                return
+            sequence, _, rest = line[:-1].partition(" ")
+            if sequence.isdigit():
+                yield int(sequence), rest
+
+
+def read_journal(path: Path) -> list[tuple[int, str]]:
+    """Every entry of :func:`journal_entries`, as a list (for tests and small journals)."""
+    return list(journal_entries(path))
 
 
 #: How much of a ``.part`` file recovery reads at a time: it walks the block headers, never
@@ -227,7 +240,7 @@ def recover(folder: Path) -> list[str]:
     journal = folder / JOURNAL
     has_journal = journal.exists()
     ends: dict[str, int] = {}
-    for _, rest in read_journal(journal):
+    for _, rest in journal_entries(journal):
         for item in rest.split(","):
             name, _, end = item.rpartition(":")
             if name and end.isdigit():
