@@ -164,7 +164,8 @@ def assert_same_window(ours: CaptureFile, reference: CaptureFile) -> list[Frame]
     assert ours.linktype == reference.linktype
     mine = traffic_window(ours.frames, ours.linktype)
     theirs = traffic_window(reference.frames, reference.linktype)
-    assert_same_frames(ours.frames[mine], reference.frames[theirs], ours.linktype)
+    assert_same_frames(ours.frames[mine], reference.frames[theirs], ours.linktype,
+                       reference.timestamps[theirs])
     stamps: dict[Frame, list[int]] = {}
     for frame, stamp in zip(reference.frames[theirs], reference.timestamps[theirs]):
         stamps.setdefault(frame, []).append(stamp)
@@ -174,30 +175,35 @@ def assert_same_window(ours: CaptureFile, reference: CaptureFile) -> list[Frame]
     return ours.frames[mine]
 
 
-def assert_same_frames(ours: list[Frame], reference: list[Frame], linktype: int) -> None:
+# Two frames may reach two packet sockets in opposite orders only if the kernel handed them over
+# at the same instant on two CPUs: their timestamps (taken once per frame, shared by both
+# sockets) are then this close. A ring that returned blocks or frames out of order would move
+# frames much further apart in time than this.
+CONCURRENT_NS = 1_000_000
+REORDER_REACH = 64  # frames: how far a frame may be from its place before it is a plain defect
+
+
+def assert_same_frames(ours: list[Frame], reference: list[Frame], linktype: int,
+                       stamps: list[int] | None = None) -> None:
     """The same frames, byte for byte, with the same wire lengths, in the same order.
 
-    "The same order" is per direction (source and destination address): two packet sockets on a
-    2-core machine can see an incoming frame and an outgoing one, handled on different CPUs at
-    the same instant, in either order; within one direction the order must be identical.
+    "The same order" allows one thing: frames handed to the packet sockets at the same instant
+    by two CPUs may appear in either order, because each CPU delivers its frame to every socket
+    in turn. That happens across directions (an incoming frame and an outgoing one) and within
+    one (TCP sends from the application's CPU and from the CPU that took the ACK). With
+    ``stamps`` (tcpdump's timestamps of ``reference``), a swap is accepted only between frames
+    stamped within :data:`CONCURRENT_NS`; without them, only across directions.
     """
     if ours == reference:
         return
     missing = Counter(reference) - Counter(ours)
     extra = Counter(ours) - Counter(reference)
     if not missing and not extra:
-        def flows(frames: list[Frame]) -> dict[object, list[Frame]]:
-            split: dict[object, list[Frame]] = {}
-            for frame in frames:
-                split.setdefault(addresses(frame[0], linktype), []).append(frame)
-            return split
-
-        reordered = [key for key, frames in flows(ours).items()
-                     if flows(reference)[key] != frames]
-        if not reordered:
-            return
-        pytest.fail(f"same {len(ours)} frames as tcpdump, but in another order within "
-                    f"{reordered}")
+        if stamps is None:
+            _assert_order_per_direction(ours, reference, linktype)
+        else:
+            _assert_only_concurrent_swaps(ours, reference, stamps)
+        return
     first = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b),
                  min(len(ours), len(reference)))
     detail = ""
@@ -207,6 +213,62 @@ def assert_same_frames(ours: list[Frame], reference: list[Frame], linktype: int)
                   f"{reference[first][0][:64].hex()}")
     pytest.fail(f"afpacket captured {len(ours)} frames, tcpdump {len(reference)}: "
                 f"{sum(missing.values())} missing, {sum(extra.values())} extra{detail}")
+
+
+def _assert_order_per_direction(ours: list[Frame], reference: list[Frame],
+                                linktype: int) -> None:
+    def flows(frames: list[Frame]) -> dict[object, list[Frame]]:
+        split: dict[object, list[Frame]] = {}
+        for frame in frames:
+            split.setdefault(addresses(frame[0], linktype), []).append(frame)
+        return split
+
+    theirs = flows(reference)
+    reordered = [key for key, frames in flows(ours).items() if theirs[key] != frames]
+    if reordered:
+        pytest.fail(f"same {len(ours)} frames as tcpdump, but in another order within "
+                    f"{reordered}")
+
+
+def _assert_only_concurrent_swaps(ours: list[Frame], reference: list[Frame],
+                                  stamps: list[int]) -> None:
+    """Every pair of frames in another order than tcpdump's was stamped within
+    :data:`CONCURRENT_NS`, and no frame is more than :data:`REORDER_REACH` from its place."""
+    places: dict[Frame, list[int]] = {}
+    for index, frame in enumerate(reference):
+        places.setdefault(frame, []).append(index)
+    taken = {frame: iter(indices) for frame, indices in places.items()}
+    order = [next(taken[frame]) for frame in ours]  # identical frames keep their own order
+    far = [(i, at) for i, at in enumerate(order) if abs(i - at) > REORDER_REACH]
+    if far:
+        pytest.fail(f"same {len(ours)} frames as tcpdump, but {len(far)} of them far from their "
+                    f"place (first: ours #{far[0][0]} is tcpdump's #{far[0][1]})")
+    swaps = [(order[i], order[j]) for i in range(len(order))
+             for j in range(i + 1, min(i + 1 + 2 * REORDER_REACH, len(order)))
+             if order[j] < order[i]]
+    slow = [(a, b) for a, b in swaps if abs(stamps[a] - stamps[b]) >= CONCURRENT_NS]
+    if slow:
+        a, b = slow[0]
+        pytest.fail(f"same {len(ours)} frames as tcpdump, but {len(slow)} pairs in another "
+                    f"order that were not concurrent (first: tcpdump's #{b} and #{a}, "
+                    f"{abs(stamps[a] - stamps[b])} ns apart)")
+
+
+def test_order_check_accepts_only_concurrent_swaps() -> None:
+    """The order check itself: a swap of two frames stamped 10 µs apart passes; the same swap
+    1 s apart, or a frame moved past :data:`REORDER_REACH`, fails."""
+    frames = [(bytes([i]) * 60, 60) for i in range(200)]
+    stamps = [i * 1_000_000_000 for i in range(200)]
+    swapped = frames[:]
+    swapped[5], swapped[6] = swapped[6], swapped[5]
+    close = stamps[:]
+    close[6] = close[5] + 10_000
+    assert_same_frames(swapped, frames, LINKTYPE_ETHERNET, close)
+    with pytest.raises(pytest.fail.Exception, match="not concurrent"):
+        assert_same_frames(swapped, frames, LINKTYPE_ETHERNET, stamps)
+    moved = frames[1:100] + frames[:1] + frames[100:]
+    with pytest.raises(pytest.fail.Exception, match="far from their place"):
+        assert_same_frames(moved, frames, LINKTYPE_ETHERNET, [0] * 200)
 
 
 # -- fixtures ----------------------------------------------------------------------------------
