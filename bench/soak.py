@@ -40,7 +40,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.soak_report import count_numbered, heap_diff, report, write_outputs
+from bench.soak_report import (
+    count_numbered,
+    heap_diff,
+    report,
+    vsensor_heap_diff,
+    write_outputs,
+)
 from bench.testbed import REPO, memory_kib
 from tests.helpers.cli import TEST_KEY
 from tests.helpers.cluster import VSENSOR_ADDRESS, VSENSOR_PORT, Node, VSensor, nodes, pod
@@ -117,9 +123,27 @@ class Soak:
     # -- the processes --------------------------------------------------------------------
 
     def _start_vsensor(self) -> VSensor:
+        heap = ({"OSSENSOR_TRACEMALLOC": str(self.workdir / "heap-vsensor")} if self.plan.heap
+                else {})
         return VSensor(self.net, self.workdir / "vsensor", TEST_KEY,
                        options=["--tls-cert", str(self.cert), "--tls-key", str(self.key)],
-                       env={**self.code_env, "VSENSOR_ADMIN_TOKEN": ADMIN_TOKEN})
+                       env={**self.code_env, "VSENSOR_ADMIN_TOKEN": ADMIN_TOKEN, **heap})
+
+    def vsensor_heap_snapshot(self) -> None:
+        """With ``--heap``: the vSensor's heap just before it is stopped, so that every
+        process is seen at the same age (``--restart`` seconds) and a late one can be compared
+        with an early one (``soak_report.vsensor_heap_diff``)."""
+        if not self.plan.heap:
+            return
+        folder = self.workdir / "heap-vsensor"
+        before = set(folder.glob("*.tracemalloc"))
+        os.kill(self.vsensor.proc.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not set(folder.glob("*.tracemalloc")) - before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the dump is written whole before the process is stopped
+        for path in set(folder.glob("*.tracemalloc")) - before:
+            path.rename(folder / f"at-{time.monotonic() - self.started:08.0f}s.tracemalloc")
 
     def registrations(self) -> int:
         return self.sensor.log.read_text(errors="replace").count("registered with the vSensor")
@@ -145,6 +169,7 @@ class Soak:
             self.pod = None
 
     def restart_vsensor(self) -> None:
+        self.vsensor_heap_snapshot()
         kill = self.events["restarts"] % 2 == 1
         if kill:
             self.vsensor.proc.send_signal(signal.SIGKILL)
@@ -286,7 +311,9 @@ def run_soak(plan: Plan, workdir: Path) -> dict[str, Any]:
     result = {"plan": asdict(plan), "warmup_seconds": plan.warmup, "events": soak.events,
               "exit_codes": {"sensor": codes[0], "vsensor": codes[1]},
               "samples": soak.samples, **outcome, **stored,
-              "heap": heap_diff(sorted((workdir / "heap").glob("*.tracemalloc")))}
+              "heap": heap_diff(sorted((workdir / "heap").glob("*.tracemalloc"))),
+              "vsensor_heap": vsensor_heap_diff(sorted((workdir / "heap-vsensor").glob("at-*")),
+                                                plan.warmup)}
     result.update(report(result))
     return result
 
@@ -303,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                             metavar="SECONDS", help="period in seconds; 0: off")
     parser.add_argument("--antigena-duration", type=float, default=defaults.antigena_duration)
     parser.add_argument("--heap", action="store_true",
-                        help="tracemalloc snapshots of the sensor, compared at the end (CPU!)")
+                        help="tracemalloc snapshots of the sensor and of each vSensor process, "
+                        "compared at the end (CPU!)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "soak.json")
     parser.add_argument("--png", type=Path, default=REPO / "bench" / "results" / "soak.png")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")

@@ -143,6 +143,9 @@ def table(result: dict[str, Any], rows: int = 24) -> str:
               f"verdict: {verdict}"]
     if result.get("heap"):
         lines += ["", "sensor heap growth (tracemalloc, warm-up end -> end):", *result["heap"]]
+    if result.get("vsensor_heap"):
+        lines += ["", "vSensor heap, the first process after the warm-up -> the last, each just "
+                  "before its restart (tracemalloc):", *result["vsensor_heap"]]
     return "\n".join(lines)
 
 
@@ -158,6 +161,26 @@ def heap_diff(paths: list[Path], top: int = 12) -> list[str]:
     traced = sum(s.size for s in newer.statistics("filename")) / 2**20
     stats = newer.compare_to(older, "lineno")
     return [f"  traced {traced:.1f} MiB at the end"] + [f"  {stat}" for stat in stats[:top]]
+
+
+def vsensor_heap_diff(paths: list[Path], warmup: float, top: int = 12) -> list[str]:
+    """What a late vSensor process holds more than an early one at the same age: the
+    snapshots are named ``at-SECONDSs`` (the run's clock when taken, just before a restart);
+    the first after the warm-up is compared with the last."""
+    def when(path: Path) -> float:
+        return float(path.stem.removeprefix("at-").removesuffix("s"))
+
+    after = [p for p in sorted(paths, key=when) if when(p) >= warmup]
+    if len(after) < 2:
+        return []
+    older = tracemalloc.Snapshot.load(str(after[0]))
+    newer = tracemalloc.Snapshot.load(str(after[-1]))
+    traced = [sum(s.size for s in snap.statistics("filename")) / 2**20
+              for snap in (older, newer)]
+    stats = newer.compare_to(older, "lineno")
+    return ([f"  traced {traced[0]:.1f} MiB at {when(after[0]):.0f} s, {traced[1]:.1f} MiB at "
+             f"{when(after[-1]):.0f} s ({len(after)} processes after the warm-up)"]
+            + [f"  {stat}" for stat in stats[:top]])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

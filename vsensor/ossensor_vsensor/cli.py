@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
+from ossensor_core.runtime.heap import snapshots_on_signal
 from ossensor_core.runtime.memory import keep_buffers_mapped, tidy_periodically
 
 from . import __version__
@@ -435,6 +436,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except SystemExit as exc:  # --help, --version, or one line naming a bad option
         return exc.code if isinstance(exc.code, int) else 1
     keep_buffers_mapped()
+    snapshots_on_signal(environ)  # diagnosis only (make soak --heap): off unless the variable
     try:
         # Bad input ends start-up before anything else is said: one line, the problem.
         settings, host, port, context = prepare(args, environ)
