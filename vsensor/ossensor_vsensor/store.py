@@ -27,11 +27,12 @@ sequences are stored, so a retry of an acknowledged chunk is recognised after th
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import logging
 import os
 import struct
 import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -145,27 +146,36 @@ class SensorStore:
             self._compact(path)
         line = f"{sequence} " + ",".join(f"{p.name}:{end}" for p, end in ends) + "\n"
         assert self._journal is not None
-        os.write(self._journal, line.encode())  # one short write: whole or not at all
+        data = line.encode()
+        written = os.write(self._journal, data)  # one short write: whole, or undone here
+        if written != len(data):  # the disk filled up in the middle of the line
+            os.ftruncate(self._journal, os.lseek(self._journal, 0, os.SEEK_END) - written)
+            raise OSError(errno.ENOSPC, "the journal line was written only in part")
         self._journal_lines += 1
 
     def _compact(self, path: Path) -> None:
-        """(Re)open the journal, keeping only its last SEQUENCE_MEMORY lines when it grew."""
+        """(Re)open the journal, keeping only its last SEQUENCE_MEMORY lines when it grew.
+
+        Two passes over the file, a line at a time: one counts, the other copies what is
+        kept. Holding the kept lines instead (up to 65,536) was a transient of ~10 MiB at
+        every first chunk after a start, in proportion to the journal's length, which the heap
+        kept: each restarted vSensor started larger the longer the run (``docs/soak.md``).
+        """
         if self._journal is not None:
             os.close(self._journal)
             self._journal = None
-        lines = 0
-        last: deque[tuple[int, str]] = deque(maxlen=SEQUENCE_MEMORY)
-        for entry in journal_entries(path):
-            last.append(entry)
-            lines += 1
+        _cut_partial_line(path)
+        lines = sum(1 for _ in journal_entries(path))
         if lines > SEQUENCE_MEMORY:
             temporary = path.with_name(path.name + ".new")
             with open(temporary, "w") as out:
-                out.writelines(f"{seq} {rest}\n" for seq, rest in last)
+                kept = itertools.islice(journal_entries(path), lines - SEQUENCE_MEMORY, None)
+                out.writelines(f"{seq} {rest}\n" for seq, rest in kept)
             os.replace(temporary, path)
+            lines = SEQUENCE_MEMORY
         self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                 0o640)
-        self._journal_lines = len(last)
+        self._journal_lines = lines
 
     def _error(self, chunk: Chunk, reason: str, errno: int | None) -> StoreError:
         return StoreError(f"cannot store chunk {chunk.sequence} of {self.sensor!r} in "
@@ -203,6 +213,30 @@ def journal_entries(path: Path) -> Iterator[tuple[int, str]]:
             sequence, _, rest = line[:-1].partition(" ")
             if sequence.isdigit():
                 yield int(sequence), rest
+
+
+def _cut_partial_line(path: Path) -> None:
+    """Cut a last line without its newline (a write cut short: disk full, a crash of the
+    machine) off the journal, so the next line is not appended to it and read as one with
+    it."""
+    try:
+        handle = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(max(0, size - 4096))
+        tail = handle.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n") + 1
+        # A line is far shorter than 4 KiB: without a newline there the tail is all garbage.
+        keep = size - len(tail) + cut if cut or size <= 4096 else size - len(tail)
+        handle.truncate(keep)
+        log.warning("journal %s: an unfinished last line (%d bytes) cut off", path,
+                    size - keep)
 
 
 def read_journal(path: Path) -> list[tuple[int, str]]:
