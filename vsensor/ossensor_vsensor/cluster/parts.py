@@ -64,7 +64,11 @@ def read_headers(subject: str, headers: dict[str, str] | None, max_parts: int) -
     """The checked headers of a chunk message; :class:`BadMessage` otherwise."""
     headers = headers or {}
     sensor = headers.get(H_SENSOR, "")
-    if not sensor or len(sensor.encode(errors="replace")) > MAX_SENSOR_BYTES:
+    try:  # a lone surrogate (a header read with surrogateescape) has no UTF-8, hence no token
+        size = len(sensor.encode())
+    except UnicodeEncodeError:
+        raise BadMessage(H_SENSOR, f"{H_SENSOR} header is not UTF-8") from None
+    if not sensor or size > MAX_SENSOR_BYTES:
         raise BadMessage(H_SENSOR, f"missing or overlong {H_SENSOR} header")
     text = headers.get(H_SEQUENCE, "")
     if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 1 << 64):
