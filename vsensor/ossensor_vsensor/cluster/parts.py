@@ -41,7 +41,13 @@ MAX_OPEN_CHUNKS = 8
 
 
 class BadMessage(ValueError):
-    """A message that is not a chunk (or part) by the contract; the text says why, briefly."""
+    """A message that is not a chunk (or part) by the contract; the text says why, briefly,
+    and :attr:`culprit` names what broke it (a header's name, or ``"subject"``), so that no
+    one has to read the text to find out."""
+
+    def __init__(self, culprit: str, why: str) -> None:
+        super().__init__(why)
+        self.culprit = culprit
 
 
 @dataclass(frozen=True)
@@ -58,23 +64,37 @@ def read_headers(subject: str, headers: dict[str, str] | None, max_parts: int) -
     """The checked headers of a chunk message; :class:`BadMessage` otherwise."""
     headers = headers or {}
     sensor = headers.get(H_SENSOR, "")
-    if not sensor or len(sensor.encode(errors="replace")) > MAX_SENSOR_BYTES:
-        raise BadMessage(f"missing or overlong {H_SENSOR} header")
+    try:  # a lone surrogate (a header read with surrogateescape) has no UTF-8, hence no token
+        size = len(sensor.encode())
+    except UnicodeEncodeError:
+        raise BadMessage(H_SENSOR, f"{H_SENSOR} header is not UTF-8") from None
+    if not sensor or size > MAX_SENSOR_BYTES:
+        raise BadMessage(H_SENSOR, f"missing or overlong {H_SENSOR} header")
     text = headers.get(H_SEQUENCE, "")
     if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 1 << 64):
-        raise BadMessage(f"bad {H_SEQUENCE} header {text[:30]!r}")
+        raise BadMessage(H_SEQUENCE, f"bad {H_SEQUENCE} header {_shown(text, 40)}")
     sequence = int(text)
     expected = f"{SUBJECT_PREFIX}.{partition(sensor, PARTITIONS)}.{token(sensor)}"
     if subject != expected:
-        raise BadMessage(f"subject {subject[:120]!r} is not the sensor's ({expected[:120]!r})")
+        raise BadMessage("subject",
+                         f"subject {_shown(subject, 120)} is not the sensor's "
+                         f"({_shown(expected, 120)})")
     part_text = headers.get(H_PART)
     if part_text is None:
         return Header(sensor, sequence)
     i, slash, n = part_text.partition("/")
     if not (slash and i.isascii() and i.isdigit() and n.isascii() and n.isdigit()
             and len(i) <= 6 and len(n) <= 6 and 1 <= int(i) <= int(n) <= max_parts):
-        raise BadMessage(f"bad {H_PART} header {part_text[:30]!r} (at most {max_parts} parts)")
+        raise BadMessage(H_PART,
+                         f"bad {H_PART} header {_shown(part_text, 40)} (at most {max_parts} parts)")
     return Header(sensor, sequence, int(i), int(n))
+
+
+def _shown(text: str, limit: int) -> str:
+    """``text`` quoted for a refusal, at most ``limit`` characters escapes included (a
+    character may take ten once escaped), on one line."""
+    shown = repr(text[:limit])
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
 
 
 @dataclass
