@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -458,3 +459,64 @@ def test_sigterm_while_no_nats_server_answers_exits_0(tmp_path):
     assert worker.stop() == 0, worker.text()
     assert time.monotonic() - started < 10
     assert "stopped before NATS could be reached" in worker.text()
+
+
+class FaultyCodec(ChunkCodec):
+    """Fault injection: decoding raises what it never should (a defect of ours) for chosen
+    sequences: ``always`` on every delivery, ``once`` on the first only."""
+
+    def __init__(self, always: int, once: int) -> None:
+        super().__init__()
+        self.always, self.once, self.failed_once = always, once, False
+
+    def decode(self, body, max_bytes):
+        chunk = super().decode(body, max_bytes)
+        if chunk.sequence == self.always or (chunk.sequence == self.once
+                                             and not self.failed_once):
+            self.failed_once = self.failed_once or chunk.sequence == self.once
+            raise RuntimeError(f"injected defect at chunk {chunk.sequence}")
+        return chunk
+
+
+@needs_nats
+def test_a_message_that_brings_out_a_defect_is_retried_then_given_up(tmp_path, caplog):
+    """A message whose decoding raises an unexpected exception comes back two seconds later
+    and is terminated at its third delivery (it would otherwise come back after every
+    ack_wait for ever); one that fails once is stored on its second delivery; the others are
+    stored meanwhile. A real worker (in this process) on a real JetStream cluster."""
+    from ossensor_vsensor.cluster import store_worker
+
+    sensor = "node.one"
+
+    async def scenario(urls: str) -> store_worker.StoreWorker:
+        publisher = await connect(urls)  # makes the stream, as a replica does
+        settings = store_worker.StoreWorkerSettings(
+            tmp_path / "w1", ClusterSettings(tuple(urls.split(",")), replicas=3, name="w1"),
+            rotate_seconds=600, lease_seconds=3.0)
+        worker = store_worker.StoreWorker(settings)
+        worker.codec = FaultyCodec(always=3, once=5)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        for sequence in range(1, 8):
+            await publish(publisher.js, sensor, sequence, chunk_body(sensor, sequence, 10))
+        deadline = time.monotonic() + 60
+        while worker.counters.chunks + worker.counters.refused < 7:
+            assert time.monotonic() < deadline, worker.counters
+            await asyncio.sleep(0.2)
+        await drained(publisher.js)
+        stop.set()
+        await asyncio.wait_for(running, 60)
+        await publisher.close()
+        return worker
+
+    caplog.set_level(logging.INFO, logger="ossensor_vsensor")
+    with nats_cluster(tmp_path / "nats", 3) as nats:
+        worker = asyncio.run(scenario(nats.urls))
+    assert (worker.counters.chunks, worker.counters.refused) == (6, 1), worker.counters
+    text = caplog.text
+    assert "chunk 3 of 'node.one' failed 3 times (RuntimeError: injected defect" in text
+    assert "delivery 1 of 3" in text and "delivery 2 of 3" in text
+    assert text.count("chunk 5 of 'node.one' failed") == 1
+    assert "Traceback" in text  # the defect is shown once, when given up
+    packets = stored(worker.settings.data_dir)[safe_name(sensor)]
+    assert sorted(packets) == sorted(expected(sensor, [1, 2, 4, 5, 6, 7], 10))

@@ -19,7 +19,10 @@ What cannot be stored is never allowed to stop a partition: a message that is no
 the contract, does not decode, or whose chunk names another sensor or sequence than its headers
 is logged in one bounded line and terminated (it leaves the stream). A store that fails (disk
 full) is retried every few seconds, holding the partition: nothing is acknowledged that is not
-stored, and the stream fills until replicas answer 507.
+stored, and the stream fills until replicas answer 507. A message whose decoding or storing
+raises anything else (a defect of ours) is delivered again two seconds later and terminated at
+its third delivery, with the traceback logged: without that bound it would come back after
+every ``ack_wait`` for ever.
 
 Order across a takeover: messages delivered to a partition's previous holder and never
 acknowledged (it was killed) come back only after the consumer's ``ack_wait`` (60 s), while new
@@ -76,6 +79,10 @@ REDELIVERY_MARGIN = 2.0
 PROGRESS_SECONDS = 20.0
 #: Seconds between tries to store a chunk the disk refused.
 STORE_RETRY = 5.0
+#: A message whose handling raised an unexpected exception (a defect of ours) is delivered
+#: again after this many seconds, and terminated after this many deliveries.
+FAILED_RETRY = 2.0
+FAILED_DELIVERIES = 3
 
 
 @dataclass(frozen=True)
@@ -231,12 +238,19 @@ class PartitionConsumer:
         except ValueError as exc:
             await self._refuse(messages, header.sensor, header.sequence, str(exc))
             return
+        except Exception as exc:  # a defect of ours that this message brings out
+            await self._failed(messages, header.sensor, header.sequence, exc)
+            return
         if chunk.sensor != header.sensor or chunk.sequence != header.sequence:
             await self._refuse(messages, header.sensor, header.sequence,
                                f"the chunk is {chunk.sensor[:64]!r} {chunk.sequence}")
             return
         del body
-        added = await self._store(header.sensor, chunk, messages)
+        try:  # a full disk is retried inside, and NATS's trouble kept out of it
+            added = await self._store(header.sensor, chunk, messages)
+        except Exception as exc:  # a defect of ours that this message brings out
+            await self._failed(messages, header.sensor, header.sequence, exc)
+            return
         if added is False:
             return  # stopping before it could be stored: not acknowledged
         counters = worker.counters
@@ -269,6 +283,25 @@ class PartitionConsumer:
                     await each.in_progress()
             await asyncio.sleep(STORE_RETRY)
 
+    async def _failed(self, messages: list[Any], sensor: str, sequence: int,
+                      exc: Exception) -> None:
+        """A message whose handling raised what it never should: tried again a little later
+        (:data:`FAILED_RETRY`), and terminated, like a refused one, once delivered
+        :data:`FAILED_DELIVERIES` times. Left alone it would come back after every
+        ``ack_wait`` for ever (the consumers have no ``max_deliver``)."""
+        delivered = max((_deliveries(each) for each in messages), default=1)
+        what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        if delivered >= FAILED_DELIVERIES:
+            log.error("%s: chunk %d of %r failed %d times (%s): given up", self.part, sequence,
+                      sensor[:128], delivered, what, exc_info=exc)
+            await self._refuse(messages, sensor, sequence, f"failed {delivered} times: {what}")
+            return
+        log.warning("%s: chunk %d of %r failed (%s, delivery %d of %d); trying again in %g s",
+                    self.part, sequence, sensor[:128], what, delivered, FAILED_DELIVERIES,
+                    FAILED_RETRY)
+        for each in messages:
+            await each.nak(delay=FAILED_RETRY)
+
     async def _refuse(self, messages: list[Any], sensor: str, sequence: int | None,
                       why: str) -> None:
         """One bounded line, and the messages terminated: they leave the stream."""
@@ -286,6 +319,13 @@ class PartitionConsumer:
                         self.part, sequence, sensor[:128], len(chunk.bodies), parts, why)
             for each in chunk.messages:
                 await each.ack()
+
+
+def _deliveries(message: Any) -> int:
+    try:
+        return int(message.metadata.num_delivered)
+    except Exception:  # not a JetStream delivery
+        return 1
 
 
 def _stream_sequence(message: Any) -> int | None:
