@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ossensor_core.runtime.heap import snapshots_on_signal
 from ossensor_core.runtime.memory import keep_buffers_mapped, tidy_periodically
+from ossensor_core.runtime.threads import named_executor
 
 from . import __version__
 from .action_store import ActionFileError
@@ -378,6 +379,9 @@ def warn_about(settings: VSensorSettings) -> None:
 
 
 async def serve(settings: VSensorSettings, host: str, port: int, context) -> None:
+    # Decoding, storing and filters run in this pool: all of its threads start now, so the
+    # thread count after a busy month is the one after start-up (make soak checks it).
+    asyncio.get_running_loop().set_default_executor(named_executor("vsensor", start_all=True))
     app = create_app(settings)
     try:
         runner, _ = await start_guarded(app, settings, app[VSENSOR].counts, host, port, context)

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from ossensor_core.runtime.memory import keep_buffers_mapped, tidy_periodically
+from ossensor_core.runtime.threads import named_executor
 
 from .cli import (UsageError, _Parser, _path, add_file_options, add_stream_options, number,
                   raise_open_files_limit, shown)
@@ -85,6 +86,8 @@ def prepare(args: argparse.Namespace) -> StoreWorkerSettings:
 
 
 async def serve(settings: StoreWorkerSettings) -> None:
+    # As the vSensor's (cli.py): every thread of the pool started now, none later.
+    asyncio.get_running_loop().set_default_executor(named_executor("store", start_all=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
