@@ -32,9 +32,13 @@ def test_two_minute_soak_leaves_descriptors_threads_and_data_intact(tmp_path):
         f"{result['stored_twice_or_more']} stored more than once")
     start, end = result["start"]["sensor"], result["end"]["sensor"]
     assert (end["fds"], end["threads"]) == (start["fds"], start["threads"]), result["start_end"]
-    # While it ran: three descriptors above the quiet state at most (the pod veth's ring,
-    # Antigena's watch socket, a connection to the vSensor being replaced: 15-18 in the
-    # 22-minute run of docs/soak.md), and never a thread more.
+    # While it ran, descriptors may rise by what the design lets exist at once beside the
+    # quiet state's: the HTTPS transport's other connections (its connector holds at most 4,
+    # the quiet state 1), a pod veth's ring socket and its netlink watch, Antigena's watch
+    # socket and a websocket being replaced, a spool file being written and a resolver socket.
+    # A loaded machine reaches +7 (CI beside three soaks); a leak would not end at the start.
+    transient = (4 - 1) + 2 + 2 + 1 + 1
     during = [s["sensor"] for s in result["samples"] if s["phase"] == "run"]
-    assert max(s["fds"] for s in during) <= start["fds"] + 3, result["ranges_after_warmup"]
+    assert max(s["fds"] for s in during) <= start["fds"] + transient, \
+        result["ranges_after_warmup"]
     assert max(s["threads"] for s in during) == start["threads"]
